@@ -1,0 +1,3 @@
+from smallbig.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""`smallbig` command line. Each area of the library adds its own subcommands through a plain
+`register(subparsers)` function in its `cli` module; this file only wires them together.
+
+  params      resolve / validate / list experiments          (smallbig/config_cli.py)
+  model-info  sizes and compute of a configured model        (smallbig/models/cli.py)
+  data ...    acquire, extract, check, embedded dataset      (smallbig/data/cli.py)
+  train, evaluate, ensemble                                   (smallbig/engine/cli.py)
+  plan        jobs and GPU-hours of the workflow              (smallbig/plan.py)
+  report ...  tables, figures, feature maps, HTML report     (smallbig/analysis/cli.py)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from smallbig import __version__
+from smallbig import config_cli
+from smallbig import plan
+from smallbig.analysis import cli as analysis_cli
+from smallbig.data import cli as data_cli
+from smallbig.engine import cli as engine_cli
+from smallbig.models import cli as models_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smallbig", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"smallbig {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in (config_cli, models_cli, data_cli, engine_cli, plan, analysis_cli):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from smallbig.config import ParamsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except ParamsError as e:
+        print(f"smallbig: invalid params: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"smallbig: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

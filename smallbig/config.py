@@ -1,0 +1,233 @@
+"""Params files: loading, merging, validation, hashing.
+
+An experiment is `params/experiments/<id>.yaml`. It names its parent with `extends:` (a path
+relative to the file, usually `../base.yaml`); parents are merged first. An optional *overlay*
+(e.g. `params/embedded.yaml`, the scaled-down embedded default) is merged last: its `all:`
+section applies to every experiment, its `<dataset>:` sections (kinetics400, sthv1, sthv2) to
+experiments of that dataset, and its `experiments: {<id>: {...}}` section to one experiment.
+
+Merge rule: mappings merge key by key; lists and scalars are replaced; each entry of
+`model.stages` is replaced whole (a stage is one description, never half of two), and so is
+`data.source`.
+
+Every problem raises :class:`ParamsError` whose message names the file, the key and the problem.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "params.schema.yaml"
+EXPERIMENTS_DIR = REPO_ROOT / "params" / "experiments"
+STAGES = ("res2", "res3", "res4", "res5")
+_REPLACE_CHILDREN = {("model", "stages")}  # each stage entry is replaced whole
+_REPLACE_WHOLE = {("data", "source")}  # a dataset's source is one description
+
+
+class ParamsError(ValueError):
+    """A params file is missing, unreadable, or invalid. The message names file, key, problem."""
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ParamsError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, override: dict, _path: tuple = ()) -> dict:
+    """Return base merged with override (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        here = _path + (key,)
+        if _path in _REPLACE_CHILDREN or here in _REPLACE_WHOLE:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value, here)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_chain(path: Path, seen: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ParamsError(f"{path}: `extends` loops back to itself ({' -> '.join(map(str, seen))})")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ParamsError(f"{path}: extends: must be a path string, got {parent!r}")
+    return deep_merge(_load_chain(path.parent / parent, seen + (path,)), data)
+
+
+def _apply_overlay(params: dict, overlay_path: Path) -> dict:
+    overlay = _read_yaml(overlay_path)
+    allowed = {"all", "kinetics400", "sthv1", "sthv2", "experiments", "description"}
+    unknown = set(overlay) - allowed
+    if unknown:
+        raise ParamsError(
+            f"{overlay_path}: unknown top-level key(s) {sorted(unknown)}; an overlay has "
+            f"sections {sorted(allowed - {'description'})}"
+        )
+    out = deep_merge(params, overlay.get("all") or {})
+    dataset = params.get("data", {}).get("dataset")
+    if dataset in overlay:
+        out = deep_merge(out, overlay[dataset] or {})
+    per_exp = (overlay.get("experiments") or {}).get(params.get("id"))
+    if per_exp:
+        out = deep_merge(out, per_exp)
+    return out
+
+
+_SCHEMA_CACHE: dict | None = None
+
+
+def schema() -> dict:
+    global _SCHEMA_CACHE
+    if _SCHEMA_CACHE is None:
+        _SCHEMA_CACHE = yaml.safe_load(SCHEMA_PATH.read_text())
+    return _SCHEMA_CACHE
+
+
+def _key(path: Iterable) -> str:
+    parts = [str(p) for p in path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def validate(params: dict, source: str | Path = "<params>") -> None:
+    """Schema + semantic checks; raises ParamsError naming source, key and problem."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(params), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if errors:
+        lines = []
+        for e in errors[:10]:
+            msg = e.message
+            if e.validator == "additionalProperties":
+                msg = f"unknown key(s): {msg.split('(')[-1].rstrip(')')}" if "(" in msg else msg
+            lines.append(f"{source}: {_key(e.absolute_path)}: {msg}")
+        more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise ParamsError("\n".join(lines) + more)
+    _semantic_checks(params, str(source))
+
+
+def feature_size(crop: int, stage: str) -> int:
+    """Spatial size of a stage's output for a square input crop (stem /4, stride-2 convs after)."""
+    size = -(-crop // 2)  # conv1 7x7 stride 2 pad 3
+    size = -(-size // 2)  # max-pool 3x3 stride 2 pad 1
+    for name in STAGES[1:STAGES.index(stage) + 1]:
+        size = -(-size // 2)
+    return size
+
+
+def _semantic_checks(p: dict, source: str) -> None:
+    model, data, test = p["model"], p["data"], p["test"]
+    T = data["num_frames"]
+    sizes = [data.get("crop_size", 224)]
+    for proto in test["protocols"]:
+        crops = int(proto.split("x")[1])
+        sizes.append(test.get("multi_crop_size", 256) if crops == 3 else test.get("single_crop_size", 224))
+    smallest = min(sizes)
+    for name in STAGES:
+        st = model["stages"][name]
+        key = f"model.stages.{name}"
+        if st["block"] != "smallbig" and "smallbig" in st:
+            raise ParamsError(f"{source}: {key}.smallbig: given, but the stage's block is {st['block']!r} (needs 'smallbig')")
+        if st["block"] == "smallbig" and not st.get("smallbig"):
+            raise ParamsError(f"{source}: {key}.smallbig: block 'smallbig' needs at least one of conv1/conv2/conv3 with its pooling")
+        feat = feature_size(smallest, name)
+        for conv, pool in (st.get("smallbig") or {}).items():
+            kt, kh, kw = pool
+            # A window wider than 2*size-1 covers the whole axis from every position: it is the
+            # same as a smaller one, so it is a configuration mistake (use T for global time).
+            if kt != "T" and kt > 2 * T - 1:
+                raise ParamsError(
+                    f"{source}: {key}.smallbig.{conv}: temporal pooling {kt} is larger than the "
+                    f"input's {T} frames allow (at most {2 * T - 1}; use T for global pooling)")
+            if max(kh, kw) > 2 * feat - 1:
+                raise ParamsError(
+                    f"{source}: {key}.smallbig.{conv}: pooling {kh}x{kw} is larger than the {name} "
+                    f"feature map ({feat}x{feat} at crop {smallest}; at most {2 * feat - 1})")
+            if (kt != "T" and kt % 2 == 0) or kh % 2 == 0 or kw % 2 == 0:
+                raise ParamsError(
+                    f"{source}: {key}.smallbig.{conv}: pooling sizes must be odd ('same' padding), got {pool}")
+    if data["sampling"] == "dense" and "frame_stride" not in data:
+        raise ParamsError(f"{source}: data.frame_stride: required for dense sampling")
+    tr = p["train"]
+    if tr.get("schedule") == "step" and not tr.get("lr_steps"):
+        raise ParamsError(f"{source}: train.lr_steps: step schedule needs at least one epoch")
+
+
+def load_params(path: str | Path, overlay: str | Path | None = None) -> dict:
+    """Load an experiment (following `extends`), apply the overlay, validate, return a dict."""
+    path = Path(path)
+    params = _load_chain(path)
+    if "id" not in params:
+        params["id"] = path.stem
+    if overlay:
+        params = _apply_overlay(params, Path(overlay))
+    source = f"{path}" + (f" (+ overlay {overlay})" if overlay else "")
+    validate(params, source)
+    return params
+
+
+def load_resolved(path: str | Path) -> dict:
+    """Load an already-resolved params file (no extends, no overlay) and validate it."""
+    params = _read_yaml(Path(path))
+    if "extends" in params:
+        return load_params(path)
+    validate(params, path)
+    return params
+
+
+def params_hash(params: dict) -> str:
+    """SHA-256 of the canonical JSON of the params (the identity of a run)."""
+    blob = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def dump_params(params: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(params, sort_keys=False))
+    tmp.replace(path)
+
+
+def experiment_ids() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def experiment_path(exp_id: str) -> Path:
+    path = EXPERIMENTS_DIR / f"{exp_id}.yaml"
+    if not path.exists():
+        raise ParamsError(f"{path}: no such experiment (known: {', '.join(experiment_ids())})")
+    return path
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,8 @@
+"""Subcommands of smallbig.data (filled in by its issue)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add this area's subcommands to the `smallbig` parser."""
