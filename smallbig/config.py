@@ -119,8 +119,10 @@ def validate(params: dict, source: str | Path = "<params>") -> None:
         lines = []
         for e in errors[:10]:
             msg = e.message
-            if e.validator == "additionalProperties":
-                msg = f"unknown key(s): {msg.split('(')[-1].rstrip(')')}" if "(" in msg else msg
+            if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+                allowed = sorted(e.schema.get("properties", {}))
+                extra = sorted(set(e.instance) - set(allowed))
+                msg = f"unknown key(s) {', '.join(map(repr, extra))} (allowed: {', '.join(allowed)})"
             lines.append(f"{source}: {_key(e.absolute_path)}: {msg}")
         more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise ParamsError("\n".join(lines) + more)
