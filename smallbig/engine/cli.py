@@ -1,8 +1,127 @@
-"""Subcommands of smallbig.engine (filled in by its issue)."""
+"""`smallbig train | evaluate | evaluate-merge | ensemble` (see docs/engine.md)."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the `smallbig` parser."""
+    p = sub.add_parser("train", help="train a model from a params file (checkpoints, MLflow)",
+                       description="Train per PARAMS (a resolved params file, an experiment file or "
+                       "an experiment id). Exit code 3: stopped by SIGTERM/SIGUSR1 after "
+                       "checkpointing; rerun with --resume.")
+    p.add_argument("params", help="resolved params YAML, params/experiments/<id>.yaml, or an id")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, history, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--overlay", help="overlay for an experiment file (e.g. params/embedded.yaml)")
+    p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not record an MLflow run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="multi-view test protocol; saves per-view scores + metrics")
+    p.add_argument("params")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--protocol", help="CLIPSxCROPS (default: the first of test.protocols)")
+    p.add_argument("--shard", help="i/n: score every n-th video starting at i (partial scores)")
+    p.add_argument("--merge", action="store_true", help="merge OUT/scores.shard-*-of-n.npz, no model run")
+    p.add_argument("--overlay")
+    p.add_argument("--device")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("evaluate-merge", help="merge sharded evaluation scores of OUT")
+    p.add_argument("params")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overlay")
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("ensemble", help="fuse saved scores of several models")
+    p.add_argument("scores", nargs="+", help="scores.npz files of the members")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", help="name of the ensemble (default: the members' directory names)")
+    p.add_argument("--views", help="use only this CLIPSxCROPS subset of every member's views (e.g. 4x3)")
+    p.set_defaults(func=_ensemble)
+
+
+def load_any_params(arg: str, overlay: str | None = None) -> dict:
+    from smallbig import config
+
+    path = Path(arg)
+    if not arg.endswith((".yaml", ".yml")) and not path.exists():
+        path = config.experiment_path(arg)
+    if overlay:
+        return config.load_params(path, overlay)
+    return config.load_resolved(path)
+
+
+def _err(cmd: str, e: Exception) -> int:
+    print(f"smallbig {cmd}: error: {e}", file=sys.stderr)
+    return 1 if not isinstance(e, (ValueError, FileNotFoundError)) else 2
+
+
+def _train(args) -> int:
+    from smallbig.engine.checkpoint import CheckpointError
+    from smallbig.engine.optim import BatchPolicyError
+    from smallbig.engine.train import NonFiniteLossError, TrainingError, train
+
+    params = load_any_params(args.params, args.overlay)
+    try:
+        return train(params, args.out, resume=args.resume, device=args.device,
+                     track=not args.no_mlflow, progress=not args.no_progress)
+    except CheckpointError as e:
+        print(f"smallbig train: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, TrainingError, BatchPolicyError) as e:
+        print(f"smallbig train: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _evaluate(args) -> int:
+    from smallbig.engine.checkpoint import CheckpointError
+    from smallbig.engine.evaluate import evaluate, merge, parse_shard
+
+    params = load_any_params(args.params, args.overlay)
+    try:
+        if args.merge:
+            merge(params, args.out)
+            return 0
+        shard = parse_shard(args.shard) if args.shard else None
+        res = evaluate(params, args.checkpoint, args.out, protocol=args.protocol, shard=shard,
+                       device=args.device, track=not args.no_mlflow, progress=not args.no_progress)
+    except CheckpointError as e:
+        print(f"smallbig evaluate: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        return _err("evaluate", e)
+    if res:
+        print(f"{params['id']} {res['protocol']}: top1 {res['top1']:.2f} top5 {res['top5']:.2f} "
+              f"({res['num_videos']} videos, {res['skipped']} skipped)")
+    return 0
+
+
+def _merge(args) -> int:
+    from smallbig.engine.evaluate import merge
+
+    params = load_any_params(args.params, args.overlay)
+    try:
+        res = merge(params, args.out)
+    except ValueError as e:
+        return _err("evaluate-merge", e)
+    print(f"{params['id']} {res['protocol']}: top1 {res['top1']:.2f} top5 {res['top5']:.2f}")
+    return 0
+
+
+def _ensemble(args) -> int:
+    from smallbig.engine.evaluate import ensemble
+
+    try:
+        res = ensemble(args.scores, args.out, name=args.name, views=args.views)
+    except ValueError as e:
+        return _err("ensemble", e)
+    print(f"{res['experiment']}: top1 {res['top1']:.2f} top5 {res['top5']:.2f} ({res['num_videos']} videos)")
+    return 0

@@ -1,0 +1,368 @@
+"""`smallbig evaluate` / `evaluate-merge` / `ensemble`: the paper's multi-view test protocol.
+
+Every video of the validation split is decoded once into all views of the protocol (e.g. 10
+clips x 3 crops), the model scores every view, and the per-video, per-view logits are saved
+(`scores.npz`, format in smallbig/engine/metrics.py). All metrics — the protocol's own and every
+subset (k clips x 1 or 3 crops) — are computed from the saved logits by smallbig.engine.metrics,
+never by running the model again.
+
+Sharding: `--shard i/n` scores videos i, i+n, i+2n, ... into `scores.shard-i-of-n.npz`;
+`--merge` (or `smallbig evaluate-merge DIR`) checks that all n shards are present and writes
+scores.npz + metrics.json. Under torchrun/Slurm with several processes the ranks shard
+automatically and rank 0 merges.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from smallbig.engine import distributed as D
+from smallbig.engine import metrics
+from smallbig.engine.checkpoint import CheckpointError, load_model_from_checkpoint
+
+SHARD_RE = re.compile(r"^scores\.shard-(\d+)-of-(\d+)\.npz$")
+
+
+def parse_protocol(protocol: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x([13])", str(protocol))
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"protocol {protocol!r}: expected CLIPSxCROPS with crops 1 or 3, e.g. 10x3")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text or "")
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def save_scores(path: Path, scores: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **scores)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def score_views(model, dataset, params: dict, device, indices=None, view_subset=None,
+                batch_size=None, progress=True, normalize=None, collate=None,
+                amp_dtype=None, channels_last=False, desc="evaluate") -> dict:
+    """Run `model` on every view of every video (optionally only a clips x crops subset of the
+    views); -> dict in the scores.npz format (without num_clips/num_crops)."""
+    from tqdm import tqdm
+
+    if normalize is None or collate is None:
+        from smallbig.data import collate as _c, normalize as _n
+        normalize, collate = normalize or _n, collate or _c
+    mean, std = params["data"].get("mean"), params["data"].get("std")
+    ds = dataset if indices is None else Subset(dataset, list(indices))
+    loader = DataLoader(ds, batch_size=batch_size or int(params["test"].get("batch_size", 4)),
+                        num_workers=int(params["data"].get("num_workers", 0)), collate_fn=collate)
+    model.eval()
+    logits, labels, ids, skipped = [], [], [], []
+    clip_idx = crop_idx = mask = base = None
+    with tqdm(total=len(ds), desc=desc, unit="video", disable=not progress, dynamic_ncols=True,
+              mininterval=1.0, file=sys.stderr) as bar:
+        for batch in loader:
+            skipped.extend(batch.get("skipped", []) or [])
+            bar.update(len(batch.get("skipped", []) or []))
+            if batch["video"].shape[0] == 0:
+                continue
+            video = batch["video"]  # [B, V, 3, T, H, W] uint8
+            ci, cr = _per_view(batch["clip_idx"]), _per_view(batch["crop_idx"])
+            if base is None:
+                base = (ci, cr)
+                clip_idx, crop_idx = ci, cr
+                if view_subset is not None:
+                    nclips, ncrops = int(ci.max()) + 1, int(cr.max()) + 1
+                    mask = metrics.select_views(ci, cr, nclips, view_subset[0], view_subset[1], ncrops)
+                    clip_idx, crop_idx = ci[mask], cr[mask]
+            elif not (np.array_equal(ci, base[0]) and np.array_equal(cr, base[1])):
+                raise RuntimeError(f"video {batch['video_id'][0]}: its views differ from the first video's")
+            if mask is not None:
+                video = video[:, torch.from_numpy(mask)]
+            B, V = video.shape[:2]
+            x = video.reshape(B * V, *video.shape[2:]).to(device, non_blocking=True)
+            x = normalize(x, mean, std)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(x)
+            logits.append(out.float().reshape(B, V, -1).cpu().numpy())
+            y = batch["label"]
+            labels.append(np.asarray(y.cpu() if torch.is_tensor(y) else y, dtype=np.int64))
+            ids.extend(str(v) for v in batch["video_id"])
+            bar.update(B)
+    if not logits:
+        raise RuntimeError(f"no video could be evaluated ({len(skipped)} skipped)")
+    return {"logits": np.concatenate(logits).astype(np.float32), "labels": np.concatenate(labels),
+            "video_ids": np.array(ids, dtype=str), "clip_idx": clip_idx.astype(np.int64),
+            "crop_idx": crop_idx.astype(np.int64), "skipped": np.array(skipped, dtype=str)}
+
+
+def _per_view(t) -> np.ndarray:
+    a = np.asarray(t.cpu() if torch.is_tensor(t) else t, dtype=np.int64)
+    if a.ndim == 2:  # collated [B, V]: all videos share the view layout
+        if not (a == a[:1]).all():
+            raise RuntimeError("videos in one batch have different view layouts")
+        a = a[0]
+    return a
+
+
+# --------------------------------------------------------------------------- metrics.json
+def gflops(params: dict, protocol: str) -> tuple[float | None, float | None]:
+    """(GFLOPs per view, x views) from smallbig.models.model_info, for this protocol's crop."""
+    clips, crops = parse_protocol(protocol)
+    try:
+        from smallbig.models import model_info
+    except ImportError:
+        return None, None
+    try:
+        info = model_info(params)
+    except Exception as e:
+        print(f"smallbig evaluate: WARNING: model_info failed ({e}); no GFLOPs", file=sys.stderr)
+        return None, None
+    # 3-crop views use multi_crop_size crops (model_info's test crop), 1-crop views 224
+    per_view = info.get("gmacs_test_crop") if crops == 3 else info.get("gmacs_224")
+    if per_view is None:
+        return None, None
+    return float(per_view), float(per_view) * clips * crops
+
+
+def subsets_of(num_clips: int, num_crops: int) -> list[tuple[int, int]]:
+    out = []
+    for k in range(1, num_clips + 1):
+        out.append((k, 1))
+        if num_crops == 3:
+            out.append((k, 3))
+    return out
+
+
+def build_metrics(scores: dict, experiment: str, protocol: str, per_view_gflops: float | None,
+                  extra: dict | None = None) -> dict:
+    num_clips, num_crops = int(scores["num_clips"]), int(scores["num_crops"])
+    m = metrics.compute_metrics(scores["logits"], scores["labels"])
+    out = {"experiment": experiment, "protocol": protocol, "num_clips": num_clips,
+           "num_crops": num_crops, "top1": m["top1"], "top5": m["top5"],
+           "mean_class_acc": m["mean_class_acc"], "per_class_acc": m["per_class_acc"],
+           "num_videos": m["num_videos"], "num_views": m["num_views"],
+           "skipped": int(len(scores.get("skipped", []))),
+           "skipped_ids": [str(s) for s in scores.get("skipped", [])],
+           "gflops_per_view": per_view_gflops,
+           "gflops_x_views": None if per_view_gflops is None else per_view_gflops * num_clips * num_crops,
+           "subsets": {}}
+    for k, c in subsets_of(num_clips, num_crops):
+        s = metrics.subset_metrics(scores, k, c)
+        out["subsets"][f"{k}x{c}"] = {
+            "top1": s["top1"], "top5": s["top5"], "mean_class_acc": s["mean_class_acc"],
+            "num_views": s["num_views"],
+            "gflops_x_views": None if per_view_gflops is None else per_view_gflops * k * c}
+    out.update(extra or {})
+    return out
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate(params: dict, checkpoint: str | Path, out_dir: str | Path, protocol: str | None = None,
+             shard: tuple[int, int] | None = None, device: str | None = None, track: bool = True,
+             progress: bool = True, view_subset=None) -> dict | None:
+    """Score the val split with the protocol's views; write scores(.shard-i-of-n).npz and, for
+    a complete run, metrics.json. Returns the metrics (None for a shard)."""
+    from smallbig.data import build_dataset
+
+    out_dir = Path(out_dir)
+    protocol = protocol or params["test"]["protocols"][0]
+    num_clips, num_crops = parse_protocol(protocol)
+    info, dev = D.setup(device)
+    explicit_shard = shard is not None
+    if shard is None and info.distributed:
+        shard = (info.rank, info.world_size)
+    model, ck_params = load_model_from_checkpoint(checkpoint)
+    if ck_params["model"] != params["model"]:
+        raise CheckpointError(f"{checkpoint}: trained with different model params than "
+                              f"{params['id']} asks for; evaluate it with its own params")
+    tr = params["train"]
+    from smallbig.engine.train import amp_settings
+    amp_dtype, _, amp_eff = amp_settings(tr.get("amp", "none"), dev)
+    channels_last = bool(tr.get("channels_last", False))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    model = model.to(dev)
+    dataset = build_dataset(params, "val", "test", protocol)
+    indices = None
+    if shard is not None:
+        indices = range(shard[0], len(dataset), shard[1])
+    t0 = time.time()
+    run = None
+    if explicit_shard or info.is_main:
+        from smallbig.engine import tracking
+        run = tracking.start_run(
+            params, "evaluate", run_name=f"{params['id']}-eval-{protocol}"
+            + (f"-shard{shard[0]}of{shard[1]}" if shard else ""), enabled=track,
+            extra_tags={"protocol": protocol, "checkpoint": str(Path(checkpoint).resolve()),
+                        "out_dir": str(out_dir.resolve()), "amp_effective": amp_eff,
+                        "shard": f"{shard[0]}/{shard[1]}" if shard else "none"})
+    status = "FAILED"
+    try:
+        scores = score_views(model, dataset, params, dev, indices=indices, view_subset=view_subset,
+                             progress=progress and (info.is_main or shard is not None),
+                             amp_dtype=amp_dtype, channels_last=channels_last,
+                             desc=f"evaluate {params['id']} {protocol}")
+        scores["num_clips"] = np.int64(num_clips if view_subset is None else view_subset[0])
+        scores["num_crops"] = np.int64(num_crops if view_subset is None else view_subset[1])
+        extra = {"checkpoint": str(checkpoint), "seconds": time.time() - t0, "amp": amp_eff}
+        if shard is not None:
+            save_scores(out_dir / f"scores.shard-{shard[0]}-of-{shard[1]}.npz", scores)
+            D.barrier(info)
+            result = None
+            if info.distributed and info.is_main:
+                result = merge(params, out_dir, run=run, extra=extra)
+            status = "FINISHED"
+            return result
+        save_scores(out_dir / "scores.npz", scores)
+        gpv, _ = gflops(params, protocol)
+        result = build_metrics(scores, params["id"], protocol, gpv, extra)
+        _finish(out_dir, result, run)
+        status = "FINISHED"
+        return result
+    finally:
+        if run is not None:
+            try:
+                run.finish(status)
+            except Exception as e:
+                print(f"smallbig evaluate: WARNING: could not close the MLflow run: {e}", file=sys.stderr)
+        D.cleanup()
+
+
+def _finish(out_dir: Path, result: dict, run) -> None:
+    _write_json(out_dir / "metrics.json", result)
+    if run is not None:
+        flat = {"top1": result["top1"], "top5": result["top5"],
+                "mean_class_acc": result["mean_class_acc"], "skipped": result["skipped"],
+                "num_videos": result["num_videos"]}
+        if result.get("gflops_x_views") is not None:
+            flat["gflops_x_views"] = result["gflops_x_views"]
+        for name, s in result["subsets"].items():
+            flat[f"top1_{name}"] = s["top1"]
+            flat[f"top5_{name}"] = s["top5"]
+        run.log_metrics(flat)
+        run.log_artifact(out_dir / "metrics.json")
+
+
+def merge_shards(out_dir: str | Path) -> dict:
+    """Combine scores.shard-i-of-n.npz (all n required, no duplicate videos) -> scores dict."""
+    out_dir = Path(out_dir)
+    found = {}
+    for p in sorted(out_dir.glob("scores.shard-*-of-*.npz")):
+        m = SHARD_RE.match(p.name)
+        if m:
+            found.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
+    if not found:
+        raise FileNotFoundError(f"{out_dir}: no scores.shard-i-of-n.npz files to merge")
+    if len(found) > 1:
+        raise ValueError(f"{out_dir}: shard files of different shard counts {sorted(found)}; remove stale ones")
+    n, shards = next(iter(found.items()))
+    missing = sorted(set(range(n)) - set(shards))
+    if missing:
+        raise ValueError(f"{out_dir}: shards {missing} of {n} are missing; run them first")
+    parts = [metrics.load_scores(shards[i]) for i in range(n)]
+    first = parts[0]
+    for i, p in enumerate(parts[1:], 1):
+        if not (np.array_equal(p["clip_idx"], first["clip_idx"]) and np.array_equal(p["crop_idx"], first["crop_idx"])):
+            raise ValueError(f"{shards[i]}: its views differ from {shards[0]}'s")
+    ids = np.concatenate([p["video_ids"] for p in parts])
+    if len(set(ids.tolist())) != len(ids):
+        raise ValueError(f"{out_dir}: a video appears in more than one shard")
+    order = np.argsort(ids, kind="stable")
+    return {"logits": np.concatenate([p["logits"] for p in parts])[order],
+            "labels": np.concatenate([p["labels"] for p in parts])[order],
+            "video_ids": ids[order], "clip_idx": first["clip_idx"], "crop_idx": first["crop_idx"],
+            "num_clips": first["num_clips"], "num_crops": first["num_crops"],
+            "skipped": np.concatenate([p.get("skipped", np.array([], dtype=str)) for p in parts]).astype(str)}
+
+
+def merge(params: dict, out_dir: str | Path, run=None, extra=None) -> dict:
+    out_dir = Path(out_dir)
+    scores = merge_shards(out_dir)
+    save_scores(out_dir / "scores.npz", scores)
+    protocol = f"{int(scores['num_clips'])}x{int(scores['num_crops'])}"
+    gpv, _ = gflops(params, protocol)
+    result = build_metrics(scores, params["id"], protocol, gpv, dict(extra or {}, merged_shards=True))
+    _finish(out_dir, result, run)
+    return result
+
+
+# --------------------------------------------------------------------------- ensemble
+def ensemble(score_paths: list[str | Path], out_dir: str | Path, name: str | None = None,
+             views: str | None = None) -> dict:
+    """Fuse saved scores of several models (mean of each model's view-averaged softmax, videos
+    matched by id). `views` (e.g. "4x3") first restricts every member to that view subset."""
+    out_dir = Path(out_dir)
+    members, gflops_total, skipped = [], 0.0, set()
+    clips = crops = None
+    if views:
+        clips, crops = parse_protocol(views)
+    for p in score_paths:
+        s = metrics.load_scores(p)
+        nclips, ncrops = int(s.get("num_clips", s["clip_idx"].max() + 1)), int(s.get("num_crops", s["crop_idx"].max() + 1))
+        if views:
+            mask = metrics.select_views(s["clip_idx"], s["crop_idx"], nclips, clips, crops, ncrops)
+            s = dict(s, logits=s["logits"][:, mask], clip_idx=s["clip_idx"][mask], crop_idx=s["crop_idx"][mask])
+        skipped |= set(np.asarray(s.get("skipped", [])).tolist())
+        members.append(s)
+        mpath = Path(p).with_name("metrics.json")
+        gpv = None
+        if mpath.exists():
+            try:
+                gpv = json.loads(mpath.read_text()).get("gflops_per_view")
+            except (ValueError, OSError):
+                gpv = None
+        if gflops_total is not None and gpv is not None:
+            gflops_total += float(gpv) * s["logits"].shape[1]
+        else:
+            gflops_total = None
+    fused = metrics.ensemble_scores(members)
+    sc, lab = fused["scores"], fused["labels"]
+    all_ids = set().union(*[set(m["video_ids"].tolist()) for m in members])
+    not_common = sorted(all_ids - set(fused["video_ids"].tolist()))
+    pca = metrics.per_class_accuracy(sc, lab, sc.shape[1])
+    v = members[0]["logits"].shape[1]
+    result = {"experiment": name or "+".join(Path(p).parent.name for p in score_paths),
+              "protocol": views or "all", "num_clips": clips, "num_crops": crops,
+              "top1": metrics.topk_accuracy(sc, lab, 1), "top5": metrics.topk_accuracy(sc, lab, 5),
+              "mean_class_acc": float(np.nanmean(pca)) if np.isfinite(pca).any() else float("nan"),
+              "per_class_acc": [None if np.isnan(x) else float(x) for x in pca],
+              "num_videos": int(len(lab)), "skipped": len(skipped | set(not_common)),
+              "skipped_ids": sorted(skipped | set(not_common)),
+              "gflops_per_view": None, "gflops_x_views": gflops_total, "num_views_per_member": v,
+              "members": [str(p) for p in score_paths], "subsets": {}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(out_dir / "ensemble_scores.npz", scores=sc.astype(np.float32), labels=lab,
+             video_ids=fused["video_ids"].astype(str))
+    _write_json(out_dir / "metrics.json", result)
+    return result

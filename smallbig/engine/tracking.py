@@ -1,0 +1,256 @@
+"""MLflow tracking for every `smallbig train` / `smallbig evaluate` call.
+
+Store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo>/mlflow.db``. For any SQLite store
+the artifacts go to ``mlruns/`` next to the database file (``<repo>/mlruns`` by default).
+Experiment = the params ``id``. See the runs with::
+
+    mlflow ui --backend-store-uri sqlite:///mlflow.db      # from the repository root
+
+Many concurrent processes (Slurm array jobs) may write to one SQLite file: every store call is
+retried with backoff on "database is locked"/"busy" errors and experiment-creation races, so no
+run is lost. On a cluster, point MLFLOW_TRACKING_URI at a shared server instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from smallbig.config import REPO_ROOT, flatten
+
+_RETRY_PATTERNS = ("locked", "busy", "unique constraint", "already exists", "disk i/o",
+                   "deadlock", "could not obtain lock", "integrityerror")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store live in `mlruns/` next to the database file."""
+    m = re.match(r"^sqlite:///(.+)$", uri)
+    if not m:
+        return None
+    db = Path(m.group(1))
+    if not db.is_absolute():
+        db = Path.cwd() / db
+    return (db.parent / "mlruns").resolve().as_uri()
+
+
+def retry(fn, *args, attempts: int = 30, **kwargs):
+    """Call fn, retrying transient store errors (SQLite lock contention) with jittered backoff."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # sqlalchemy OperationalError wrapped in MlflowException, ...
+            text = f"{type(e).__name__}: {e}".lower()
+            if attempt == attempts - 1 or not any(p in text for p in _RETRY_PATTERNS):
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+
+# --------------------------------------------------------------------------- tags
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                             timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_info() -> dict:
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit or "unknown",
+            "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def sha256_file(path: str | Path) -> str | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_data_root(root: str | Path) -> Path:
+    root = Path(root)
+    if root.is_absolute() or root.exists():
+        return root
+    return REPO_ROOT / root
+
+
+def dvc_hash(path: str | Path) -> str | None:
+    """The DVC md5 of a tracked path, if known: from `<path>.dvc`, else from a dvc.lock (of the
+    repository, or of any parent directory of `path`) whose outs list the path. None otherwise."""
+    import yaml
+
+    path = Path(path)
+    dvc_file = path.with_name(path.name + ".dvc")
+    if dvc_file.is_file():
+        try:
+            outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+            for out in outs:
+                if out.get("md5"):
+                    return str(out["md5"])
+        except Exception:
+            return None
+    abspath = path.resolve()
+    for base in [*abspath.parents, REPO_ROOT]:
+        lock = base / "dvc.lock"
+        if not lock.is_file():
+            continue
+        try:
+            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+        except Exception:
+            continue
+        for stage in stages.values():
+            for out in (stage or {}).get("outs") or []:
+                if (base / out.get("path", "")).resolve() == abspath and out.get("md5"):
+                    return str(out["md5"])
+    return None
+
+
+def environment_tags() -> dict:
+    import torch
+
+    tags = {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda) if torch.version.cuda else "none",
+        "gpu_count": str(torch.cuda.device_count() if torch.cuda.is_available() else 0),
+        "gpu_model": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none"),
+    }
+    if os.environ.get("SLURM_ARRAY_TASK_ID"):
+        tags["slurm_array_task_id"] = os.environ["SLURM_ARRAY_TASK_ID"]
+    tags.update(git_info())
+    return tags
+
+
+def data_tags(params: dict) -> dict:
+    root = resolve_data_root(params["data"]["root"])
+    return {"dataset": params["data"]["dataset"],
+            "data_root": str(root),
+            "dataset_manifest_sha256": sha256_file(root / "manifest.json") or "none",
+            "dvc_md5": dvc_hash(root) or "unknown"}
+
+
+# --------------------------------------------------------------------------- runs
+def _value(v) -> str:
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+class Run:
+    """One MLflow run (client API, retried). A no-op object when tracking is disabled."""
+
+    def __init__(self, client, run_id: str | None):
+        self.client = client
+        self.run_id = run_id
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None
+
+    def log_params(self, params: dict) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, _value(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            retry(self.client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, _value(v)[:5000]) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            retry(self.client.log_batch, self.run_id, tags=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool)]
+        if items:
+            retry(self.client.log_batch, self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        if self.enabled and Path(path).exists():
+            retry(self.client.log_artifact, self.run_id, str(path), subdir)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            retry(self.client.set_terminated, self.run_id, status)
+
+
+def disabled() -> bool:
+    return os.environ.get("SMALLBIG_NO_MLFLOW", "").lower() in ("1", "true", "yes")
+
+
+def get_experiment_id(client, name: str, uri: str) -> str:
+    def get_or_create():
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        root = artifact_root(uri)
+        location = f"{root}/{name}" if root else None
+        return client.create_experiment(name, artifact_location=location)
+
+    return retry(get_or_create)
+
+
+def start_run(params: dict, kind: str, run_name: str | None = None, resume_run_id: str | None = None,
+              extra_tags: dict | None = None, enabled: bool = True) -> Run:
+    """Start (or resume) the run for a train/evaluate call and log params and tags."""
+    if not enabled or disabled():
+        return Run(None, None)
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    client = retry(MlflowClient, uri)
+    if resume_run_id:
+        try:
+            run = retry(client.get_run, resume_run_id)
+            retry(client.update_run, resume_run_id, status="RUNNING")
+            r = Run(client, run.info.run_id)
+            r.set_tags({"resumed": "true"})
+            return r
+        except Exception:
+            pass  # different store: start a new run below and record where it came from
+    exp_id = get_experiment_id(client, params["id"], uri)
+    tags = {"smallbig.kind": kind, "mlflow.runName": run_name or f"{params['id']}-{kind}"}
+    tags.update(environment_tags())
+    tags.update(data_tags(params))
+    if resume_run_id:
+        tags["resumed_from_run"] = resume_run_id
+    tags.update(extra_tags or {})
+    run = retry(client.create_run, exp_id, run_name=tags["mlflow.runName"])
+    r = Run(client, run.info.run_id)
+    r.set_tags(tags)
+    r.log_params(flatten(params))
+    return r
