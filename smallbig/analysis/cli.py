@@ -1,44 +1,67 @@
-"""`smallbig report ...`: tables, figures, feature maps and the HTML report (each one entry point a
-Snakemake rule can call).
+"""`smallbig report ...`: tables, figures, feature maps and the HTML report. Each subcommand is one
+entry point a Snakemake rule can call; `--results` is the run's results directory
+(`results/<run>`: `results/full` or `results/embedded`).
 
-  smallbig report tables   --results results --run embedded --out reports/tables
-  smallbig report figures  --results results --run embedded --out reports/figures
-  smallbig report featmaps --results results --run embedded --out reports/figures
-  smallbig report html     --results results --run embedded --reports reports
-  smallbig report build    --results results --run embedded --reports reports [--featmaps]
+  smallbig report tables   --results results/embedded --out reports/tables      (all ten)
+  smallbig report table N  --results results/embedded --out reports/tables      (one table)
+  smallbig report figures  --results results/embedded --out reports/figures
+  smallbig report featmaps --results results/embedded --out reports/figures
+  smallbig report html     --results results/embedded --out reports
+  smallbig report build    --results results/embedded --out reports [--featmaps]
+  smallbig report check    reports/index.html [--screenshot reports/screenshot.png]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from smallbig.config import REPO_ROOT
 
+DEFAULT_RESULTS = "results/full"
+
+
+def _results_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default=DEFAULT_RESULTS,
+                   help="the run's results directory, results/<run> (default: results/full)")
+    p.add_argument("--run", default=None, help="run name (default: the results directory's name)")
+    p.add_argument("--logs", default=None,
+                   help="the workflow's logs/<run> (default: next to results/, if it exists)")
+
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", default=str(REPO_ROOT / "results"),
-                   help="results root (default: <repo>/results)")
-    p.add_argument("--run", default="full", help="run name under the results root: full | embedded")
+    _results_args(p)
     p.add_argument("--tables-file", default=None, help="tables definition (default: params/tables.yaml)")
     p.add_argument("--model-info-dir", action="append", default=[],
-                   help="directory with <id>.json from `smallbig model-info` (repeatable; "
-                        "results/<run>/model-info/ is always searched)")
-    p.add_argument("--compute-model-info", action="store_true",
-                   help="compute missing model info with smallbig.models.model_info")
+                   help="directory with <id>.json from `smallbig model-info --json` (repeatable); "
+                        "<results>/model-info/ and <results>/model-info.json are always read")
+    p.add_argument("--no-compute-model-info", dest="compute_model_info", action="store_false",
+                   help="do not compute missing model info (Params/GFLOPs 'ours' stay empty)")
     p.add_argument("--embedded", action="store_true",
                    help="force the 'embedded default, not comparable' banner")
 
 
-def _setup(args):
+def _results(args):
     from smallbig.analysis.collect import Results
+
+    return Results(args.results, args.run, args.logs)
+
+
+def _setup(args, numbers: list[int] | None = None):
     from smallbig.analysis.html import EMBEDDED_BANNER, banner_for
     from smallbig.analysis.report_tables import build_tables
-    from smallbig.analysis.tables import load_tables
+    from smallbig.analysis.tables import TablesError, load_tables
 
-    results = Results(args.results, args.run)
-    banner = EMBEDDED_BANNER if args.embedded else banner_for(args.run, results)
+    results = _results(args)
+    banner = EMBEDDED_BANNER if args.embedded else banner_for(results.run, results)
     tables = load_tables(args.tables_file)
+    if numbers:
+        known = [t["number"] for t in tables]
+        bad = [n for n in numbers if n not in known]
+        if bad:
+            raise TablesError(f"{args.tables_file or 'params/tables.yaml'}: no table {bad} (tables: {known})")
+        tables = [t for t in tables if t["number"] in numbers]
     built = build_tables(tables, results, [Path(d) for d in args.model_info_dir],
                          args.compute_model_info)
     return results, banner, built
@@ -47,8 +70,9 @@ def _setup(args):
 def cmd_tables(args) -> int:
     from smallbig.analysis.report_tables import write_tables
 
-    _, banner, built = _setup(args)
-    paths = write_tables(built, args.out, banner)
+    numbers = [args.number] if getattr(args, "number", None) else None
+    _, banner, built = _setup(args, numbers)
+    paths = write_tables(built, args.out, banner, index=numbers is None)
     _print_counts(built)
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
@@ -66,9 +90,8 @@ def cmd_figures(args) -> int:
 def cmd_featmaps(args) -> int:
     from smallbig.analysis.featmaps import write_featmaps
 
-    m = write_featmaps(Path(args.results) / args.run, args.out, args.smallbig, args.nonlocal_id,
-                       args.videos, args.video_id or None, args.smallbig_checkpoint,
-                       args.nonlocal_checkpoint)
+    m = write_featmaps(args.results, args.out, args.smallbig, args.nonlocal_id, args.videos,
+                       args.video_id or None, args.smallbig_checkpoint, args.nonlocal_checkpoint)
     for line in m["missing"]:
         print(f"feature maps: {line}", file=sys.stderr)
     print(f"wrote {len(m['figures'])} feature-map figures to {Path(args.out) / 'featmaps'}")
@@ -77,9 +100,16 @@ def cmd_featmaps(args) -> int:
 
 def cmd_html(args) -> int:
     from smallbig.analysis.html import write_index
+    from smallbig.analysis.report_tables import write_tables
 
     results, banner, built = _setup(args)
-    path = write_index(args.reports, built, results, banner)
+    out = Path(args.out)
+    # the index links every table file: (re)write the ones that are missing
+    if any(not (out / "tables" / f"table{t['number']}.html").is_file() for t in built):
+        write_tables(built, out / "tables", banner)
+    else:
+        write_tables(built, out / "tables", banner, only_index=True)
+    path = write_index(out, built, results, banner)
     print(f"wrote {path}")
     return 0
 
@@ -91,17 +121,25 @@ def cmd_build(args) -> int:
     from smallbig.analysis.report_tables import write_tables
 
     results, banner, built = _setup(args)
-    reports = Path(args.reports)
-    write_tables(built, reports / "tables", banner)
-    write_figures(built, results, reports / "figures", banner)
+    out = Path(args.out)
+    write_tables(built, out / "tables", banner)
+    write_figures(built, results, out / "figures", banner)
     if args.featmaps:
-        m = write_featmaps(results.dir, reports / "figures", num_videos=args.videos)
+        m = write_featmaps(results.dir, out / "figures", num_videos=args.videos)
         for line in m["missing"]:
             print(f"feature maps: {line}", file=sys.stderr)
-    path = write_index(reports, built, results, banner)
+    path = write_index(out, built, results, banner)
     _print_counts(built)
     print(f"wrote {path}")
     return 0
+
+
+def cmd_check(args) -> int:
+    from smallbig.analysis.browser import check_report
+
+    r = check_report(args.index, args.screenshot, serve=not args.no_serve)
+    print(json.dumps({k: v for k, v in r.items() if k != "text"}, indent=1))
+    return 0 if r["ok"] else 1
 
 
 def _print_counts(built) -> None:
@@ -113,7 +151,7 @@ def _print_counts(built) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `smallbig report {tables,figures,featmaps,html,build}`."""
+    """Add `smallbig report {tables,table,figures,featmaps,html,build,check}`."""
     rep = sub.add_parser("report", help="tables, figures, feature maps and the HTML report",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     rsub = rep.add_subparsers(dest="report_command", metavar="WHAT")
@@ -124,14 +162,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="reports/tables")
     p.set_defaults(func=cmd_tables)
 
+    p = rsub.add_parser("table", help="one table (table<N>.{md,csv,tex,html})")
+    p.add_argument("number", type=int, help="paper table number, 2-11")
+    _common(p)
+    p.add_argument("--out", default="reports/tables")
+    p.set_defaults(func=cmd_tables)
+
     p = rsub.add_parser("figures", help="accuracy vs cost, ablations, training curves, views")
     _common(p)
     p.add_argument("--out", default="reports/figures")
     p.set_defaults(func=cmd_figures)
 
     p = rsub.add_parser("featmaps", help="feature-map visualisations (paper Fig. 3)")
-    p.add_argument("--results", default=str(REPO_ROOT / "results"))
-    p.add_argument("--run", default="full")
+    _results_args(p)
     p.add_argument("--out", default="reports/figures",
                    help="figures directory (writes featmaps/*.png|svg and featmaps.json)")
     p.add_argument("--smallbig", default="k400-r23-sb-full", help="SmallBig experiment id")
@@ -143,14 +186,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video-id", action="append", default=[], help="a validation video id (repeatable)")
     p.set_defaults(func=cmd_featmaps)
 
-    p = rsub.add_parser("html", help="reports/index.html (reads tables/ and figures/ manifests)")
+    p = rsub.add_parser("html", help="<out>/index.html (links tables/ and the figures/ manifests)")
     _common(p)
-    p.add_argument("--reports", default="reports")
+    p.add_argument("--out", "--reports", dest="out", default="reports")
     p.set_defaults(func=cmd_html)
 
     p = rsub.add_parser("build", help="tables + figures (+ feature maps) + index.html in one go")
     _common(p)
-    p.add_argument("--reports", default="reports")
+    p.add_argument("--out", "--reports", dest="out", default="reports")
     p.add_argument("--featmaps", action="store_true", help="also draw the feature maps")
     p.add_argument("--videos", type=int, default=2)
     p.set_defaults(func=cmd_build)
+
+    p = rsub.add_parser("check", help="load index.html in headless Chromium: console errors, "
+                                      "images, links, screenshot")
+    p.add_argument("index", nargs="?", default="reports/index.html")
+    p.add_argument("--screenshot", default=None)
+    p.add_argument("--no-serve", action="store_true", help="file:// only (no local HTTP server)")
+    p.set_defaults(func=cmd_check)

@@ -7,14 +7,16 @@ Status of an evaluation `(experiment id, protocol)`:
             the metrics are then computed here with smallbig.engine.metrics)
   failed    a marker file `FAILED` in `<id>/`, `<id>/train/` or `<id>/eval-<protocol>/` (its first
             line is shown as the reason), or an unreadable metrics.json / scores.npz, or, while
-            no final checkpoint / metrics exist, a log (`*.log` in `<id>/`, `<id>/logs/`,
-            `<id>/train/`, `<id>/eval-<protocol>/`) containing a Python traceback
+            no final checkpoint / metrics exist, a log containing a Python traceback (the
+            workflow's `logs/<run>/train/<id>.log`, `logs/<run>/evaluate/<id>-<protocol>.log`,
+            or any `*.log` in `<id>/`, `<id>/logs/`, `<id>/train/`, `<id>/eval-<protocol>/`)
   running   `<id>/train/` or `<id>/eval-<protocol>/` exists but no metrics yet (detail says how far:
             last epoch in history.json, or "trained, not evaluated")
   not run   none of the above (no outputs)
 An ensemble row is done when `ensembles/<name>/metrics.json` exists or when every member's
 `eval-<protocol>/scores.npz` does (fused here); otherwise failed if a member failed, running if a
-member is running or done, else not run.
+member is running or done, else not run (a traceback in `logs/<run>/ensemble/<name>.log`
+while the members are done: failed).
 """
 from __future__ import annotations
 
@@ -82,18 +84,20 @@ def _marker(*dirs: Path) -> str | None:
     return None
 
 
-def _log_error(*dirs: Path) -> str | None:
+def _log_error(*dirs: Path, files: list[Path] | tuple = ()) -> str | None:
+    """First log (given files, then *.log in dirs) that holds a Python traceback: "file: last line"."""
+    logs = list(files)
     for d in dirs:
-        if not d.is_dir():
+        if d.is_dir():
+            logs += sorted(d.glob("*.log"))
+    for log in logs:
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
             continue
-        for log in sorted(d.glob("*.log")):
-            try:
-                text = log.read_text(errors="replace")
-            except OSError:
-                continue
-            if _TRACEBACK in text:
-                last = [l for l in text.strip().splitlines() if l.strip()][-1]
-                return f"{log}: {last.strip()[:200]}"
+        if _TRACEBACK in text:
+            last = [line for line in text.strip().splitlines() if line.strip()][-1]
+            return f"{log}: {last.strip()[:200]}"
     return None
 
 
@@ -108,13 +112,22 @@ def _finite(x) -> float | None:
 class Results:
     """Cached view of `results/<run>/` (any part of it may be missing)."""
 
-    def __init__(self, results_root: str | Path, run: str):
-        self.root = Path(results_root)
-        self.run = run
-        self.dir = self.root / run
+    def __init__(self, run_dir: str | Path, run: str | None = None,
+                 logs_dir: str | Path | None = None):
+        """`run_dir` = results/<run> (any part of it may be missing); `logs_dir` = the workflow's
+        logs/<run> (default: <run_dir>/../../logs/<run>, used when it exists)."""
+        self.dir = Path(run_dir)
+        self.run = run or self.dir.name
+        self.logs = Path(logs_dir) if logs_dir else self.dir.parent.parent / "logs" / self.dir.name
         self._exp: dict[str, dict] = {}
         self._eval: dict[tuple[str, str], dict] = {}
         self._scores: dict[tuple[str, str], dict] = {}
+        self._info: dict[str, dict | None] = {}
+
+    def _logs(self, *parts: str) -> list[Path]:
+        """Workflow log files logs/<run>/<parts> (existing ones only)."""
+        p = self.logs.joinpath(*parts)
+        return [p] if p.is_file() else []
 
     # ------------------------------------------------------------------ experiments
     def experiment(self, exp_id: str) -> dict:
@@ -147,8 +160,8 @@ class Results:
         ck = train / "checkpoint.pt"
         info["checkpoint"] = ck if ck.is_file() else None
         info["train_started"] = train.is_dir()
-        info["failed"] = _marker(d, train) or (None if info["checkpoint"] else
-                                              _log_error(d, d / "logs", train))
+        info["failed"] = _marker(d, train) or (None if info["checkpoint"] else _log_error(
+            d, d / "logs", train, files=self._logs("train", f"{exp_id}.log")))
         self._exp[exp_id] = info
         return info
 
@@ -205,7 +218,8 @@ class Results:
                        skipped=len(skipped) if isinstance(skipped, list) else skipped)
             out["detail"] = "" if mfile.is_file() else f"metrics computed from {sfile}"
         else:
-            log_err = _log_error(ev) or e["failed"]
+            log_err = _log_error(ev, files=self._logs("evaluate", f"{exp_id}-{protocol}.log")) \
+                or e["failed"]
             if log_err:
                 out.update(status=FAILED, detail=log_err)
             elif e["train_started"] or ev.is_dir():
@@ -275,7 +289,10 @@ class Results:
                        detail=f"fused here from the members' eval-{protocol}/scores.npz")
             return out
         bad = [f"{i}: {ev['detail']}" for i, ev in evals.items() if ev["status"] == FAILED]
-        if bad:
+        log_err = _log_error(files=self._logs("ensemble", f"{name}.log"))
+        if log_err and all(ev["status"] == DONE for ev in evals.values()):
+            out.update(status=FAILED, detail=log_err)
+        elif bad:
             out.update(status=FAILED, detail="member failed: " + "; ".join(bad))
         elif any(ev["status"] in (RUNNING, DONE) for ev in evals.values()):
             waiting = [i for i, ev in evals.items() if ev["status"] != DONE]
@@ -285,28 +302,34 @@ class Results:
     # ------------------------------------------------------------------ model info
     def model_info(self, exp_id: str, info_dirs: list[Path] | None = None,
                    compute: bool = False) -> dict | None:
-        """`smallbig model-info` JSON of the experiment's paper configuration: read from
-        `<dir>/<id>.json` for each of info_dirs (default `results/<run>/model-info/`), then
-        `results/<run>/<id>/model-info.json`; computed with smallbig.models.model_info when
-        `compute` is set; None if unavailable."""
+        """`smallbig model-info` JSON of the experiment's paper-size configuration, read from
+        (in order) `<dir>/<id>.json` for each of info_dirs, `results/<run>/model-info/<id>.json`,
+        `results/<run>/model-info.json` (the list `smallbig model-info --all --json` prints);
+        computed with smallbig.models.model_info when `compute` is set; else None."""
+        if exp_id in self._info:
+            return self._info[exp_id]
         dirs = list(info_dirs or []) + [self.dir / "model-info"]
-        for path in [Path(d) / f"{exp_id}.json" for d in dirs] + [self.dir / exp_id / "model-info.json"]:
-            if path.is_file():
-                try:
-                    data = read_json(path)
-                except ReportInputError:
-                    continue
-                if isinstance(data, list):  # `model-info --all` style
-                    data = next((x for x in data if isinstance(x, dict) and x.get("id") == exp_id), None)
-                if isinstance(data, dict) and exp_id in data and isinstance(data[exp_id], dict):
-                    data = data[exp_id]
-                if isinstance(data, dict):
-                    return data
-        if compute:
+        found = None
+        for path in [Path(d) / f"{exp_id}.json" for d in dirs] + [self.dir / "model-info.json"]:
+            if not path.is_file():
+                continue
+            try:
+                data = read_json(path)
+            except ReportInputError:
+                continue
+            if isinstance(data, list):  # `model-info --all --json`
+                data = next((x for x in data if isinstance(x, dict) and x.get("id") == exp_id), None)
+            elif isinstance(data, dict) and isinstance(data.get(exp_id), dict):
+                data = data[exp_id]
+            if isinstance(data, dict) and data.get("id", exp_id) == exp_id:
+                found = data
+                break
+        if found is None and compute:
             try:
                 from smallbig.config import experiment_path, load_params
                 from smallbig.models import model_info
-                return model_info(load_params(experiment_path(exp_id)))
+                found = model_info(load_params(experiment_path(exp_id)))
             except Exception as e:  # noqa: BLE001 — a report never dies on model info
-                return {"error": f"model_info({exp_id}): {e}"}
-        return None
+                found = {"error": f"model_info({exp_id}): {e}"}
+        self._info[exp_id] = found
+        return found

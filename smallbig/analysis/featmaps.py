@@ -120,7 +120,7 @@ def val_clips(params: dict, n: int, video_ids: list[str] | None = None) -> list[
             if len(clips) >= (n if not video_ids else len(video_ids)):
                 break
             item = ds[i]
-            if item is None:
+            if not item:  # None / BadSample: could not be decoded (logged by the data layer)
                 continue
             if video_ids and str(item["video_id"]) not in video_ids:
                 continue

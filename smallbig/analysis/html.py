@@ -66,7 +66,7 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
                             "git": git_info()}
     datasets: dict[str, dict] = {}
     hardware: set[str] = set()
-    gpu_hours = 0.0
+    gpu_hours = cpu_hours = 0.0
     gpu_hours_known = 0
     starts, ends = [], []
     trained = 0
@@ -102,14 +102,19 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
             if hw:
                 hardware.add(f"{hw}" + (f" × {n}" if n else ""))
             gh = _first(tm, "gpu_hours")
+            on_gpu = gh is not None or "cuda" in str(_first(tm, "device") or "") or bool(_first(tm, "gpu_name"))
             if gh is None:
-                secs = _first(tm, "wall_time_s", "train_time_s", "elapsed_s", "time_s")
+                secs = _first(tm, "wall_time_s", "train_time_s", "elapsed_s",
+                              "wall_time_s_this_process")
                 if secs is not None:
                     gh = float(secs) / 3600.0 * float(n or 1)
             if gh is not None:
                 try:
-                    gpu_hours += float(gh)
-                    gpu_hours_known += 1
+                    if on_gpu:
+                        gpu_hours += float(gh)
+                        gpu_hours_known += 1
+                    else:
+                        cpu_hours += float(gh)
                 except (TypeError, ValueError):
                     pass
             s = _first(tm, "started", "start_time", "started_at")
@@ -127,6 +132,7 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
     meta["report_host"] = f"{platform.node()} ({platform.platform()}, {os.cpu_count()} CPUs)"
     meta["gpu_hours"] = round(gpu_hours, 3) if gpu_hours_known else None
     meta["gpu_hours_runs"] = gpu_hours_known
+    meta["cpu_process_hours"] = round(cpu_hours, 3)
     meta["trained_runs"] = trained
     meta["first_start"] = min(starts) if starts else None
     meta["last_finish"] = max(ends) if ends else None
@@ -143,7 +149,8 @@ def _meta_rows(meta: dict) -> list[tuple[str, str]]:
            else str(d.get("manifest")))
         for d in meta["datasets"]) or "no run params found"
     gh = (f"{meta['gpu_hours']} (from {meta['gpu_hours_runs']} run(s))"
-          if meta["gpu_hours"] is not None else "not recorded")
+          if meta["gpu_hours"] is not None else "none recorded") + (
+        f"; CPU-only training: {meta['cpu_process_hours']} process-hours" if meta.get("cpu_process_hours") else "")
     return [("Run", f"{meta['run']} ({meta['results_dir']})"), ("Git commit", commit),
             ("Commit date", g.get("commit_date", "")), ("Datasets (manifests)", ds),
             ("Hardware", ", ".join(meta["hardware"])), ("GPU-hours used", gh),

@@ -385,24 +385,27 @@ def table_files(number: int) -> dict[str, str]:
     return {ext: f"table{number}.{ext}" for ext in ("md", "csv", "tex", "html")}
 
 
-def write_tables(built: list[dict], out_dir: str | Path, banner: str | None = None) -> list[Path]:
-    """reports/tables/table<N>.{md,csv,tex,html}, all.md and summary.json; returns the paths."""
+def write_tables(built: list[dict], out_dir: str | Path, banner: str | None = None,
+                 index: bool = True, only_index: bool = False) -> list[Path]:
+    """reports/tables/table<N>.{md,csv,tex,html} for each built table, plus (when `index`)
+    all.md and summary.json of all of them; `only_index` writes just those two. Returns paths."""
     from smallbig.analysis.io import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    md_all = [f"# SmallBigNet reproduction: Tables 2–11, paper vs ours", ""]
+    md_all = ["# SmallBigNet reproduction: Tables 2–11, paper vs ours", ""]
     if banner:
         md_all += [f"> **{banner}**", ""]
     summary = []
     for t in built:
         files = table_files(t["number"])
-        for ext, text in (("md", render_markdown(t, banner)), ("csv", render_csv(t)),
-                          ("tex", render_latex(t, banner)), ("html", render_html_page(t, banner))):
-            p = out / files[ext]
-            atomic_write_text(p, text)
-            written.append(p)
+        if not only_index:
+            for ext, text in (("md", render_markdown(t, banner)), ("csv", render_csv(t)),
+                              ("tex", render_latex(t, banner)), ("html", render_html_page(t, banner))):
+                p = out / files[ext]
+                atomic_write_text(p, text)
+                written.append(p)
         md_all += [render_markdown(t), ""]
         summary.append({"number": t["number"], "title": t["title"], "counts": t["counts"],
                         "files": files,
@@ -410,11 +413,12 @@ def write_tables(built: list[dict], out_dir: str | Path, banner: str | None = No
                                   "status": r["status"], "detail": r["detail"], **r["raw"],
                                   "cells": r["cells"]} for r in t["rows"]],
                         "footnotes": t["footnotes"]})
-    p = out / "all.md"
-    atomic_write_text(p, "\n".join(md_all))
-    written.append(p)
-    p = out / "summary.json"
-    atomic_write_text(p, json.dumps({"banner": banner, "tables": summary}, indent=1,
-                                    ensure_ascii=False, default=str))
-    written.append(p)
+    if index or only_index:
+        p = out / "all.md"
+        atomic_write_text(p, "\n".join(md_all))
+        written.append(p)
+        p = out / "summary.json"
+        atomic_write_text(p, json.dumps({"banner": banner, "tables": summary}, indent=1,
+                                        ensure_ascii=False, default=str))
+        written.append(p)
     return written

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from smallbig.config import REPO_ROOT, experiment_ids
+from smallbig.config import REPO_ROOT, ParamsError, experiment_ids
 
 TABLES_PATH = REPO_ROOT / "params" / "tables.yaml"
 PAPER_KEYS = ("top1", "top5", "params_m", "gflops", "views", "gflops_x_views", "views_text")
@@ -30,8 +30,9 @@ _PROTOCOL = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class TablesError(ValueError):
-    """params/tables.yaml is missing or invalid; the message names the file, key and problem."""
+class TablesError(ParamsError):
+    """params/tables.yaml is missing or invalid; the message names the file, key and problem.
+    (A ParamsError, so the `smallbig` CLI reports it as one: exit code 2, no traceback.)"""
 
 
 def _num_or_none(v: Any) -> bool:
