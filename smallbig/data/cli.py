@@ -1,8 +1,180 @@
-"""Subcommands of smallbig.data (filled in by its issue)."""
+"""`smallbig data ...`: the embedded dataset, preparation, frames, validation.
+
+  smallbig data toy --out DIR [--seed N]
+  smallbig data prepare PARAMS [--overlay OVERLAY] [--workers N] [--recheck]
+  smallbig data check --list LIST --root DIR --out REPORT.json [--decode-all] [--min-frames N]
+  smallbig data check PARAMS --out REPORT.json   (train.txt + val.txt of data.root)
+  smallbig data frames --list LIST --root DIR --out-list LIST [--short-side N] [--subdir frames]
+  smallbig data resize --list LIST --root DIR --out-list LIST --short-side N [--subdir videos320]
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the `smallbig` parser."""
+    p = sub.add_parser("data", help="acquire, extract, check datasets; the embedded dataset")
+    dsub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    dsub.required = True
+
+    t = dsub.add_parser("toy", help="generate the embedded dataset (real encoded videos)")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_toy)
+
+    pr = dsub.add_parser("prepare", help="acquire -> lists -> frames -> check -> manifest (idempotent)")
+    pr.add_argument("params", help="experiment or resolved params file")
+    pr.add_argument("--overlay", default=None, help="overlay (e.g. params/embedded.yaml)")
+    pr.add_argument("--workers", type=int, default=None, help="processes for frames and checks")
+    pr.add_argument("--recheck", action="store_true", help="re-run the check even if lists are unchanged")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.set_defaults(func=_prepare)
+
+    c = dsub.add_parser("check", help="open every video of a list; report bad files with reasons")
+    c.add_argument("params", nargs="?", default=None,
+                   help="params file: check train.txt and val.txt of its data.root (instead of --list/--root)")
+    c.add_argument("--overlay", default=None)
+    c.add_argument("--list", help="list file (`path label` or `frame_dir n label`)")
+    c.add_argument("--root", help="directory the list's paths are relative to")
+    c.add_argument("--out", required=True, help="JSON report {ok, bad: [{path, reason}]}")
+    c.add_argument("--decode-all", action="store_true", help="decode every frame (slow, finds truncation)")
+    c.add_argument("--min-frames", type=int, default=None, help="flag videos with fewer frames")
+    c.add_argument("--workers", type=int, default=None)
+    c.add_argument("--frame-template", default="img_{:05d}.jpg", help="for frame lists")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_check)
+
+    f = dsub.add_parser("frames", help="extract JPEG frames img_{:05d}.jpg from the videos of a list")
+    f.add_argument("--list", required=True)
+    f.add_argument("--root", required=True)
+    f.add_argument("--out-list", required=True, help="frames list to write (`frame_dir n label`)")
+    f.add_argument("--subdir", default="frames", help="frame folders go to ROOT/SUBDIR/<id>/")
+    f.add_argument("--short-side", type=int, default=320, help="0 keeps the original size")
+    f.add_argument("--workers", type=int, default=None)
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=_frames)
+
+    r = dsub.add_parser("resize", help="re-encode the videos of a list to a short side")
+    r.add_argument("--list", required=True)
+    r.add_argument("--root", required=True)
+    r.add_argument("--out-list", required=True)
+    r.add_argument("--subdir", default="videos320")
+    r.add_argument("--short-side", type=int, default=320)
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_resize)
+
+
+def _logging():
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _toy(args) -> int:
+    from smallbig.data.toy import make_toy
+
+    summary = make_toy(args.out, args.seed)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _load(path: str, overlay: str | None) -> dict:
+    """An experiment file (with `extends`) or a resolved one; validated either way."""
+    from smallbig.config import load_params
+
+    return load_params(path, overlay)
+
+
+def _prepare(args) -> int:
+    from smallbig.data.archives import ArchiveError
+    from smallbig.data.dataset import DataError
+    from smallbig.data.download import DownloadError
+    from smallbig.data.prepare import prepare
+
+    _logging()
+    params = _load(args.params, args.overlay)
+    try:
+        m = prepare(params, progress=not args.quiet, workers=args.workers, force_check=args.recheck)
+    except (DataError, DownloadError, ArchiveError) as e:
+        print(f"smallbig data prepare: {e}", file=sys.stderr)
+        return 2
+    counts = {s: {k: v[k] for k in ("count", "usable", "quarantined", "num_missing")} for s, v in m["splits"].items()}
+    print(json.dumps({"root": params["data"]["root"], "dataset": m["dataset"], "format": m["format"],
+                      "num_classes": m["num_classes"], "splits": counts}, indent=1))
+    return 0
+
+
+def _check(args) -> int:
+    from smallbig.data.check import check_entries, write_json
+    from smallbig.data.dataset import DataError, load_manifest, read_list
+
+    try:
+        if args.params:
+            if args.list or args.root:
+                raise DataError("give either PARAMS or --list/--root, not both")
+            params = _load(args.params, args.overlay)
+            root = Path(params["data"]["root"])
+            manifest = load_manifest(root)
+            template = manifest.get("frame_template") or args.frame_template
+            entries = read_list(root / "train.txt") + read_list(root / "val.txt")
+            min_frames = args.min_frames
+            if min_frames is None:
+                min_frames = manifest.get("check", {}).get("settings", {}).get("min_frames")
+        else:
+            if not (args.list and args.root):
+                raise DataError("needs --list and --root (or a params file)")
+            root, template, min_frames = Path(args.root), args.frame_template, args.min_frames
+            entries = read_list(args.list)
+        if not root.is_dir():
+            raise DataError(f"{root}: not a directory")
+        report = check_entries(root, entries, args.decode_all, min_frames, args.workers, template,
+                               progress=not args.quiet)
+        write_json(Path(args.out), report)
+    except (DataError, OSError) as e:
+        print(f"smallbig data check: cannot run: {e}", file=sys.stderr)
+        return 2
+    print(f"{report['ok']} ok, {len(report['bad'])} bad -> {args.out}")
+    for b in report["bad"][:20]:
+        print(f"  {b['path']}: {b['reason']}")
+    if len(report["bad"]) > 20:
+        print(f"  ... and {len(report['bad']) - 20} more")
+    return 0
+
+
+def _frames(args) -> int:
+    from smallbig.data.dataset import DataError, read_list, write_list
+    from smallbig.data.frames import extract_frames
+
+    _logging()
+    try:
+        entries = read_list(args.list, "video")
+    except DataError as e:
+        print(f"smallbig data frames: {e}", file=sys.stderr)
+        return 2
+    out, failed = extract_frames(Path(args.root), entries, args.subdir, args.short_side or None,
+                                 args.workers, not args.quiet)
+    write_list(args.out_list, out, "frames")
+    print(f"{len(out) - len(failed)} videos extracted, {len(failed)} failed -> {args.out_list}")
+    for f in failed:
+        print(f"  {f['path']}: {f['reason']}")
+    return 0
+
+
+def _resize(args) -> int:
+    from smallbig.data.dataset import DataError, read_list, write_list
+    from smallbig.data.frames import resize_videos
+
+    try:
+        entries = read_list(args.list, "video")
+    except DataError as e:
+        print(f"smallbig data resize: {e}", file=sys.stderr)
+        return 2
+    out, failed = resize_videos(Path(args.root), entries, args.subdir, args.short_side, not args.quiet)
+    write_list(args.out_list, out, "video")
+    print(f"{len(out)} videos re-encoded, {len(failed)} failed -> {args.out_list}")
+    for f in failed:
+        print(f"  {f['path']}: {f['reason']}")
+    return 0

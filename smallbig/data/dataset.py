@@ -1,0 +1,212 @@
+"""One dataset API over prepared dataset directories (videos via decord, or JPEG frame folders).
+
+    build_dataset(params, split, mode, protocol=None) -> VideoDataset
+    collate(batch) -> dict
+    normalize(x_uint8, mean, std) -> float tensor
+
+A sample that cannot be read is returned as a `BadSample` (falsy, like None, carrying the
+video id and the reason), logged, and reported by `collate` under "skipped": training and
+evaluation never crash on a bad file and never drop one silently. Videos in the prepared
+directory's `quarantine.json` (the report of `smallbig data check`) are left out of training
+(counted in `dataset.quarantined`) and returned as BadSample in val/test, so evaluation counts
+them as skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smallbig.data import sampling
+from smallbig.data.lists import DataError, Entry, read_list, write_list  # noqa: F401 (re-exported)
+from smallbig.data.readers import VideoError, open_frames, open_video
+
+log = logging.getLogger("smallbig.data")
+
+SPLITS = ("train", "val")
+MODES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A sample that could not be decoded. Falsy, so `if not item` treats it like None."""
+    video_id: str
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def load_quarantine(root: Path) -> dict[str, str]:
+    q = root / "quarantine.json"
+    if not q.exists():
+        return {}
+    try:
+        report = json.loads(q.read_text())
+        return {b["path"]: b["reason"] for b in report.get("bad", [])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{q}: not a `smallbig data check` report: {e}") from None
+
+
+def load_manifest(root: Path) -> dict:
+    m = root / "manifest.json"
+    if not m.exists():
+        return {}
+    try:
+        return json.loads(m.read_text())
+    except ValueError as e:
+        raise DataError(f"{m}: not valid JSON: {e}") from None
+
+
+def balanced_subset(entries: list[Entry], limit: int | None) -> list[Entry]:
+    """The first `limit` entries taking classes in turn (deterministic, class-balanced)."""
+    if not limit or limit >= len(entries):
+        return list(entries)
+    by_class: dict[int, list[Entry]] = {}
+    for e in entries:
+        by_class.setdefault(e.label, []).append(e)
+    out, rank = [], 0
+    while len(out) < limit:
+        for c in sorted(by_class):
+            if rank < len(by_class[c]) and len(out) < limit:
+                out.append(by_class[c][rank])
+        rank += 1
+    return out
+
+
+# --------------------------------------------------------------------------- dataset
+class VideoDataset(torch.utils.data.Dataset):
+    def __init__(self, root, entries: list[Entry], fmt: str, mode: str, data: dict, test: dict,
+                 protocol: str | None = None, frame_template: str = "img_{:05d}.jpg",
+                 quarantine: dict[str, str] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.root = Path(root)
+        self.fmt = fmt
+        self.mode = mode
+        self.data = data
+        self.test = test
+        self.frame_template = frame_template
+        quarantine = quarantine or {}
+        self.quarantined = [e.path for e in entries if e.path in quarantine]
+        if mode == "train":
+            entries = [e for e in entries if e.path not in quarantine]
+            if self.quarantined:
+                log.warning("%s: %d quarantined videos left out of training", self.root, len(self.quarantined))
+        self.quarantine = quarantine
+        self.entries = entries
+        self.num_clips, self.num_crops = (1, 1)
+        if mode == "test":
+            if protocol is None:
+                raise ValueError("mode 'test' needs a protocol such as '10x3'")
+            self.num_clips, self.num_crops = sampling.parse_protocol(protocol)
+        self.protocol = protocol
+        self.short_side = int(test.get("short_side", 256))
+        self.crop_size = (int(test.get("multi_crop_size", 256)) if self.num_crops == 3
+                          else int(test.get("single_crop_size", 224)))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def labels(self) -> list[int]:
+        return [e.label for e in self.entries]
+
+    @property
+    def num_views(self) -> int:
+        return self.num_clips * self.num_crops
+
+    def open(self, e: Entry):
+        p = self.root / e.path
+        if self.fmt == "frames":
+            return open_frames(p, e.num_frames, self.frame_template)
+        return open_video(p)
+
+    def __getitem__(self, i: int):
+        e = self.entries[i]
+        if e.path in self.quarantine:
+            return BadSample(e.video_id, f"quarantined: {self.quarantine[e.path]}")
+        try:
+            return self._load(e)
+        except (VideoError, ValueError, OSError) as err:
+            log.warning("skipping %s: %s", e.path, err)
+            return BadSample(e.video_id, str(err))
+
+    def _load(self, e: Entry) -> dict:
+        reader = self.open(e)
+        n = len(reader)
+        d = self.data
+        if self.mode == "train":
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+            idx = sampling.train_indices(n, d, rng)
+            video = sampling.train_view(reader.get(idx), d.get("train_short_side", [256, 320]),
+                                        int(d.get("crop_size", 224)), bool(d.get("flip", False)), rng)
+            return {"video": video, "label": e.label, "video_id": e.video_id}
+        clips = sampling.test_indices(n, d, self.num_clips)
+        if self.mode == "val":
+            video = sampling.center_view(reader.get(clips[0]), self.short_side, self.crop_size)
+            return {"video": video, "label": e.label, "video_id": e.video_id}
+        uniq, inverse = np.unique(np.concatenate(clips), return_inverse=True)
+        positions = np.split(inverse, len(clips))  # positions of each clip's frames in `uniq`
+        frames = reader.get(uniq)  # decoded once for all views
+        video, clip_idx, crop_idx = sampling.test_views(frames, positions, self.short_side,
+                                                        self.crop_size, self.num_crops)
+        return {"video": video, "label": e.label, "video_id": e.video_id,
+                "clip_idx": clip_idx, "crop_idx": crop_idx}
+
+
+def build_dataset(params: dict, split: str, mode: str, protocol: str | None = None) -> VideoDataset:
+    """The dataset of `split` (train/val) of the prepared directory `params.data.root`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    data, test = params["data"], params.get("test", {})
+    root = Path(data["root"])
+    manifest = load_manifest(root)
+    fmt = data.get("format", manifest.get("format", "video"))
+    if manifest and manifest.get("format") and manifest["format"] != fmt:
+        raise DataError(f"{root / 'manifest.json'}: prepared as format {manifest['format']!r} but "
+                        f"params data.format is {fmt!r}; run `smallbig data prepare` with these params")
+    entries = read_list(root / f"{split}.txt", fmt)
+    limit = data.get("limit_train") if split == "train" else data.get("limit_val")
+    entries = balanced_subset(entries, limit)
+    template = manifest.get("frame_template", "img_{:05d}.jpg")
+    return VideoDataset(root, entries, fmt, mode, data, test, protocol, template, load_quarantine(root))
+
+
+# --------------------------------------------------------------------------- batching
+def collate(batch: list) -> dict:
+    """Stack the good items; bad ones (BadSample or None) go to "skipped" (video ids).
+
+    Returns {"video": uint8 [N,3,T,H,W] or [N,V,3,T,H,W] (an empty tensor, shape[0] == 0, when
+    no item is good), "label":
+    long [N], "video_id": [N], "skipped": [ids], "skipped_reasons": [str]} plus "clip_idx" and
+    "crop_idx" (long [V], from the first item) in test mode."""
+    good = [b for b in batch if b]
+    bad = [b for b in batch if not b]
+    out = {
+        "skipped": [b.video_id if isinstance(b, BadSample) else "<unknown>" for b in bad],
+        "skipped_reasons": [b.reason if isinstance(b, BadSample) else "dataset returned None" for b in bad],
+        "video_id": [b["video_id"] for b in good],
+        "label": torch.tensor([b["label"] for b in good], dtype=torch.long),
+        "video": torch.stack([b["video"] for b in good]) if good else torch.empty((0,), dtype=torch.uint8),
+    }
+    if good and "clip_idx" in good[0]:
+        out["clip_idx"] = good[0]["clip_idx"]
+        out["crop_idx"] = good[0]["crop_idx"]
+    return out
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 clips [..., 3, T, H, W] -> float (x / 255 - mean) / std, per channel.
+
+    Works on any device; the channel axis is the 4th from the end (dim 1 of [N, 3, T, H, W])."""
+    if x.ndim < 4 or x.shape[-4] != 3:
+        raise ValueError(f"expected [..., 3, T, H, W], got {tuple(x.shape)}")
+    shape = (3, 1, 1, 1)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(shape)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    return (x.float().div_(255.0) - m) / s
