@@ -31,31 +31,36 @@ DEFAULT_NONLOCAL = "k400-r23-nonlocal"
 
 # ---------------------------------------------------------------------------- model loading
 def load_checkpoint_model(path: str | Path):
-    """(model, params) from a checkpoint; the engine's loader when present, else the documented
-    format {"model": state_dict, "params": params} built with smallbig.models.build_model."""
-    try:
-        from smallbig.engine import load_model_from_checkpoint  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from smallbig.engine.checkpoint import load_model_from_checkpoint  # type: ignore
-        except ImportError:
-            load_model_from_checkpoint = None
-    if load_model_from_checkpoint is not None:
-        model, params = load_model_from_checkpoint(path)
-        return model.eval(), params
+    """(model in eval mode, params) from a checkpoint: the engine's `load_model_from_checkpoint`
+    (a full training checkpoint), else the minimal documented format {"model": state_dict,
+    "params": params} built with smallbig.models.build_model. Bad file -> ValueError naming it."""
     import torch
 
     from smallbig.models import build_model
 
     path = Path(path)
+    engine_error = None
+    try:
+        from smallbig.engine.checkpoint import load_model_from_checkpoint
+    except ImportError:
+        load_model_from_checkpoint = None
+    if load_model_from_checkpoint is not None:
+        try:
+            model, params = load_model_from_checkpoint(path)
+            return model.eval(), params
+        except Exception as e:  # noqa: BLE001 — try the minimal format before giving up
+            engine_error = e
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: not a readable checkpoint ({e})") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({engine_error or e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "params" not in ckpt:
-        raise ValueError(f"{path}: checkpoint lacks `model`/`params`")
+        raise ValueError(f"{path}: checkpoint lacks `model`/`params` ({engine_error})")
     model = build_model(ckpt["params"]["model"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the model its params describe: {e}") from None
     return model.eval(), ckpt["params"]
 
 
