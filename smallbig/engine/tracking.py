@@ -125,17 +125,21 @@ def dvc_hash(path: str | Path) -> str | None:
 
 
 def environment_tags() -> dict:
-    import torch
+    import sys
 
-    tags = {
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda) if torch.version.cuda else "none",
-        "gpu_count": str(torch.cuda.device_count() if torch.cuda.is_available() else 0),
-        "gpu_model": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none"),
-    }
+    tags = {"host": socket.gethostname(), "python": platform.python_version(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none")}
+    torch = sys.modules.get("torch")  # train/evaluate have it; a bare tracking call need not pay
+    if torch is not None:
+        cuda = torch.cuda.is_available()
+        tags.update({"torch": torch.__version__,
+                     "cuda": str(torch.version.cuda) if torch.version.cuda else "none",
+                     "gpu_count": str(torch.cuda.device_count() if cuda else 0),
+                     "gpu_model": torch.cuda.get_device_name(0) if cuda else "none"})
+    else:
+        from importlib.metadata import version
+        tags.update({"torch": version("torch"), "cuda": "unknown", "gpu_count": "unknown",
+                     "gpu_model": "unknown"})
     if os.environ.get("SLURM_ARRAY_TASK_ID"):
         tags["slurm_array_task_id"] = os.environ["SLURM_ARRAY_TASK_ID"]
     tags.update(git_info())

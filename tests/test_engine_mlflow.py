@@ -1,0 +1,126 @@
+"""MLflow tracking: a training run records params, per-epoch metrics, artifacts and tags; 8
+concurrent writer processes against one fresh SQLite store lose no run."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from smallbig.engine import tracking
+from smallbig.engine.train import train
+
+from test_engine import BUILDERS, tiny_params
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One fresh SQLite store per module (MLflow's first-time schema migration takes seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # creates and migrates the schema once
+    return root, uri
+
+
+@pytest.fixture
+def use_store(store, monkeypatch):
+    root, uri = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("SMALLBIG_NO_MLFLOW", raising=False)
+    return root, uri
+
+
+def test_default_store_is_repo_sqlite(monkeypatch):
+    from smallbig.config import REPO_ROOT
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    assert tracking.artifact_root(tracking.tracking_uri()) == (REPO_ROOT / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.cluster:5000")
+    assert tracking.tracking_uri() == "http://mlflow.cluster:5000"
+    assert tracking.artifact_root(tracking.tracking_uri()) is None
+
+
+def test_train_run_records_params_metrics_tags(use_store, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    root, uri = use_store
+    data = tmp_path / "toydata"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"train": 32}')
+    (tmp_path / "toydata.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  path: toydata\n")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    p = tiny_params(epochs=2)
+    p["id"] = "mlflow-train-test"
+    p["data"]["root"] = str(data)
+    assert train(p, tmp_path / "run", builders=BUILDERS, progress=False) == 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("mlflow-train-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    prm, tags = run.data.params, run.data.tags
+    assert prm["train.lr"] == "0.05" and prm["model.num_classes"] == "5"
+    assert prm["engine.accum_steps"] == "2" and prm["engine.policy"] == "accumulate"
+    assert prm["engine.amp_effective"] == "none"
+    assert tags["dataset_manifest_sha256"] == hashlib.sha256(b'{"train": 32}').hexdigest()
+    assert tags["dvc_md5"] == "0123abcd.dir" and tags["slurm_job_id"] == "4242"
+    for key in ("git_commit", "git_dirty", "host", "torch", "cuda", "gpu_model", "gpu_count"):
+        assert tags[key], key
+    hist = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in hist] == [1, 2]
+    for key in ("lr", "val_top1", "clips_per_s", "peak_mem_mb"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"params.yaml", "train_metrics.json", "history.json"} <= arts
+    # artifacts of a SQLite store sit next to the database
+    assert (root / "mlruns").is_dir()
+    metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    assert metrics["mlflow_run_id"] == run.info.run_id
+
+
+def _writer(i: int, uri: str, queue) -> None:
+    """One writer process: its own MLflow client and SQLite connection."""
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    params = {"id": "concurrent-writers", "data": {"root": "/nonexistent", "dataset": "kinetics400"},
+              "train": {"lr": 0.1 * i, "seed": i}}
+    run = tracking.start_run(params, "train", run_name=f"writer-{i}")
+    for step in range(1, 6):
+        run.log_metrics({"loss": 1.0 / step, "writer": i}, step=step)
+    run.finish("FINISHED")
+    queue.put((os.getpid(), run.run_id))
+
+
+def test_eight_concurrent_writers_lose_no_run(use_store):
+    """8 processes (forked from a forkserver that has MLflow imported but no store open, so each
+    opens its own connection) create runs and log metrics at the same time."""
+    import multiprocessing as mp
+
+    from mlflow.tracking import MlflowClient
+
+    root, uri = use_store
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["smallbig.engine.tracking", "mlflow.tracking",
+                                "mlflow.store.tracking.sqlalchemy_store"])
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(i, uri, queue)) for i in range(8)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len({pid for pid, _ in results}) == 8  # 8 distinct writer processes
+    ids = {rid for _, rid in results}
+    assert len(ids) == 8
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("concurrent-writers")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    assert {r.info.run_id for r in runs} == ids
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert len(client.get_metric_history(r.info.run_id, "loss")) == 5
+        assert r.data.params["train.seed"] == str(int(r.data.metrics["writer"]))
