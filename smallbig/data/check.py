@@ -145,13 +145,16 @@ def precheck(path: Path) -> str | None:
     return None
 
 
+WORKER_CMD = [sys.executable, "-m", "smallbig.data.check", "--worker"]
+
+
 class _Worker:
     def __init__(self):
         self.proc = None
 
     def start(self):
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "smallbig.data.check", "--worker"],
+        self.proc = subprocess.Popen(list(WORKER_CMD),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, env=env)
 

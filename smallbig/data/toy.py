@@ -279,13 +279,21 @@ def _ytid(rng: np.random.Generator) -> str:
 
 
 # --------------------------------------------------------------------------- Kinetics
-def make_kinetics(out: Path, seed: int = 0, progress=None) -> dict:
+def _sizes(per_class: dict | None) -> dict:
+    sizes = {"train": K400_TRAIN_PER_CLASS, "val": K400_VAL_PER_CLASS, "test": K400_TEST_PER_CLASS,
+             "ss_train": SS_TRAIN_PER_CLASS, "ss_val": SS_VAL_PER_CLASS}
+    sizes.update(per_class or {})
+    return sizes
+
+
+def make_kinetics(out: Path, seed: int = 0, progress=None, per_class: dict | None = None) -> dict:
     """The Kinetics-400-style mirror. Returns a summary dict."""
     rng = np.random.default_rng([seed, 400])
     staging = out / ".staging"
     rows = []  # (label, ytid, start, end, split)
     videos: dict[str, list[tuple[str, Path]]] = {"train": [], "val": [], "test": []}
-    per_split = {"train": K400_TRAIN_PER_CLASS, "val": K400_VAL_PER_CLASS, "test": K400_TEST_PER_CLASS}
+    sizes = _sizes(per_class)
+    per_split = {"train": sizes["train"], "val": sizes["val"], "test": sizes["test"]}
     corrupted = []  # (split, name, good path) replaced by the replacement tarball
     jobs = []
     for split, count in per_split.items():
@@ -362,11 +370,12 @@ def make_kinetics(out: Path, seed: int = 0, progress=None) -> dict:
 
 
 # --------------------------------------------------------------------------- Something-Something
-def _ss_samples(rng, version: int):
+def _ss_samples(rng, version: int, per_class: dict | None = None):
     """[(id, template, placeholders, split, num_frames)] for train/validation (+ test ids)."""
     out = []
     next_id = 1000 * version + 1
-    for split, count in (("train", SS_TRAIN_PER_CLASS), ("validation", SS_VAL_PER_CLASS)):
+    sizes = _sizes(per_class)
+    for split, count in (("train", sizes["ss_train"]), ("validation", sizes["ss_val"])):
         for tmpl in SS_TEMPLATES:
             for _ in range(count):
                 k = tmpl.count("[something]")
@@ -395,12 +404,12 @@ def _split_parts(blob_path: Path, prefix: Path, nparts: int) -> list[Path]:
     return paths
 
 
-def make_sthv2(out: Path, seed: int = 0, progress=None) -> dict:
+def make_sthv2(out: Path, seed: int = 0, progress=None, per_class: dict | None = None) -> dict:
     rng = np.random.default_rng([seed, 2])
     d = out / "sthv2"
     staging = out / ".staging-sthv2"
     d.mkdir(parents=True, exist_ok=True)
-    samples = _ss_samples(rng, 2)
+    samples = _ss_samples(rng, 2, per_class)
     files = []
     jobs = []
     for vid, tmpl, objs, split, n in samples:
@@ -423,12 +432,12 @@ def make_sthv2(out: Path, seed: int = 0, progress=None) -> dict:
     return {"classes": len(SS_TEMPLATES), "videos": len(samples)}
 
 
-def make_sthv1(out: Path, seed: int = 0, progress=None) -> dict:
+def make_sthv1(out: Path, seed: int = 0, progress=None, per_class: dict | None = None) -> dict:
     rng = np.random.default_rng([seed, 1])
     d = out / "sthv1"
     staging = out / ".staging-sthv1"
     d.mkdir(parents=True, exist_ok=True)
-    samples = _ss_samples(rng, 1)
+    samples = _ss_samples(rng, 1, per_class)
     files = []
     jobs = []
     for vid, tmpl, objs, split, n in samples:
@@ -485,23 +494,28 @@ def _rmtree(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
 
-def make_toy(out: str | Path, seed: int = 0, datasets=("kinetics400", "sthv2", "sthv1")) -> dict:
-    """Generate the embedded dataset under `out` (idempotent: regenerates from scratch)."""
+def make_toy(out: str | Path, seed: int = 0, datasets=("kinetics400", "sthv2", "sthv1"),
+             per_class: dict | None = None, progress: bool = True) -> dict:
+    """Generate the embedded dataset under `out` (each dataset tree is regenerated whole).
+
+    `per_class` overrides the videos per class ({"train", "val", "test", "ss_train", "ss_val"};
+    tests use a smaller dataset of the same layout)."""
     from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    sizes = _sizes(per_class)
     total = 0
     if "kinetics400" in datasets:
-        total += len(K400_CLASSES) * (K400_TRAIN_PER_CLASS + K400_VAL_PER_CLASS + K400_TEST_PER_CLASS)
+        total += len(K400_CLASSES) * (sizes["train"] + sizes["val"] + sizes["test"])
     for v in ("sthv1", "sthv2"):
         if v in datasets:
-            total += len(SS_TEMPLATES) * (SS_TRAIN_PER_CLASS + SS_VAL_PER_CLASS)
+            total += len(SS_TEMPLATES) * (sizes["ss_train"] + sizes["ss_val"])
     summary = {"seed": seed}
-    with tqdm(total=total, desc="toy videos", unit="video") as bar:
+    with tqdm(total=total, desc="toy videos", unit="video", disable=not progress) as bar:
         for name, fn in (("kinetics400", make_kinetics), ("sthv2", make_sthv2), ("sthv1", make_sthv1)):
             if name in datasets:
                 _rmtree(out / name)
-                summary[name] = fn(out, seed, bar)
+                summary[name] = fn(out, seed, bar, per_class)
     (out / "toy.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
