@@ -264,3 +264,24 @@ def test_cli_build_and_single_table(tmp_path, capsys):
     assert main(["report", "table", "12", "--results", str(run), "--out", str(out / "tables"),
                  "--no-compute-model-info"]) == 2
     assert "no table [12]" in capsys.readouterr().err
+
+
+def test_results_dir_forms_and_embedded_size_notes(tmp_path, tables):
+    from smallbig.analysis.cli import run_dir
+
+    assert run_dir("results", "embedded") == run_dir("results/embedded", None) \
+        == run_dir("results/embedded", "embedded")
+    run = tmp_path / "results" / "embedded"
+    _eval(run, "k400-r23-c2d", "10x3", [1, 0])
+    (run / "model-info").mkdir(parents=True)
+    (run / "model-info" / "k400-r23-nonlocal.json").write_text(
+        json.dumps({"id": "k400-r23-nonlocal", "params": 400_000, "gmacs_224": 0.2}))
+    out = tmp_path / "t"
+    assert main(["report", "tables", "--results", str(tmp_path / "results"), "--run", "embedded",
+                 "--out", str(out), "--no-compute-model-info"]) == 0
+    md = (out / "table7.md").read_text()
+    assert "| 50.0 |" in md and "NOT comparable" in md
+    assert "| 0.40 |" in md and "Params: ours" not in md  # scaled-down by design: no size notes
+    built = build_tables(tables, Results(run), compute_model_info=False, size_notes=True)
+    nl = _row(_table(built, 7), "k400-r23-nonlocal")
+    assert "Params: ours 0.40M vs the paper's 18.7M." in nl["notes"]

@@ -1,6 +1,6 @@
 """`smallbig report ...`: tables, figures, feature maps and the HTML report. Each subcommand is one
-entry point a Snakemake rule can call; `--results` is the run's results directory
-(`results/<run>`: `results/full` or `results/embedded`).
+entry point a Snakemake rule can call. The run's results directory is `--results results/<run>`,
+or equivalently `--results results --run <run>` (`full` or `embedded`).
 
   smallbig report tables   --results results/embedded --out reports/tables      (all ten)
   smallbig report table N  --results results/embedded --out reports/tables      (one table)
@@ -24,8 +24,10 @@ DEFAULT_RESULTS = "results/full"
 
 def _results_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default=DEFAULT_RESULTS,
-                   help="the run's results directory, results/<run> (default: results/full)")
-    p.add_argument("--run", default=None, help="run name (default: the results directory's name)")
+                   help="results/<run>, or the results root together with --run (default: results/full)")
+    p.add_argument("--run", default=None,
+                   help="run name: the results directory is <results>/<run> (default: --results "
+                        "is the run's directory and names the run)")
     p.add_argument("--logs", default=None,
                    help="the workflow's logs/<run> (default: next to results/, if it exists)")
 
@@ -42,10 +44,19 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="force the 'embedded default, not comparable' banner")
 
 
+def run_dir(results: str | Path, run: str | None) -> Path:
+    """results/<run> from (--results, --run): `results --run x` or `results/x` (with or without
+    a matching --run)."""
+    results = Path(results)
+    if run is None or results.name == run:
+        return results
+    return results / run
+
+
 def _results(args):
     from smallbig.analysis.collect import Results
 
-    return Results(args.results, args.run, args.logs)
+    return Results(run_dir(args.results, args.run), args.run, args.logs)
 
 
 def _setup(args, numbers: list[int] | None = None):
@@ -63,7 +74,7 @@ def _setup(args, numbers: list[int] | None = None):
             raise TablesError(f"{args.tables_file or 'params/tables.yaml'}: no table {bad} (tables: {known})")
         tables = [t for t in tables if t["number"] in numbers]
     built = build_tables(tables, results, [Path(d) for d in args.model_info_dir],
-                         args.compute_model_info)
+                         args.compute_model_info, size_notes=banner is None)
     return results, banner, built
 
 
@@ -90,7 +101,7 @@ def cmd_figures(args) -> int:
 def cmd_featmaps(args) -> int:
     from smallbig.analysis.featmaps import write_featmaps
 
-    m = write_featmaps(args.results, args.out, args.smallbig, args.nonlocal_id, args.videos,
+    m = write_featmaps(run_dir(args.results, args.run), args.out, args.smallbig, args.nonlocal_id, args.videos,
                        args.video_id or None, args.smallbig_checkpoint, args.nonlocal_checkpoint)
     for line in m["missing"]:
         print(f"feature maps: {line}", file=sys.stderr)
@@ -100,15 +111,15 @@ def cmd_featmaps(args) -> int:
 
 def cmd_html(args) -> int:
     from smallbig.analysis.html import write_index
-    from smallbig.analysis.report_tables import write_tables
+    from smallbig.analysis.report_tables import table_files, write_tables
 
     results, banner, built = _setup(args)
     out = Path(args.out)
-    # the index links every table file: (re)write the ones that are missing
-    if any(not (out / "tables" / f"table{t['number']}.html").is_file() for t in built):
+    # the index links every table file: write them when any is missing (never rewrites the
+    # workflow's own table outputs)
+    names = [f for t in built for f in table_files(t["number"]).values()] + ["all.md", "summary.json"]
+    if any(not (out / "tables" / f).is_file() for f in names):
         write_tables(built, out / "tables", banner)
-    else:
-        write_tables(built, out / "tables", banner, only_index=True)
     path = write_index(out, built, results, banner)
     print(f"wrote {path}")
     return 0
@@ -118,7 +129,7 @@ def cmd_build(args) -> int:
     from smallbig.analysis.featmaps import write_featmaps
     from smallbig.analysis.figures import write_figures
     from smallbig.analysis.html import write_index
-    from smallbig.analysis.report_tables import write_tables
+    from smallbig.analysis.report_tables import table_files, write_tables
 
     results, banner, built = _setup(args)
     out = Path(args.out)

@@ -305,7 +305,8 @@ class Results:
         """`smallbig model-info` JSON of the experiment's paper-size configuration, read from
         (in order) `<dir>/<id>.json` for each of info_dirs, `results/<run>/model-info/<id>.json`,
         `results/<run>/model-info.json` (the list `smallbig model-info --all --json` prints);
-        computed with smallbig.models.model_info when `compute` is set; else None."""
+        computed with smallbig.models.model_info when `compute` is set (from the run's resolved
+        `<id>/params.yaml`, else the paper-size params/experiments/<id>.yaml); else None."""
         if exp_id in self._info:
             return self._info[exp_id]
         dirs = list(info_dirs or []) + [self.dir / "model-info"]
@@ -326,9 +327,12 @@ class Results:
                 break
         if found is None and compute:
             try:
-                from smallbig.config import experiment_path, load_params
+                from smallbig.config import experiment_path, load_params, load_resolved
                 from smallbig.models import model_info
-                found = model_info(load_params(experiment_path(exp_id)))
+                resolved = self.dir / exp_id / "params.yaml"
+                params = (load_resolved(resolved) if resolved.is_file()
+                          else load_params(experiment_path(exp_id)))
+                found = model_info(params)
             except Exception as e:  # noqa: BLE001 — a report never dies on model info
                 found = {"error": f"model_info({exp_id}): {e}"}
         self._info[exp_id] = found

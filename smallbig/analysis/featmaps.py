@@ -239,7 +239,7 @@ def write_featmaps(results_dir: str | Path, out_dir: str | Path, smallbig: str =
 
     results_dir = Path(results_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "featmaps").mkdir(parents=True, exist_ok=True)  # always there (a directory() output)
     ckpts = {"SmallBig": Path(smallbig_ckpt) if smallbig_ckpt else
              results_dir / smallbig / "train" / "checkpoint.pt",
              "NonLocal": Path(nonlocal_ckpt) if nonlocal_ckpt else

@@ -29,6 +29,13 @@ PAPER_COLOR, OURS_COLOR, SOTA_COLOR = "#d62728", "#1f77b4", "#7f7f7f"
 plt.rcParams.update({"svg.hashsalt": "smallbig", "font.size": 9})
 
 
+def _short(banner: str | None) -> str:
+    """A figure-title-sized version of the report banner."""
+    if not banner:
+        return ""
+    return "\nEMBEDDED DEFAULT: not comparable to the paper" if "mbedded" in banner else f"\n{banner[:80]}"
+
+
 def _entry(stem: Path, root: Path, caption: str, category: str) -> dict:
     rel = stem.relative_to(root).as_posix()
     return {"png": f"{rel}.png", "svg": f"{rel}.svg", "caption": caption, "category": category}
@@ -79,10 +86,10 @@ def accuracy_vs_gflops(built: list[dict], out_dir: Path, banner: str | None = No
     ax.set_xlabel("GFLOPs × views (log scale)")
     ax.set_ylabel("Kinetics-400 Top-1 (%)")
     title = "Accuracy vs inference cost (Table 10)"
-    ax.set_title(title + (f"\n{banner}" if banner else ""), fontsize=9)
+    ax.set_title(title + _short(banner), fontsize=9)
     if missing:
-        ax.text(0.01, 0.99, "not plotted (ours): " + "; ".join(missing), transform=ax.transAxes,
-                fontsize=6.5, va="top", color="#444")
+        fig.text(0.01, -0.02, "not plotted (ours): " + "; ".join(missing), fontsize=7,
+                 va="top", color="#444", wrap=True)
     ax.grid(alpha=0.3, which="both")
     stem = out_dir / "accuracy-vs-gflops"
     save_figure(fig, stem)
@@ -121,7 +128,7 @@ def ablation(built: list[dict], number: int, out_dir: Path, banner: str | None =
     ax.invert_yaxis()
     ax.set_xlim(lo, hi)
     ax.set_xlabel("Top-1 (%)")
-    ax.set_title(f"Table {number}: {t['title']}" + (f"\n{banner}" if banner else ""), fontsize=9)
+    ax.set_title(f"Table {number}: {t['title']}" + _short(banner), fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     stem = out_dir / f"ablation-table{number}"
@@ -218,7 +225,8 @@ def write_figures(built: list[dict], results: Results, out_dir: str | Path,
     from tqdm import tqdm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("training", "views"):  # always there (Snakemake directory() outputs)
+        (out / sub).mkdir(parents=True, exist_ok=True)
     manifest = [accuracy_vs_gflops(built, out, banner)]
     manifest += [e for n in ABLATION_TABLES if (e := ablation(built, n, out, banner))]
     ids = experiment_ids_in(built)

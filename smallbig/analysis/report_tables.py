@@ -6,8 +6,9 @@ the views used, GFLOPs × views, a status (not run / running / done / failed; "r
 other papers' rows) and notes (footnotes: the experiment's `notes:`, the row's own note, and
 a note wherever our Params/GFLOPs differ from the paper's).
 
-Our Params/GFLOPs are `smallbig model-info` of the experiment's paper-size configuration
-(params/experiments/<id>.yaml, no overlay), GFLOPs = multiply-accumulates per 224² view as the
+Our Params/GFLOPs are `smallbig model-info` of the configuration the run used (the workflow's
+results/<run>/model-info/<id>.json from results/<run>/<id>/params.yaml; for the full run that is
+the paper-size params/experiments/<id>.yaml), GFLOPs = multiply-accumulates per 224² view as the
 paper counts them; GFLOPs × views = that × the views of the row's protocol.
 """
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _differs(ours: float, paper: float) -> bool:
 
 
 # ---------------------------------------------------------------------------- building
-def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_info=False) -> dict:
+def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_info=False,
+              size_notes: bool = True) -> dict:
     """Cells of one row (raw numbers under `raw`, display strings under the column keys)."""
     paper = row["paper"]
     raw: dict[str, Any] = {k: paper.get(k) for k in ("top1", "top5", "params_m", "gflops",
@@ -139,7 +141,7 @@ def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_i
             except (KeyError, TypeError, ValueError) as e:
                 notes.append(f"model-info of {source} lacks {e}")
                 ours["params_m"] = ours["gflops"] = ours["gflops_x_views"] = None
-        if ours["params_m"] is not None and kind == "experiment":
+        if size_notes and ours["params_m"] is not None and kind == "experiment":
             pp, pg = paper.get("params_m"), paper.get("gflops")
             if pp is not None and _differs(ours["params_m"], pp):
                 notes.append(f"Params: ours {ours['params_m']:.2f}M vs the paper's {fmt_num(pp)}M.")
@@ -189,8 +191,11 @@ def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_i
 
 
 def build_table(table: dict, results: Results, model_info_dirs=None,
-                compute_model_info=False) -> dict:
-    rows = [build_row(r, results, model_info_dirs, compute_model_info) for r in table["rows"]]
+                compute_model_info=False, size_notes: bool = True) -> dict:
+    """One table's cells; `size_notes`: note where our Params/GFLOPs differ from the paper's
+    (off for the embedded run, whose scaled-down models differ by design)."""
+    rows = [build_row(r, results, model_info_dirs, compute_model_info, size_notes)
+            for r in table["rows"]]
     footnotes: list[str] = []
     for r in rows:
         marks = []
@@ -210,16 +215,17 @@ def build_table(table: dict, results: Results, model_info_dirs=None,
 
 
 def build_tables(tables: list[dict], results: Results, model_info_dirs=None,
-                 compute_model_info=False) -> list[dict]:
+                 compute_model_info=False, size_notes: bool = True) -> list[dict]:
     from tqdm import tqdm
 
-    return [build_table(t, results, model_info_dirs, compute_model_info)
+    return [build_table(t, results, model_info_dirs, compute_model_info, size_notes)
             for t in tqdm(tables, desc="tables", unit="table", leave=False)]
 
 
 # ---------------------------------------------------------------------------- rendering
 COLUMN_FOOTNOTE = ("Δ = ours − paper. Our Params/GFLOPs: `smallbig model-info` of the "
-                   "experiment's paper-size configuration; GFLOPs = multiply-accumulates per "
+                   "configuration this run used (results/<run>/<id>/params.yaml; the full run "
+                   "uses the paper-size params/experiments/<id>.yaml); GFLOPs = multiply-accumulates per "
                    "224² view (the paper's convention; the 256² three-crop views cost ≈1.31×); "
                    "GFLOPs×views = per view × the views of the row's test protocol. "
                    f"{EXTERNAL_MARK} = another paper's result, as reported.")
