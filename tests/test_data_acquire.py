@@ -378,3 +378,28 @@ def test_frame_extraction_is_idempotent_and_redoes_partial_work(toy, tmp_path):
             assert p.stat().st_mtime_ns == t  # untouched
     with Image.open(victim / "img_00001.jpg") as im:
         im.load()
+
+
+def test_keep_archives_false_deletes_tarballs_and_rerun_needs_none(toy, tmp_path):
+    out, _ = toy
+    root = tmp_path / "k"
+    p = _params(root, "kinetics400", {"base_url": str(out / "kinetics400"), "keep_archives": False})
+    m = prepare(p, progress=False, workers=1)
+    assert not list((root / "raw").glob("*/part_*.tar.gz"))
+    # a rerun from a mirror that is gone still works: nothing is downloaded again
+    p2 = _params(root, "kinetics400", {"base_url": str(tmp_path / "gone"), "keep_archives": False})
+    assert prepare(p2, progress=False, workers=1)["splits"] == m["splits"]
+
+
+def test_resize_videos_reencodes_to_short_side(toy, tmp_path):
+    import decord
+
+    out, _ = toy
+    root = tmp_path / "k"
+    prepare(_params(root, "kinetics400", {"base_url": str(out / "kinetics400")}), progress=False, workers=1)
+    entries = read_list(root / "val.txt", "video")[:2]
+    res, failed = framesmod.resize_videos(root, entries, "videos96", 96, progress=False)
+    assert failed == [] and len(res) == 2
+    for e, r in zip(entries, res):
+        a, b = decord.VideoReader(str(root / e.path)), decord.VideoReader(str(root / r.path))
+        assert b[0].shape == (96, 128, 3) and len(b) == len(a) and r.label == e.label

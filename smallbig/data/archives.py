@@ -39,6 +39,10 @@ class JoinedParts(io.RawIOBase):
         super().close()
 
 
+def is_extracted(dest: Path, name: str) -> bool:
+    return (dest / f".extracted-{name}").exists() and (dest / f"tree-{name}").exists()
+
+
 def extract(archive: Path | list[Path], dest: Path, marker_name: str | None = None,
             progress: bool = True) -> Path:
     """Extract a tar(.gz) (or the joined parts of one) into `dest`, idempotently.

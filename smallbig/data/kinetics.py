@@ -82,6 +82,7 @@ def acquire(data: dict, root: Path, progress: bool = True) -> dict:
     raw = Path(src.get("download_dir") or root / "raw")
     splits = list(src.get("splits") or ["train", "val"])
     retries = int(src.get("retries", 3))
+    keep = bool(src.get("keep_archives", True))
     checks = src.get("checksums")
     sums: dict[str, str] = {}
     if isinstance(checks, dict):
@@ -105,8 +106,14 @@ def acquire(data: dict, root: Path, progress: bool = True) -> dict:
         names = [line.strip().rsplit("/", 1)[-1] for line in listing.splitlines() if line.strip()]
         videos = root / "videos" / split
         for name in names:
-            tar = get(f"{split}/{name}", raw / split / name)
-            tree = archives.extract(tar, raw / "extract" / split, progress=progress)
+            work = raw / "extract" / split
+            if archives.is_extracted(work, name) and not (raw / split / name).exists():
+                tree = work / f"tree-{name}"  # extracted earlier, archive deleted (keep_archives: false)
+            else:
+                tar = get(f"{split}/{name}", raw / split / name)
+                tree = archives.extract(tar, work, progress=progress)
+                if not keep:
+                    tar.unlink()
             archives.move_files(tree, videos, (".mp4",))
     # replacements: good copies of corrupted videos, matched by file name
     rep_rel = src.get("replacement", REPLACEMENT)
