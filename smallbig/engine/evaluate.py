@@ -102,7 +102,9 @@ def score_views(model, dataset, params: dict, device, indices=None, view_subset=
                 if view_subset is not None:
                     nclips, ncrops = int(ci.max()) + 1, int(cr.max()) + 1
                     mask = metrics.select_views(ci, cr, nclips, view_subset[0], view_subset[1], ncrops)
-                    clip_idx, crop_idx = ci[mask], cr[mask]
+                    # renumber the kept clips/crops 0.. so the saved subset is self-consistent
+                    clip_idx = np.unique(ci[mask], return_inverse=True)[1]
+                    crop_idx = np.unique(cr[mask], return_inverse=True)[1]
             elif not (np.array_equal(ci, base[0]) and np.array_equal(cr, base[1])):
                 raise RuntimeError(f"video {batch['video_id'][0]}: its views differ from the first video's")
             if mask is not None:
@@ -136,23 +138,22 @@ def _per_view(t) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- metrics.json
-def gflops(params: dict, protocol: str) -> tuple[float | None, float | None]:
-    """(GFLOPs per view, x views) from smallbig.models.model_info, for this protocol's crop."""
-    clips, crops = parse_protocol(protocol)
+def gflops(params: dict, protocol: str) -> dict:
+    """Compute per view from smallbig.models.model_info: `gflops_per_view` at T x 224 x 224 (the
+    paper's convention: its "GFlops x views" multiplies that by the views) and
+    `gflops_per_view_test_crop` at this protocol's real crop. Empty if unavailable."""
+    import copy
+
     try:
         from smallbig.models import model_info
-    except ImportError:
-        return None, None
-    try:
-        info = model_info(params)
-    except Exception as e:
+        p = copy.deepcopy(params)
+        p["test"]["protocols"] = [protocol]  # model_info reports the primary protocol's crop
+        info = model_info(p)
+    except Exception as e:  # never fail an evaluation on a compute count
         print(f"smallbig evaluate: WARNING: model_info failed ({e}); no GFLOPs", file=sys.stderr)
-        return None, None
-    # 3-crop views use multi_crop_size crops (model_info's test crop), 1-crop views 224
-    per_view = info.get("gmacs_test_crop") if crops == 3 else info.get("gmacs_224")
-    if per_view is None:
-        return None, None
-    return float(per_view), float(per_view) * clips * crops
+        return {}
+    return {"gflops_per_view": info.get("gmacs_224"),
+            "gflops_per_view_test_crop": info.get("gmacs_test_crop")}
 
 
 def subsets_of(num_clips: int, num_crops: int) -> list[tuple[int, int]]:
@@ -165,7 +166,7 @@ def subsets_of(num_clips: int, num_crops: int) -> list[tuple[int, int]]:
 
 
 def build_metrics(scores: dict, experiment: str, protocol: str, per_view_gflops: float | None,
-                  extra: dict | None = None) -> dict:
+                  extra: dict | None = None, per_view_gflops_test_crop: float | None = None) -> dict:
     num_clips, num_crops = int(scores["num_clips"]), int(scores["num_crops"])
     m = metrics.compute_metrics(scores["logits"], scores["labels"])
     out = {"experiment": experiment, "protocol": protocol, "num_clips": num_clips,
@@ -176,6 +177,9 @@ def build_metrics(scores: dict, experiment: str, protocol: str, per_view_gflops:
            "skipped_ids": [str(s) for s in scores.get("skipped", [])],
            "gflops_per_view": per_view_gflops,
            "gflops_x_views": None if per_view_gflops is None else per_view_gflops * num_clips * num_crops,
+           "gflops_per_view_test_crop": per_view_gflops_test_crop,
+           "gflops_x_views_test_crop": (None if per_view_gflops_test_crop is None
+                                        else per_view_gflops_test_crop * num_clips * num_crops),
            "subsets": {}}
     for k, c in subsets_of(num_clips, num_crops):
         s = metrics.subset_metrics(scores, k, c)
@@ -245,8 +249,9 @@ def evaluate(params: dict, checkpoint: str | Path, out_dir: str | Path, protocol
             status = "FINISHED"
             return result
         save_scores(out_dir / "scores.npz", scores)
-        gpv, _ = gflops(params, protocol)
-        result = build_metrics(scores, params["id"], protocol, gpv, extra)
+        g = gflops(params, protocol)
+        result = build_metrics(scores, params["id"], protocol, g.get("gflops_per_view"), extra,
+                               g.get("gflops_per_view_test_crop"))
         _finish(out_dir, result, run)
         status = "FINISHED"
         return result
@@ -311,8 +316,9 @@ def merge(params: dict, out_dir: str | Path, run=None, extra=None) -> dict:
     scores = merge_shards(out_dir)
     save_scores(out_dir / "scores.npz", scores)
     protocol = f"{int(scores['num_clips'])}x{int(scores['num_crops'])}"
-    gpv, _ = gflops(params, protocol)
-    result = build_metrics(scores, params["id"], protocol, gpv, dict(extra or {}, merged_shards=True))
+    g = gflops(params, protocol)
+    result = build_metrics(scores, params["id"], protocol, g.get("gflops_per_view"),
+                           dict(extra or {}, merged_shards=True), g.get("gflops_per_view_test_crop"))
     _finish(out_dir, result, run)
     return result
 
