@@ -255,3 +255,23 @@ def test_bad_checkpoint_path_or_file_gives_clear_error(toy, tmp_path, capsys):
     assert main(args + ["--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: not a readable checkpoint" in err
+
+
+def test_two_process_cpu_ddp_with_torchrun(toy, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo): DistributedSampler-style sharding by global
+    rank, gradients averaged, rank 0 writes; per-rank RNG states are checkpointed."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    env = dict(os.environ, SMALLBIG_NO_MLFLOW="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29400 + os.getpid() % 500),
+                          "-m", "smallbig", "train", str(toy / "params.yaml"), "--out", str(out),
+                          "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    tm = json.loads((out / "train_metrics.json").read_text())
+    assert tm["world_size"] == 2 and tm["batch_plan"]["accum_steps"] == 1
+    assert tm["batch_plan"]["total_batch"] == 4
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck["iteration"] == 16  # ceil(31 / 2) = 16 clips per rank, 2 per step -> 8 per epoch
+    assert len(ck["rng_per_rank"]) == 2
+    assert not torch.equal(ck["rng_per_rank"][0]["torch"], ck["rng_per_rank"][1]["torch"])
+    assert res.stderr.count("31 clips, 2 epochs") == 1  # only rank 0 reports

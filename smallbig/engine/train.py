@@ -371,11 +371,17 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
                     val_ds = build_dataset(params, "val", "val")
                 val_top1 = validate(unwrap(model), val_ds, params, dev, info, collate, normalize,
                                     amp_dtype, channels_last)
+            if info.distributed:  # loss over all processes' clips
+                parts = D.all_gather_objects((stats["loss_sum"], stats["loss_n"], stats["skipped"]), info)
+                loss_sum, loss_n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                skipped = sum(p[2] for p in parts)
+            else:
+                loss_sum, loss_n, skipped = stats["loss_sum"], stats["loss_n"], stats["skipped"]
             row = {"epoch": epoch + 1, "iteration": global_it,
-                   "loss": stats["loss_sum"] / max(1, stats["loss_n"]),
+                   "loss": loss_sum / max(1, loss_n),
                    "lr": stats.get("lr", optimizer.param_groups[0]["lr"]), "val_top1": val_top1,
                    "clips_per_s": stats["clips"] * info.world_size / max(stats["time"], 1e-9),
-                   "peak_mem_mb": _peak_mem_mb(dev), "skipped": stats["skipped"]}
+                   "peak_mem_mb": _peak_mem_mb(dev), "skipped": skipped}
             history.append(row)
             if info.is_main:
                 _write_json(out_dir / "history.json", history)
