@@ -124,7 +124,10 @@ def make_plan(overlay: str | None = None, tables_path: str | None = None) -> dic
     def summarise(exps: set[str], ev: set[tuple[str, str]], ens: set[str], n_tables: int) -> dict:
         gh_train = sum(train_gpu_hours(params[e]) for e in exps)
         gh_eval = sum(eval_gpu_hours(params[e], pr) for e, pr in ev)
-        data_jobs = 2 * len({params[e]["data"]["dataset"] for e in exps})  # prepare + check
+        used = {params[e]["data"]["dataset"] for e in exps}
+        data_jobs = len(used)  # one `data prepare` per dataset
+        # its params come from the dataset's first experiment, resolved even if not in `exps`
+        data_jobs += sum(1 for ds in used if dsets[ds]["rep"] not in exps)
         return {
             "experiments": len(exps), "train_jobs": len(exps), "eval_jobs": len(ev),
             "ensemble_jobs": len(ens), "data_jobs": data_jobs, "table_jobs": n_tables,
@@ -145,8 +148,8 @@ def make_plan(overlay: str | None = None, tables_path: str | None = None) -> dic
             if r["kind"] == "ensemble":
                 ens.add(r["name"])
         per_table[t["number"]] = summarise(exps, ev, ens, 1)
-    total = summarise(set(params), set(evals), set(ensembles), len(tables))
-    total["jobs"] += 1  # the HTML report
+    total = summarise(set(params), set(evals), set(ensembles), 1)
+    total["jobs"] += 3  # figures, feature maps, the HTML report
     sizes = {ds: {s: split_size(params[info["rep"]], s) for s in ("train", "val")}
              for ds, info in dsets.items()}
     return {"overlay": overlay, "tables": per_table, "total": total,
@@ -169,7 +172,8 @@ def format_plan(plan: dict) -> str:
         lines.append(row(f"table{n}", s))
     lines.append(row("total", plan["total"]))
     lines.append("(tables share experiments, so the table rows do not add up to the total; "
-                 "jobs include params resolution, data preparation/check, tables and the report)")
+                 "jobs include params resolution, data preparation, tables, figures "
+                 "and the report)")
     for ds, v in plan["datasets"].items():
         lines.append(f"{ds}: train {v['train']['videos']} videos ({v['train']['from']}), "
                      f"val {v['val']['videos']} ({v['val']['from']})")

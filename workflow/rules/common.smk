@@ -3,6 +3,7 @@
 # evaluations and ensembles the tables need, and small helpers for the rules.
 import os
 import re
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -26,15 +27,25 @@ REPORTS = config["reports"]
 OVERLAY_ARG = f"--overlay {OVERLAY}" if OVERLAY else ""
 
 
+# Experiments of this checkout (paths relative to the repository root, the working directory).
+EXP_DIR = "params/experiments"
+
+
+def exp_file(exp):
+    return f"{EXP_DIR}/{exp}.yaml"
+
+
 def _load_all_params():
     """Load and validate every experiment (with the run's overlay); collect all problems."""
-    ids = config.get("experiments") or sbconfig.experiment_ids()
+    ids = config.get("experiments") or sorted(p.stem for p in Path(EXP_DIR).glob("*.yaml"))
     if OVERLAY and not os.path.exists(OVERLAY):
         raise WorkflowError(f"{OVERLAY}: params overlay not found (config key `overlay`)")
     params, problems = {}, []
     for exp in ids:
         try:
-            params[exp] = sbconfig.load_params(sbconfig.experiment_path(exp), overlay=OVERLAY)
+            if not os.path.exists(exp_file(exp)):
+                raise sbconfig.ParamsError(f"{exp_file(exp)}: no such experiment")
+            params[exp] = sbconfig.load_params(exp_file(exp), overlay=OVERLAY)
         except sbconfig.ParamsError as e:
             problems.append(str(e))
     if problems:
@@ -76,7 +87,7 @@ def dataset_of(exp):
 
 def data_ready(exp):
     """The file that says an experiment's dataset is prepared, extracted and checked."""
-    return f"{DATASETS[dataset_of(exp)]['root']}/quarantine.json"
+    return f"{DATASETS[dataset_of(exp)]['root']}/manifest.json"
 
 
 def res(exp, *parts):
@@ -107,17 +118,27 @@ def resources_of(exp):
     return PARAMS[exp]["resources"]
 
 
-def table_files(number):
-    return [f"{REPORTS}/tables/table{number}.{ext}" for ext in ("md", "csv", "tex", "html")]
+def table_experiments(number):
+    table = next(t for t in TABLES if t["number"] == number)
+    return sorted({m for row in table["rows"] for m in row.get("members", [])})
+
+
+def report_table_files():
+    """What `smallbig report tables` writes (file names relative to its --out)."""
+    files = [f"table{n}.{ext}" for n in TABLE_NUMBERS for ext in ("md", "csv", "tex", "html")]
+    return files + ["all.md", "summary.json"]
 
 
 def all_outputs():
     out = [f"{REPORTS}/index.html"]
     for exp in EXPERIMENTS:
         out += experiment_outputs(exp)
-    for n in TABLE_NUMBERS:
-        out += table_files(n)
     return out
+
+
+# Feature-map figures (paper Fig. 3): the SmallBig and the NonLocal model compared.
+FEATMAPS = {"smallbig": "k400-r23-sb-full", "nonlocal": "k400-r23-nonlocal", "videos": 2}
+FEATMAPS.update(config.get("featmaps") or {})
 
 
 def gpus_of(exp):

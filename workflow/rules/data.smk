@@ -1,6 +1,8 @@
-# Data: acquire/prepare each dataset the experiments use, extract frames, check every video.
-# A dataset's rules use the params of one of its experiments (all of a dataset's experiments
-# agree on data.root/source/format; common.smk checks that at parse time).
+# Data: each dataset the experiments use is made training-ready by `smallbig data prepare`
+# (acquire -> canonical lists -> frames when data.format is frames -> check every video ->
+# quarantine.json -> manifest.json, written last; idempotent and resumable). It uses the params
+# of one of the dataset's experiments (they all agree on data.root/source/format; checked at
+# parse time). The embedded run first generates its source trees with `smallbig data toy`.
 
 
 if config.get("toy_data"):
@@ -26,43 +28,24 @@ rule data_prepare:
         toy=[config["toy_data"]] if config.get("toy_data") else [],
     output:
         manifest="{root}/manifest.json",
+        quarantine="{root}/quarantine.json",
         train="{root}/train.txt",
         val="{root}/val.txt",
         classes="{root}/classes.json",
     log:
-        f"{LOGS}/data/prepare-{{root}}.log".replace("{root}", "{root}"),
-    threads: 4
+        f"{LOGS}/data/prepare/{{root}}.log",
+    params:
+        workers=lambda w, threads: threads,
+    threads: lambda w: 4 if RUN == "full" else 1
+    wildcard_constraints:
+        root="|".join(re.escape(r) for r in ROOT_TO_DATASET),
     resources:
         mem_mb=8192,
         runtime=24 * 60,
-    wildcard_constraints:
-        root="|".join(re.escape(r) for r in ROOT_TO_DATASET),
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig data prepare {input.params} > {log} 2>&1"
-
-
-rule data_check:
-    input:
-        params=data_params,
-        manifest="{root}/manifest.json",
-        val="{root}/val.txt",
-        train="{root}/train.txt",
-    output:
-        "{root}/quarantine.json",
-    log:
-        f"{LOGS}/data/check-{{root}}.log",
-    threads: 4
-    resources:
-        mem_mb=8192,
-        runtime=12 * 60,
-    wildcard_constraints:
-        root="|".join(re.escape(r) for r in ROOT_TO_DATASET),
-    conda:
-        "../envs/smallbig.yaml"
-    shell:
-        "smallbig data check {input.params} --out {output} > {log} 2>&1"
+        "smallbig data prepare {input.params} --workers {params.workers} --quiet > {log} 2>&1"
 
 
 for _ds, _info in DATASETS.items():
@@ -71,4 +54,4 @@ for _ds, _info in DATASETS.items():
         name:
             f"data_{_ds}"
         input:
-            f"{_info['root']}/quarantine.json",
+            f"{_info['root']}/manifest.json",

@@ -1,16 +1,20 @@
-# Tables 2-11, figures, feature maps and the HTML report (reports/), plus one target rule per
-# table and per experiment.
+# Tables 2-11, figures, feature maps and the HTML report (reports/), the per-table targets
+# table2 ... table11 and one target per experiment id.
+#
+# `smallbig report tables` renders every table from whatever results exist (rows without results
+# say so). The per-table rule runs it once table N's evaluations exist, into its own directory
+# results/<run>/tables/table<N>/ (table<N>.* there is complete); `all` renders into reports/.
 
 
 rule table:
     input:
         tables=config["tables"],
         metrics=lambda w: table_inputs(int(w.n)),
+        params=lambda w: [f"{RES}/{e}/params.yaml" for e in table_experiments(int(w.n))],
     output:
-        [f"{REPORTS}/tables/table{{n}}.{ext}" for ext in ("md", "csv", "tex", "html")],
+        directory(f"{RES}/tables/table{{n}}"),
     params:
-        run=RES,
-        outdir=lambda w, output: os.path.dirname(output[0]),
+        run=RUN,
     log:
         f"{LOGS}/report/table{{n}}.log",
     wildcard_constraints:
@@ -22,20 +26,47 @@ rule table:
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig report table {wildcards.n} --results {params.run}"
-        " --out {params.outdir} > {log} 2>&1"
+        "smallbig report tables --results results --run {params.run}"
+        " --tables-file {input.tables} --compute-model-info --out {output} > {log} 2>&1"
 
 
-rule report:
+rule tables:
     input:
-        [f for f in all_outputs() if f.startswith(f"{REPORTS}/tables/")],
+        tables=config["tables"],
+        metrics=[f for n in TABLE_NUMBERS for f in table_inputs(n)],
+        params=[f"{RES}/{e}/params.yaml" for e in EXPERIMENTS],
     output:
-        f"{REPORTS}/index.html",
+        [f"{REPORTS}/tables/{f}" for f in report_table_files()],
     params:
-        run=RES,
+        run=RUN,
         outdir=lambda w, output: os.path.dirname(output[0]),
     log:
-        f"{LOGS}/report/index.log",
+        f"{LOGS}/report/tables.log",
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=30,
+    conda:
+        "../envs/smallbig.yaml"
+    shell:
+        "smallbig report tables --results results --run {params.run}"
+        " --tables-file {input.tables} --compute-model-info --out {params.outdir} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        tables=config["tables"],
+        metrics=[f for n in TABLE_NUMBERS for f in table_inputs(n)],
+        evaluations=[f for e in EXPERIMENTS for f in experiment_outputs(e)],
+        histories=[f"{RES}/{e}/train/history.json" for e in EXPERIMENTS],
+        params=[f"{RES}/{e}/params.yaml" for e in EXPERIMENTS],
+    output:
+        f"{REPORTS}/figures/figures.json",
+    params:
+        run=RUN,
+        outdir=lambda w, output: os.path.dirname(output[0]),
+    log:
+        f"{LOGS}/report/figures.log",
     threads: 1
     resources:
         mem_mb=4096,
@@ -43,7 +74,61 @@ rule report:
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig report html --results {params.run} --out {params.outdir} > {log} 2>&1"
+        "smallbig report figures --results results --run {params.run}"
+        " --tables-file {input.tables} --compute-model-info --out {params.outdir} > {log} 2>&1"
+
+
+rule featmaps:
+    input:
+        smallbig=f"{RES}/{FEATMAPS['smallbig']}/train/checkpoint.pt",
+        nonlocal_=f"{RES}/{FEATMAPS['nonlocal']}/train/checkpoint.pt",
+        data=data_ready(FEATMAPS["smallbig"]),
+    output:
+        f"{REPORTS}/figures/featmaps.json",
+    params:
+        run=RUN,
+        outdir=lambda w, output: os.path.dirname(output[0]),
+        smallbig=FEATMAPS["smallbig"],
+        nonlocal_=FEATMAPS["nonlocal"],
+        videos=FEATMAPS["videos"],
+    log:
+        f"{LOGS}/report/featmaps.log",
+    threads: 1
+    resources:
+        mem_mb=8192,
+        runtime=60,
+    conda:
+        "../envs/smallbig.yaml"
+    shell:
+        "smallbig report featmaps --results results --run {params.run} --out {params.outdir}"
+        " --smallbig {params.smallbig} --nonlocal {params.nonlocal_} --videos {params.videos}"
+        " > {log} 2>&1"
+
+
+rule report:
+    input:
+        tables=config["tables"],
+        rendered=[f"{REPORTS}/tables/{f}" for f in report_table_files()],
+        figures=f"{REPORTS}/figures/figures.json",
+        featmaps=f"{REPORTS}/figures/featmaps.json",
+        params=[f"{RES}/{e}/params.yaml" for e in EXPERIMENTS],
+    output:
+        f"{REPORTS}/index.html",
+    params:
+        run=RUN,
+        outdir=lambda w, output: os.path.dirname(output[0]),
+    log:
+        f"{LOGS}/report/index.log",
+    threads: 1
+    resources:
+        mem_mb=4096,
+        runtime=30,
+    conda:
+        "../envs/smallbig.yaml"
+    shell:
+        "smallbig report html --results results --run {params.run}"
+        " --tables-file {input.tables} --compute-model-info --reports {params.outdir}"
+        " > {log} 2>&1"
 
 
 for _n in TABLE_NUMBERS:
@@ -52,7 +137,7 @@ for _n in TABLE_NUMBERS:
         name:
             f"table{_n}"
         input:
-            table_files(_n),
+            f"{RES}/tables/table{_n}",
 
 
 for _exp in EXPERIMENTS:

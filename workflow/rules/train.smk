@@ -4,8 +4,9 @@
 
 rule resolve_params:
     input:
-        sbconfig.EXPERIMENTS_DIR.relative_to(sbconfig.REPO_ROOT) / "{exp}.yaml",
-        [OVERLAY] if OVERLAY else [],
+        exp=f"{EXP_DIR}/{{exp}}.yaml",
+        base="params/base.yaml",
+        overlay=[OVERLAY] if OVERLAY else [],
     output:
         f"{RES}/{{exp}}/params.yaml",
     params:
@@ -17,7 +18,7 @@ rule resolve_params:
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig params resolve {wildcards.exp} {params.overlay} --out {output} > {log} 2>&1"
+        "smallbig params resolve {input.exp} {params.overlay} --out {output} > {log} 2>&1"
 
 
 rule train:

@@ -1,0 +1,50 @@
+"""Scratch copies of the repository for the workflow tests (so a test never writes into the
+developer's results/, data/ or reports/, and tests can run the workflow side by side)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def copy_repo(dest: str | Path) -> Path:
+    """Copy the working tree (tracked and untracked, not ignored files, symlinks kept) to dest."""
+    dest = Path(dest)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        out = dest / rel
+        if not (src.exists() or src.is_symlink()):
+            continue  # deleted in the working tree
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            out.symlink_to(os.readlink(src))
+        elif src.is_file():
+            shutil.copy2(src, out)
+    return dest
+
+
+def env(**extra) -> dict:
+    """Environment for workflow commands: the project's venv first on PATH, MLflow in the copy."""
+    e = dict(os.environ)
+    e["PATH"] = f"{VENV_BIN}{os.pathsep}{e.get('PATH', '')}"
+    e.pop("SLURM_CONF", None)
+    e.update(extra)
+    return e
+
+
+def snakemake(cwd: Path, *args: str, timeout: float = 1800, check: bool = True,
+              **env_extra) -> subprocess.CompletedProcess:
+    cmd = [str(VENV_BIN / "snakemake"), *args]
+    r = subprocess.run(cmd, cwd=cwd, env=env(**env_extra), capture_output=True, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}) in {cwd}:\n"
+                             f"{r.stdout[-6000:]}\n{r.stderr[-6000:]}")
+    return r
