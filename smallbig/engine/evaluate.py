@@ -213,9 +213,8 @@ def evaluate(params: dict, checkpoint: str | Path, out_dir: str | Path, protocol
     tr = params["train"]
     from smallbig.engine.train import amp_settings
     amp_dtype, _, amp_eff = amp_settings(tr.get("amp", "none"), dev)
-    channels_last = bool(tr.get("channels_last", False))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+    from smallbig.engine.train import apply_channels_last
+    channels_last = apply_channels_last(model) if tr.get("channels_last", False) else False
     model = model.to(dev)
     dataset = build_dataset(params, "val", "test", protocol)
     indices = None

@@ -108,6 +108,22 @@ def amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bo
     raise TrainingError(f"train.amp: unknown value {amp!r}")
 
 
+def apply_channels_last(model: torch.nn.Module) -> bool:
+    """Channels-last memory format. A smallbig VideoResNet (efficient formulation: 2-D convs
+    over frame-major clips) switches its frames to channels-last itself (set_channels_last);
+    -> False (feed inputs unchanged). Any other model: channels_last_3d weights, -> True (feed
+    channels_last_3d inputs)."""
+    try:
+        from smallbig.models import VideoResNet, set_channels_last
+    except ImportError:
+        VideoResNet = None
+    if VideoResNet is not None and isinstance(model, VideoResNet):
+        set_channels_last(model, True)
+        return False
+    model.to(memory_format=torch.channels_last_3d)
+    return True
+
+
 def to_input(batch_video: torch.Tensor, device, mean, std, normalize, channels_last: bool):
     x = batch_video.to(device, non_blocking=True)
     x = normalize(x, mean, std)
@@ -185,9 +201,7 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
     if params["model"].get("pretrained") and ckpt is None:
         from smallbig.models import load_pretrained_2d
         load_pretrained_2d(model, params["model"]["pretrained"])
-    channels_last = bool(tr.get("channels_last", False))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+    channels_last = apply_channels_last(model) if tr.get("channels_last", False) else False
     model = model.to(dev)
     if info.distributed and tr.get("sync_bn", False):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
