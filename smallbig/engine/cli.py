@@ -76,9 +76,12 @@ def _train(args) -> int:
     except CheckpointError as e:
         print(f"smallbig train: checkpoint error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, TrainingError, BatchPolicyError) as e:
+    except (NonFiniteLossError, TrainingError) as e:
         print(f"smallbig train: error: {e}", file=sys.stderr)
         return 1
+    except (BatchPolicyError, ValueError) as e:  # bad params for this machine, data errors
+        print(f"smallbig train: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _evaluate(args) -> int:
