@@ -223,7 +223,7 @@ def _wait(cond, timeout: float, what: str, diag=lambda: "") -> None:
     raise SlurmError(f"timed out after {timeout:.0f} s waiting for {what}\n{diag()}")
 
 
-def test_profile(profile_src: str | Path, out_dir: str | Path) -> Path:
+def make_test_profile(profile_src: str | Path, out_dir: str | Path) -> Path:
     """The user's slurm profile with this cluster's partition (and no account): the only
     difference is the values of the definitions block at its top."""
     src = Path(profile_src).read_text()

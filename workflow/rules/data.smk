@@ -8,8 +8,11 @@
 if config.get("toy_data"):
 
     rule data_toy:
+        # toy.json is written last; the rest of the source trees are not listed one by one
         output:
-            directory(config["toy_data"]),
+            f"{config['toy_data']}/toy.json",
+        params:
+            outdir=config["toy_data"],
         log:
             f"{LOGS}/data/toy.log",
         threads: 1
@@ -19,13 +22,13 @@ if config.get("toy_data"):
         conda:
             "../envs/smallbig.yaml"
         shell:
-            "smallbig data toy --out {output} > {log} 2>&1"
+            "smallbig data toy --out {params.outdir} > {log} 2>&1"
 
 
 rule data_prepare:
     input:
         params=data_params,
-        toy=[config["toy_data"]] if config.get("toy_data") else [],
+        toy=[f"{config['toy_data']}/toy.json"] if config.get("toy_data") else [],
     output:
         manifest="{root}/manifest.json",
         quarantine="{root}/quarantine.json",

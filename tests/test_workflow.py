@@ -1,0 +1,211 @@
+"""The workflow's structure, without running any job: the full-scale DAG (25 trainings, their
+evaluations, ensembles and tables), lint, params validation before submission, the profiles,
+`smallbig plan`, and dvc.yaml. Each test works in a scratch copy of the repository."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smallbig import config
+from smallbig.analysis.tables import load_tables, required_ensembles
+from slurm.cluster import make_test_profile
+from slurm.workspace import REPO, VENV_BIN, copy_repo, env, snakemake
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    return copy_repo(tmp_path_factory.mktemp("wf") / "repo")
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run."""
+    counts = {}
+    block = output.split("Job stats:", 1)[1]
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def jobs_of(output: str, rule: str) -> list[str]:
+    """The wildcards line of every job of `rule` in a dry run's output."""
+    out = []
+    for block in re.split(r"\n(?=\[)", output):
+        if re.search(rf"^(local)?rule {re.escape(rule)}:", block, re.M):
+            m = re.search(r"wildcards: (.*)", block)
+            out.append(m.group(1).strip() if m else "")
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_dry_run(repo_copy) -> str:
+    r = snakemake(repo_copy, "-n", "all", timeout=300)
+    return r.stdout + r.stderr
+
+
+def test_full_dry_run_schedules_every_training_evaluation_ensemble_and_table(full_dry_run):
+    ids = config.experiment_ids()
+    assert len(ids) == 25
+    counts = job_counts(full_dry_run)
+    assert counts["train"] == 25
+    trained = sorted(w.removeprefix("exp=") for w in jobs_of(full_dry_run, "train"))
+    assert trained == ids
+    # every protocol of every experiment's test.protocols, plus what the tables need
+    expected_evals = set()
+    for i in ids:
+        p = config.load_params(config.experiment_path(i))
+        expected_evals |= {(i, proto) for proto in p["test"]["protocols"]}
+    tables = load_tables()
+    for t in tables:
+        for r in t["rows"]:
+            expected_evals |= {(m, r["protocol"]) for m in r["members"]}
+    evals = set()
+    for w in jobs_of(full_dry_run, "evaluate"):
+        d = dict(kv.split("=") for kv in w.split(", "))
+        evals.add((d["exp"], d["proto"]))
+    assert evals == expected_evals
+    assert counts["evaluate"] == len(expected_evals) == 51
+    ens = sorted(w.removeprefix("name=") for w in jobs_of(full_dry_run, "ensemble"))
+    assert ens == sorted(required_ensembles(tables)) and len(ens) == 5
+    for rule in ("tables", "figures", "featmaps", "report"):
+        assert counts[rule] == 1, rule
+    assert counts["data_prepare"] == 3  # kinetics400, sthv1, sthv2
+    assert "data_toy" not in counts  # the full run uses the real datasets
+    assert "results/full/k400-r23-sb-full/train/checkpoint.pt" in full_dry_run
+
+
+def test_resources_come_from_params(full_dry_run):
+    block = next(b for b in re.split(r"\n(?=\[)", full_dry_run)
+                 if "rule train:" in b and "exp=k400-r101-sb-typical-32f" in b)
+    p = config.load_params(config.experiment_path("k400-r101-sb-typical-32f"))["resources"]
+    assert f"gpu={p['gpus']}" in block
+    assert f"cpus_per_gpu={p['cpus_per_gpu']}" in block
+    assert f"mem_mb={p['mem_gb'] * 1024}" in block
+    assert f"runtime={p['train_runtime_min']}" in block
+
+
+@pytest.mark.parametrize("target, n_train", [("table2", 3), ("table9", 2), ("k400-r23-sb-full", 1)])
+def test_targets_build_only_what_they_need(repo_copy, target, n_train):
+    out = snakemake(repo_copy, "-n", target, timeout=300).stdout
+    counts = job_counts(out)
+    assert counts["train"] == n_train
+    assert "tables" not in counts and "report" not in counts
+
+
+def test_plan_agrees_with_the_dag(repo_copy, full_dry_run):
+    r = subprocess.run([str(VENV_BIN / "smallbig"), "plan", "--json"], cwd=repo_copy, env=env(),
+                       capture_output=True, text=True, check=True)
+    plan = json.loads(r.stdout)
+    counts = job_counts(full_dry_run)
+    assert plan["total"]["jobs"] == counts["total"] - 1  # minus the `all` target itself
+    assert plan["total"]["train_jobs"] == 25 and plan["total"]["eval_jobs"] == 51
+    table2 = job_counts(snakemake(repo_copy, "-n", "table2", timeout=300).stdout)
+    assert plan["tables"]["2"]["jobs"] == table2["total"] - 1
+    # GPU-hours from params: epochs x train clips / clips_per_sec_per_gpu
+    p = config.load_params(config.experiment_path("k400-r23-c2d"))
+    one = p["train"]["epochs"] * plan["datasets"]["kinetics400"]["train"]["videos"] \
+        / p["train"]["clips_per_sec_per_gpu"] / 3600
+    assert plan["tables"]["2"]["gpu_hours_train"] == pytest.approx(3 * one)
+    text = subprocess.run([str(VENV_BIN / "smallbig"), "plan"], cwd=repo_copy, env=env(),
+                          capture_output=True, text=True, check=True).stdout
+    assert "table11" in text and "total" in text and "GPU-h" in text
+
+
+def test_lint_is_clean(repo_copy):
+    r = snakemake(repo_copy, "--lint", timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _fake_sbatch(tmp_path: Path) -> tuple[Path, Path]:
+    """A `sbatch` that only records that it was called."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "sbatch-calls"
+    for name in ("sbatch", "sinfo", "squeue", "sacct", "scontrol"):
+        f = bindir / name
+        record = f"echo \"$0 $*\" >> {calls}\n" if name == "sbatch" else ""
+        f.write_text(f"#!/bin/sh\n{record}exit 1\n")
+        f.chmod(0o755)
+    return bindir, calls
+
+
+def test_invalid_params_fail_before_any_job_is_submitted(repo_copy, tmp_path):
+    bindir, calls = _fake_sbatch(tmp_path)
+    e = {"PATH": f"{bindir}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    # an overlay that breaks one experiment: 3x7x7 pooling on 64-pixel crops does not fit res5
+    bad = repo_copy / "bad-overlay.yaml"
+    bad.write_text(yaml.safe_dump({"all": {"data": {"crop_size": 64}}}))
+    r = snakemake(repo_copy, "--profile", "slurm", "--config", f"overlay={bad.name}",
+                  timeout=300, check=False, **e)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "invalid params, nothing was run or submitted" in out
+    assert "k400-r23-sb377.yaml" in out and re.search(r"model\.stages\.res\d\.smallbig", out)
+    assert not calls.exists(), calls.read_text()
+    # a broken experiment file: the message names the file and the key
+    exp = repo_copy / "params/experiments/k400-r23-c2d.yaml"
+    original = exp.read_text()
+    try:
+        exp.write_text(original + "train: {epochs: -3}\n")
+        r = snakemake(repo_copy, "--profile", "slurm", timeout=300, check=False, **e)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0
+        assert "params/experiments/k400-r23-c2d.yaml" in out and "train.epochs" in out
+        assert not calls.exists()
+    finally:
+        exp.write_text(original)
+
+
+def test_invalid_config_is_rejected(repo_copy):
+    r = snakemake(repo_copy, "-n", "--config", "run=Bad Name", timeout=300, check=False)
+    assert r.returncode != 0 and "run" in (r.stdout + r.stderr)
+
+
+def test_profiles_are_found_from_the_root_and_set_partitions(repo_copy):
+    for name in ("slurm", "embedded", "local"):
+        assert (repo_copy / name / "config.yaml").is_file(), name
+    # the slurm profile: GPU rules to the GPU partition, the rest to the CPU partition
+    out = snakemake(repo_copy, "--profile", "slurm", "-n", "table2", timeout=300).stdout
+    for block in re.split(r"\n(?=\[)", out):
+        if re.search(r"^rule (train|evaluate):", block, re.M):
+            assert "slurm_partition=gpu" in block
+        elif re.search(r"^rule (data_prepare|table):", block, re.M):
+            assert "slurm_partition=cpu" in block
+    out = snakemake(repo_copy, "--profile", "embedded", "-n", timeout=300).stdout
+    counts = job_counts(out)
+    assert counts["train"] == 25 and counts["data_toy"] == 1
+    assert "results/embedded/" in out
+
+
+def test_the_slurm_test_profile_differs_only_in_partition_and_account(tmp_path):
+    src = REPO / "workflow/profiles/slurm/config.yaml"
+    made = make_test_profile(src, tmp_path / "p") / "config.yaml"
+    a, b = src.read_text().splitlines(), made.read_text().splitlines()
+    assert len(a) == len(b)
+    diff = [(x, y) for x, y in zip(a, b) if x != y]
+    assert diff and all(re.match(r"^\s*- (GPU_PARTITION|CPU_PARTITION|ACCOUNT) =", x) for x, _ in diff)
+
+
+def test_dvc_pipeline_is_parametrised_by_experiment(repo_copy):
+    dvc = str(VENV_BIN / "dvc")
+    r = subprocess.run([dvc, "stage", "list"], cwd=REPO, capture_output=True, text=True, env=env())
+    assert r.returncode == 0, r.stderr
+    for stage in ("data", "params", "train", "evaluate", "report", "workflow-embedded",
+                  "workflow-full", "workflow-state"):
+        assert re.search(rf"^{stage}\s", r.stdout, re.M), stage
+    assert "results/dvc/k400-r23-sb-full/" in r.stdout
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert all(spec["stages"][s].get("frozen") for s in ("workflow-embedded", "workflow-full",
+                                                         "workflow-state"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["experiment"] in config.experiment_ids()
+    cfg = (REPO / ".dvc/config").read_text()
+    assert "remote = local" in cfg and "smallbig-dvc-remote" in cfg
