@@ -161,6 +161,27 @@ def test_loader_workers_do_not_change_batches():
     assert torch.equal(out[0], out[1])
 
 
+def killing_builders(at_item: int):
+    """Builders whose training set sends this process SIGTERM when item number `at_item` is
+    loaded: the real signal handler then stops the run at the end of that iteration."""
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    class Killing(ArrayClips):
+        def __getitem__(self, i):
+            calls["n"] += 1
+            if calls["n"] == at_item:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__getitem__(i)
+
+    def dataset(params, split, mode, protocol=None):
+        return Killing(32, mode) if split == "train" else ArrayClips(10, mode)
+
+    return (_model, dataset, _collate, _normalize)
+
+
 # ----------------------------------------------------------------------------- training
 def test_accumulation_equals_big_batch(tmp_path):
     """Accumulating 4 micro-batches of 2 == one batch of 8 (BN-free model: BN batch statistics
@@ -183,27 +204,8 @@ def test_accumulation_equals_big_batch(tmp_path):
 
 def test_in_process_stop_and_resume_is_bitwise(tmp_path):
     """A stop signal mid-epoch (delivered through the real handler) + resume == uninterrupted."""
-    import os
-    import signal
-
     full = train(tiny_params(epochs=3), tmp_path / "full", builders=BUILDERS, progress=False)
-    calls = {"n": 0}
-
-    def killing_dataset(params, split, mode, protocol=None):
-        ds = ArrayClips(32 if split == "train" else 10, mode)
-        orig = ds.__class__.__getitem__
-
-        class K(ArrayClips):
-            def __getitem__(self, i):
-                calls["n"] += 1
-                if calls["n"] == 13 and split == "train":  # during iteration 2 of epoch 1
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return orig(self, i)
-        k = K.__new__(K)
-        k.__dict__.update(ds.__dict__)
-        return k
-
-    b = (_model, killing_dataset, _collate, _normalize)
+    b = killing_builders(13)  # SIGTERM while loading a clip of iteration 2 of epoch 1
     rc = train(tiny_params(epochs=3), tmp_path / "cut", builders=b, progress=False)
     assert full == 0 and rc == 3
     ck = load_checkpoint(tmp_path / "cut" / "last.pt")
@@ -362,3 +364,16 @@ def test_ensemble_cli_arithmetic(tmp_path):
     assert m["num_videos"] == 12 and m["experiment"] == "a+b"
     assert m["gflops_x_views"] == pytest.approx(2 * 10.0 * 6)
     assert metrics.load_scores(tmp_path / "a" / "scores.npz")["logits"].shape == (12, 12, 6)
+
+
+def test_scale_lr_channels_last_and_cpu_amp_are_recorded(tmp_path, capsys):
+    p = tiny_params(epochs=1, batch_size=16, per_gpu_batch=4, batch_policy="scale_lr",
+                    channels_last=True, amp="bf16")
+    assert train(p, tmp_path / "s", builders=BUILDERS, progress=False) == 0
+    m = json.loads((tmp_path / "s" / "train_metrics.json").read_text())
+    assert m["batch_plan"]["accum_steps"] == 1 and m["batch_plan"]["total_batch"] == 4
+    assert m["batch_plan"]["lr"] == pytest.approx(0.05 * 4 / 16) and m["amp"] == "none"
+    assert m["iterations"] == 8 and m["channels_last"] is True
+    assert "AMP disabled" in capsys.readouterr().err
+    ck = load_checkpoint(tmp_path / "s" / "checkpoint.pt")
+    assert ck["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.0125)

@@ -11,7 +11,7 @@ import pytest
 from smallbig.engine import tracking
 from smallbig.engine.train import train
 
-from test_engine import BUILDERS, tiny_params
+from test_engine import BUILDERS, killing_builders, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,24 @@ def test_train_run_records_params_metrics_tags(use_store, tmp_path, monkeypatch)
     assert (root / "mlruns").is_dir()
     metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
     assert metrics["mlflow_run_id"] == run.info.run_id
+
+
+def test_resumed_training_continues_the_same_run(use_store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    root, uri = use_store
+    p = tiny_params(epochs=3)
+    p["id"] = "mlflow-resume-test"
+    assert train(p, tmp_path / "run", builders=killing_builders(13), progress=False) == 3
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("mlflow-resume-test")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "KILLED"
+    assert train(p, tmp_path / "run", resume=True, builders=BUILDERS, progress=False) == 0
+    (again,) = client.search_runs([exp.experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.tags["resumed"] == "true"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
 
 
 def _writer(i: int, uri: str, queue) -> None:
