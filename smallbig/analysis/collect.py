@@ -301,12 +301,13 @@ class Results:
 
     # ------------------------------------------------------------------ model info
     def model_info(self, exp_id: str, info_dirs: list[Path] | None = None,
-                   compute: bool = False) -> dict | None:
+                   compute: bool = False, paper_size: bool = True) -> dict | None:
         """`smallbig model-info` JSON of the experiment's paper-size configuration, read from
         (in order) `<dir>/<id>.json` for each of info_dirs, `results/<run>/model-info/<id>.json`,
         `results/<run>/model-info.json` (the list `smallbig model-info --all --json` prints);
         computed with smallbig.models.model_info when `compute` is set (from the run's resolved
-        `<id>/params.yaml`, else the paper-size params/experiments/<id>.yaml); else None."""
+        `<id>/params.yaml`, else, when `paper_size`, the paper-size params/experiments/<id>.yaml);
+        else None."""
         if exp_id in self._info:
             return self._info[exp_id]
         dirs = list(info_dirs or []) + [self.dir / "model-info"]
@@ -325,11 +326,11 @@ class Results:
             if isinstance(data, dict) and data.get("id", exp_id) == exp_id:
                 found = data
                 break
-        if found is None and compute:
+        resolved = self.dir / exp_id / "params.yaml"
+        if found is None and compute and (paper_size or resolved.is_file()):
             try:
                 from smallbig.config import experiment_path, load_params, load_resolved
                 from smallbig.models import model_info
-                resolved = self.dir / exp_id / "params.yaml"
                 params = (load_resolved(resolved) if resolved.is_file()
                           else load_params(experiment_path(exp_id)))
                 found = model_info(params)

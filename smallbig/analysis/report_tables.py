@@ -65,10 +65,16 @@ def fmt_delta(ours: float | None, paper: float | None) -> str:
     return "±0.0" if d == 0 else f"{d:+.1f}"
 
 
+def fmt_g(v: float) -> str:
+    """Our GFLOPs: one decimal (as 31.5 next to the paper's 31), two below 10 (scaled-down models)."""
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
 def fmt_gxv(total: float | None, per_view: float | None, views: int | None) -> str:
     """'1710 = 57×30' (or just the total / the per-view figure when the other is missing)."""
     if total is not None and per_view is not None and views:
-        return f"{fmt_num(round(total))} = {fmt_num(per_view)}×{views}"
+        head = fmt_num(round(total)) if abs(total) >= 100 else fmt_g(total)
+        return f"{head} = {per_view if isinstance(per_view, str) else fmt_num(per_view)}×{views}"
     if total is not None:
         return fmt_num(total)
     if per_view is not None:
@@ -129,7 +135,9 @@ def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_i
                 notes.append(f"{ev['skipped']} validation video(s) could not be decoded and are not counted.")
         for exp_id in row["members"]:
             notes.extend(_experiment_notes(exp_id))
-        infos = [results.model_info(i, model_info_dirs, compute_model_info) for i in row["members"]]
+        # the embedded run (size_notes off) computes model info only for what it ran
+        infos = [results.model_info(i, model_info_dirs, compute_model_info, paper_size=size_notes)
+                 for i in row["members"]]
         errors = [i["error"] for i in infos if isinstance(i, dict) and "error" in i]
         notes.extend(errors)
         good = [i for i in infos if isinstance(i, dict) and "error" not in i]
@@ -177,12 +185,12 @@ def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_i
         "paper_params_m": fmt_num(paper.get("params_m")),
         "ours_params_m": fmt_num(ours["params_m"], 2) if ours["params_m"] is not None else "",
         "paper_gflops": fmt_num(paper.get("gflops")),
-        "ours_gflops": fmt_num(ours["gflops"], 1) if ours["gflops"] is not None else "",
+        "ours_gflops": fmt_g(ours["gflops"]) if ours["gflops"] is not None else "",
         "views": views_txt,
         "paper_gflops_x_views": fmt_gxv(paper.get("gflops_x_views"), paper.get("gflops"),
                                         paper.get("views")) if kind == "external" or
         paper.get("gflops_x_views") is not None else "",
-        "ours_gflops_x_views": (fmt_gxv(ours["gflops_x_views"], round(ours["gflops"], 1), ours["views"])
+        "ours_gflops_x_views": (fmt_gxv(ours["gflops_x_views"], fmt_g(ours["gflops"]), ours["views"])
                                 if ours["gflops_x_views"] is not None else ""),
         "status": status,
     }
