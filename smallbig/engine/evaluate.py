@@ -72,7 +72,7 @@ def save_scores(path: Path, scores: dict) -> None:
 @torch.no_grad()
 def score_views(model, dataset, params: dict, device, indices=None, view_subset=None,
                 batch_size=None, progress=True, normalize=None, collate=None,
-                amp_dtype=None, channels_last=False, desc="evaluate") -> dict:
+                amp_dtype=None, channels_last=False, desc="evaluate", max_clips: int = 64) -> dict:
     """Run `model` on every view of every video (optionally only a clips x crops subset of the
     views); -> dict in the scores.npz format (without num_clips/num_crops)."""
     from tqdm import tqdm
@@ -83,7 +83,8 @@ def score_views(model, dataset, params: dict, device, indices=None, view_subset=
     mean, std = params["data"].get("mean"), params["data"].get("std")
     ds = dataset if indices is None else Subset(dataset, list(indices))
     loader = DataLoader(ds, batch_size=batch_size or int(params["test"].get("batch_size", 4)),
-                        num_workers=int(params["data"].get("num_workers", 0)), collate_fn=collate)
+                        num_workers=int(params["data"].get("num_workers", 0)), collate_fn=collate,
+                        pin_memory=device.type == "cuda")
     model.eval()
     logits, labels, ids, skipped = [], [], [], []
     clip_idx = crop_idx = mask = base = None
@@ -114,9 +115,11 @@ def score_views(model, dataset, params: dict, device, indices=None, view_subset=
             x = normalize(x, mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(x)
-            logits.append(out.float().reshape(B, V, -1).cpu().numpy())
+            outs = []
+            for chunk in x.split(max_clips):  # bounded memory: at most max_clips views per call
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outs.append(model(chunk).float())
+            logits.append(torch.cat(outs).reshape(B, V, -1).cpu().numpy())
             y = batch["label"]
             labels.append(np.asarray(y.cpu() if torch.is_tensor(y) else y, dtype=np.int64))
             ids.extend(str(v) for v in batch["video_id"])
