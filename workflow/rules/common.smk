@@ -141,6 +141,11 @@ FEATMAPS = {"smallbig": "k400-r23-sb-full", "nonlocal": "k400-r23-nonlocal", "vi
 FEATMAPS.update(config.get("featmaps") or {})
 
 
+def mem_mb(full_mb):
+    """Memory of a CPU job: as given for the full run, at most 2 GB for scaled-down runs."""
+    return full_mb if RUN == "full" else min(full_mb, 2048)
+
+
 def gpus_of(exp):
     return resources_of(exp).get("gpus", 0)
 

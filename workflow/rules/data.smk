@@ -17,7 +17,7 @@ if config.get("toy_data"):
             f"{LOGS}/data/toy.log",
         threads: 1
         resources:
-            mem_mb=2048,
+            mem_mb=mem_mb(2048),
             runtime=30,
         conda:
             "../envs/smallbig.yaml"
@@ -43,7 +43,7 @@ rule data_prepare:
     wildcard_constraints:
         root="|".join(re.escape(r) for r in ROOT_TO_DATASET),
     resources:
-        mem_mb=8192,
+        mem_mb=mem_mb(8192),
         runtime=24 * 60,
     conda:
         "../envs/smallbig.yaml"

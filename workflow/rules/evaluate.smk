@@ -22,7 +22,7 @@ rule evaluate:
         # one GPU per evaluation (the paper-protocol evaluations of 25 models run side by side)
         gpu=lambda w: min(1, gpus_of(w.exp)),
         cpus_per_gpu=lambda w: resources_of(w.exp).get("cpus_per_gpu", 1),
-        mem_mb=lambda w: 1024 * max(8, resources_of(w.exp).get("mem_gb", 8) // max(1, gpus_of(w.exp))),
+        mem_mb=lambda w: 1024 * max(1, resources_of(w.exp).get("mem_gb", 8) // max(1, gpus_of(w.exp))),
         runtime=lambda w: resources_of(w.exp).get("eval_runtime_min", 60),
     conda:
         "../envs/smallbig.yaml"
@@ -45,7 +45,7 @@ rule ensemble:
         f"{LOGS}/ensemble/{{name}}.log",
     threads: 1
     resources:
-        mem_mb=4096,
+        mem_mb=mem_mb(4096),
         runtime=30,
     conda:
         "../envs/smallbig.yaml"

@@ -21,7 +21,7 @@ rule table:
         n="|".join(str(n) for n in TABLE_NUMBERS),
     threads: 1
     resources:
-        mem_mb=2048,
+        mem_mb=mem_mb(2048),
         runtime=30,
     conda:
         "../envs/smallbig.yaml"
@@ -44,7 +44,7 @@ rule tables:
         f"{LOGS}/report/tables.log",
     threads: 1
     resources:
-        mem_mb=2048,
+        mem_mb=mem_mb(2048),
         runtime=30,
     conda:
         "../envs/smallbig.yaml"
@@ -69,7 +69,7 @@ rule figures:
         f"{LOGS}/report/figures.log",
     threads: 1
     resources:
-        mem_mb=4096,
+        mem_mb=mem_mb(4096),
         runtime=60,
     conda:
         "../envs/smallbig.yaml"
@@ -95,7 +95,7 @@ rule featmaps:
         f"{LOGS}/report/featmaps.log",
     threads: 1
     resources:
-        mem_mb=8192,
+        mem_mb=mem_mb(8192),
         runtime=60,
     conda:
         "../envs/smallbig.yaml"
@@ -121,7 +121,7 @@ rule report:
         f"{LOGS}/report/index.log",
     threads: 1
     resources:
-        mem_mb=4096,
+        mem_mb=mem_mb(4096),
         runtime=30,
     conda:
         "../envs/smallbig.yaml"
