@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from smallbig.analysis.collect import DONE, Results, ReportInputError  # noqa: E402
 from smallbig.analysis.io import atomic_write_text, save_figure  # noqa: E402
@@ -155,6 +156,7 @@ def training_curves(results: Results, exp_id: str, out_dir: Path) -> dict | None
                     transform=ax.transAxes, color="#666")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.suptitle(f"{exp_id} ({results.run})", fontsize=10)
     fig.tight_layout()
