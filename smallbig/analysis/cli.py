@@ -38,6 +38,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-info-dir", action="append", default=[],
                    help="directory with <id>.json from `smallbig model-info --json` (repeatable); "
                         "<results>/model-info/ and <results>/model-info.json are always read")
+    p.add_argument("--compute-model-info", dest="compute_model_info", action="store_true",
+                   default=True, help="compute model info that no file gives (the default)")
     p.add_argument("--no-compute-model-info", dest="compute_model_info", action="store_false",
                    help="do not compute missing model info (Params/GFLOPs 'ours' stay empty)")
     p.add_argument("--embedded", action="store_true",
