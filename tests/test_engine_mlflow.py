@@ -142,3 +142,15 @@ def test_eight_concurrent_writers_lose_no_run(use_store):
         assert r.info.status == "FINISHED"
         assert len(client.get_metric_history(r.info.run_id, "loss")) == 5
         assert r.data.params["train.seed"] == str(int(r.data.metrics["writer"]))
+
+
+def test_dvc_hash_from_dvc_file_or_lock(tmp_path):
+    data = tmp_path / "data" / "k400"
+    data.mkdir(parents=True)
+    assert tracking.dvc_hash(data) is None
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  prepare:\n    cmd: smallbig data prepare\n    outs:\n"
+        "    - path: data/k400\n      md5: feedbeef.dir\n      size: 10\n")
+    assert tracking.dvc_hash(data) == "feedbeef.dir"
+    (tmp_path / "data" / "k400.dvc").write_text("outs:\n- md5: abc123.dir\n  path: k400\n")
+    assert tracking.dvc_hash(data) == "abc123.dir"  # a .dvc file next to the data wins

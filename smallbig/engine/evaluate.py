@@ -233,6 +233,13 @@ def evaluate(params: dict, checkpoint: str | Path, out_dir: str | Path, protocol
             extra_tags={"protocol": protocol, "checkpoint": str(Path(checkpoint).resolve()),
                         "out_dir": str(out_dir.resolve()), "amp_effective": amp_eff,
                         "shard": f"{shard[0]}/{shard[1]}" if shard else "none"})
+    if run is not None and run.enabled:
+        import tempfile
+
+        from smallbig.config import dump_params
+        with tempfile.TemporaryDirectory() as tmp:
+            dump_params(params, Path(tmp) / "params.yaml")
+            run.log_artifact(Path(tmp) / "params.yaml")
     status = "FAILED"
     try:
         scores = score_views(model, dataset, params, dev, indices=indices, view_subset=view_subset,
