@@ -291,6 +291,10 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rngs[0], "rng_per_rank": rngs, "epoch": epoch, "iteration": global_it,
                 "iters_per_epoch": ipe, "total_iters": total_iters, "history": history,
+                # where the data order resumes: this rank's samples of epoch `epoch` already used
+                "data_position": {"epoch": epoch, "iter_in_epoch": global_it - epoch * ipe,
+                                  "samples_done_per_rank": (global_it - epoch * ipe)
+                                  * plan.accum_steps * plan.per_gpu_batch, "seed": seed},
                 "epoch_stats": stats, "batch_plan": plan.as_dict(), "params": params,
                 "params_hash": phash, "smallbig_version": __version__, "mlflow_run_id": run_id}
 
