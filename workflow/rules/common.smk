@@ -150,6 +150,19 @@ def gpus_of(exp):
     return resources_of(exp).get("gpus", 0)
 
 
+def launch_prefix(exp):
+    """How a multi-GPU training starts one process per GPU (the engine takes its rank from
+    Slurm's or torchrun's environment): `srun` inside the Slurm job (the slurm profile sets
+    config launcher=srun and the job has one task per GPU), `torchrun` on a workstation."""
+    n = config.get("gpus") or gpus_of(exp)
+    launcher = config.get("launcher")
+    if n <= 1 or not launcher:
+        return ""
+    if launcher == "srun":
+        return "srun "
+    return f"torchrun --standalone --nproc_per_node {n} --no-python "
+
+
 def cpus_of(exp):
     r = resources_of(exp)
     return max(1, r.get("gpus", 0)) * r.get("cpus_per_gpu", 1)

@@ -32,6 +32,7 @@ rule train:
     params:
         phash=lambda w: PHASH[w.exp],
         outdir=lambda w: res(w.exp, "train"),
+        launch=lambda w: launch_prefix(w.exp),
     log:
         f"{LOGS}/train/{{exp}}.log",
     benchmark:
@@ -42,9 +43,11 @@ rule train:
         cpus_per_gpu=lambda w: resources_of(w.exp).get("cpus_per_gpu", 1),
         mem_mb=lambda w: 1024 * resources_of(w.exp).get("mem_gb", 8),
         runtime=lambda w: resources_of(w.exp).get("train_runtime_min", 60),
+        # Slurm: one task per GPU for multi-GPU trainings (`srun` starts them)
+        tasks_per_gpu=lambda w: 1 if gpus_of(w.exp) > 1 else 0,
     # --resume: a retried or requeued job (preemption, time limit) continues from
     # <outdir>/last.pt, which the engine writes periodically and on SIGTERM/SIGUSR1.
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig train {input.params} --out {params.outdir} --resume > {log} 2>&1"
+        "{params.launch}smallbig train {input.params} --out {params.outdir} --resume > {log} 2>&1"
