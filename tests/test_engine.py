@@ -377,3 +377,14 @@ def test_scale_lr_channels_last_and_cpu_amp_are_recorded(tmp_path, capsys):
     assert "AMP disabled" in capsys.readouterr().err
     ck = load_checkpoint(tmp_path / "s" / "checkpoint.pt")
     assert ck["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.0125)
+
+
+def test_rank_environment_torchrun_and_slurm():
+    from smallbig.engine.distributed import env_ranks
+
+    assert env_ranks({}).world_size == 1
+    r = env_ranks({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"})
+    assert (r.rank, r.world_size, r.local_rank, r.source) == (3, 8, 3, "torchrun")
+    r = env_ranks({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"})
+    assert (r.rank, r.world_size, r.local_rank, r.source) == (9, 16, 1, "slurm")
+    assert env_ranks({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1

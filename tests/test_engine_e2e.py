@@ -275,3 +275,22 @@ def test_two_process_cpu_ddp_with_torchrun(toy, tmp_path):
     assert len(ck["rng_per_rank"]) == 2
     assert not torch.equal(ck["rng_per_rank"][0]["torch"], ck["rng_per_rank"][1]["torch"])
     assert res.stderr.count("31 clips, 2 epochs") == 1  # only rank 0 reports
+
+
+def test_undecodable_videos_are_counted_as_skipped(toy, reference, tmp_path):
+    import shutil
+
+    root = tmp_path / "k400"
+    shutil.copytree(toy / "k400", root)
+    p = config.load_resolved(toy / "params.yaml")
+    p["data"]["root"] = str(root)
+    config.dump_params(p, tmp_path / "params.yaml")
+    victim = (root / "val.txt").read_text().split()[0]
+    (root / victim).write_bytes(b"\x00" * 100)  # truncated/corrupted video file
+    assert main(["evaluate", str(tmp_path / "params.yaml"), "--checkpoint", str(reference / "checkpoint.pt"),
+                 "--out", str(tmp_path / "ev"), "--protocol", "1x1", "--no-progress"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["skipped"] == 1 and m["num_videos"] == 14
+    s = metrics.load_scores(tmp_path / "ev" / "scores.npz")
+    assert len(s["skipped"]) == 1 and s["skipped"][0] not in set(s["video_ids"].tolist())
+

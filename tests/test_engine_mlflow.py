@@ -121,8 +121,10 @@ def test_eight_concurrent_writers_lose_no_run(use_store):
 
     root, uri = use_store
     ctx = mp.get_context("forkserver")
+    # preload this module too: the writers' target lives here, so the forked children
+    # need not import it (and torch) eight times over
     ctx.set_forkserver_preload(["smallbig.engine.tracking", "mlflow.tracking",
-                                "mlflow.store.tracking.sqlalchemy_store"])
+                                "mlflow.store.tracking.sqlalchemy_store", __name__])
     queue = ctx.Queue()
     procs = [ctx.Process(target=_writer, args=(i, uri, queue)) for i in range(8)]
     for p in procs:

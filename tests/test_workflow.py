@@ -15,34 +15,12 @@ import yaml
 from smallbig import config
 from smallbig.analysis.tables import load_tables, required_ensembles
 from slurm.cluster import make_test_profile
-from slurm.workspace import REPO, VENV_BIN, copy_repo, env, snakemake
+from slurm.workspace import REPO, VENV_BIN, copy_repo, env, job_counts, jobs_of, snakemake
 
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
     return copy_repo(tmp_path_factory.mktemp("wf") / "repo")
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table of a dry run."""
-    counts = {}
-    block = output.split("Job stats:", 1)[1]
-    for line in block.splitlines()[3:]:
-        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        counts[m.group(1)] = int(m.group(2))
-    return counts
-
-
-def jobs_of(output: str, rule: str) -> list[str]:
-    """The wildcards line of every job of `rule` in a dry run's output."""
-    out = []
-    for block in re.split(r"\n(?=\[)", output):
-        if re.search(rf"^(local)?rule {re.escape(rule)}:", block, re.M):
-            m = re.search(r"wildcards: (.*)", block)
-            out.append(m.group(1).strip() if m else "")
-    return out
 
 
 @pytest.fixture(scope="module")

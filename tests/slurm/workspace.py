@@ -3,6 +3,7 @@ developer's results/, data/ or reports/, and tests can run the workflow side by 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,3 +49,27 @@ def snakemake(cwd: Path, *args: str, timeout: float = 1800, check: bool = True,
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}) in {cwd}:\n"
                              f"{r.stdout[-6000:]}\n{r.stderr[-6000:]}")
     return r
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run (rule -> number of jobs, and 'total')."""
+    counts = {}
+    if "Job stats:" not in output:
+        return counts
+    block = output.split("Job stats:", 1)[1]
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def jobs_of(output: str, rule: str) -> list[str]:
+    """The wildcards of every job of `rule` in a dry run's output ('' when it has none)."""
+    out = []
+    for block in re.split(r"\n(?=\[)", output):
+        if re.search(rf"^(local)?rule {re.escape(rule)}:", block, re.M):
+            m = re.search(r"wildcards: (.*)", block)
+            out.append(m.group(1).strip() if m else "")
+    return out

@@ -7,7 +7,8 @@
 #   bash workflow/scripts/dvc-snapshot.sh embedded     # after `snakemake --profile embedded`
 #   bash workflow/scripts/dvc-snapshot.sh full         # after `snakemake --profile slurm`
 #
-# Elsewhere: `git clone ... && dvc pull && snakemake --profile <profile> -n` -> nothing to do
+# Elsewhere: `git clone ... && dvc pull <the stages below> && snakemake --profile <profile> -n`
+# -> nothing to do
 # (Snakemake recognises the restored files by the input checksums in .snakemake/metadata).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
