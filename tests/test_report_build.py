@@ -285,3 +285,27 @@ def test_results_dir_forms_and_embedded_size_notes(tmp_path, tables):
     built = build_tables(tables, Results(run), compute_model_info=False, size_notes=True)
     nl = _row(_table(built, 7), "k400-r23-nonlocal")
     assert "Params: ours 0.40M vs the paper's 18.7M." in nl["notes"]
+
+
+def test_run_metadata_gpu_hours_dates_and_manifest(tmp_path, monkeypatch):
+    from smallbig.analysis.html import manifest_summary, run_metadata
+
+    monkeypatch.chdir(tmp_path)  # data roots are relative to the working directory
+    root = tmp_path / "data" / "k400"
+    root.mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps({
+        "format": "video", "num_classes": 8,
+        "splits": {"val": {"count": 47, "usable": 46, "quarantined": 1, "num_missing": 2,
+                           "sha256": "4c6f3c90bace3ef4"}}}))
+    run = tmp_path / "results" / "full"
+    params = {"data": {"dataset": "kinetics400", "root": "data/k400"}, "train": {"epochs": 3}}
+    for exp_id in ("a", "b"):
+        S.write_training(run, exp_id, 3, params=params)  # 1800 s x 2 GPUs each
+    meta = run_metadata(Results(run), ["a", "b", "never-run"])
+    assert meta["gpu_hours"] == 2.0 and meta["gpu_hours_runs"] == 2
+    assert meta["hardware"] == ["cuda:0 × 2"] and meta["trained_runs"] == 2
+    assert meta["first_start"] and meta["last_finish"] >= meta["first_start"]
+    assert meta["datasets"] == [{"dataset": "kinetics400", "root": "data/k400", "manifest":
+                                 "format video, num_classes 8; val: 47 videos (46 usable, "
+                                 "1 quarantined, 2 missing, list sha256 4c6f3c90bace)"}]
+    assert manifest_summary([]) == "not a mapping"

@@ -38,18 +38,44 @@ def banner_for(run: str, results: Results | None = None) -> str | None:
 
 
 # ---------------------------------------------------------------------------- metadata
-def git_info(repo: Path = REPO_ROOT) -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+def git_info(repo: Path | None = None) -> dict:
+    """Commit of the working directory's repository (where the workflow runs), else of the
+    installed package's repository."""
+    def git(where, *args):
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True,
                               timeout=20).stdout.strip()
 
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        date = git("log", "-1", "--format=%cI")
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown (git not available)"}
-    return {"commit": commit or "unknown", "dirty": dirty, "commit_date": date}
+    for where in ([repo] if repo else [Path.cwd(), REPO_ROOT]):
+        try:
+            commit = git(where, "rev-parse", "HEAD")
+            if not commit:
+                continue
+            dirty = bool(git(where, "status", "--porcelain", "--untracked-files=no"))
+            return {"commit": commit, "dirty": dirty, "commit_date": git(where, "log", "-1", "--format=%cI"),
+                    "repository": str(Path(where).resolve())}
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return {"commit": "unknown (no git repository)"}
+
+
+def manifest_summary(m: dict) -> str:
+    """'train: 95 videos (95 usable, 0 quarantined, 1 missing, list sha256 09c44f9c5aee); ...'"""
+    if not isinstance(m, dict):
+        return "not a mapping"
+    parts = []
+    splits = m.get("splits") if isinstance(m.get("splits"), dict) else {}
+    for name, sp in splits.items():
+        if not isinstance(sp, dict):
+            continue
+        bits = [f"{sp.get('usable', '?')} usable"] if "usable" in sp else []
+        for k, label in (("quarantined", "quarantined"), ("num_missing", "missing")):
+            if k in sp:
+                bits.append(f"{sp[k]} {label}")
+        if sp.get("sha256"):
+            bits.append(f"list sha256 {str(sp['sha256'])[:12]}")
+        parts.append(f"{name}: {sp.get('count', '?')} videos ({', '.join(bits)})")
+    head = ", ".join(f"{k} {m[k]}" for k in ("format", "num_classes") if m.get(k) is not None)
+    return "; ".join(([head] if head else []) + parts) or json.dumps(m, sort_keys=True)[:300]
 
 
 def _first(d: dict, *keys):
@@ -76,19 +102,14 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
         if isinstance(p, dict):
             root = p.get("data", {}).get("root")
             if root and root not in datasets:
-                rp = Path(root) if Path(root).is_absolute() else REPO_ROOT / root
+                # data roots are relative to the working directory (the workflow runs from the
+                # repository it was started in, which may be a copy)
+                rp = Path(root)
                 entry: dict[str, Any] = {"dataset": p["data"].get("dataset"), "root": root}
                 mf = rp / "manifest.json"
                 if mf.is_file():
                     try:
-                        m = read_json(mf)
-                        entry["manifest"] = {k: v for k, v in m.items()
-                                             if not isinstance(v, (list, dict)) or k in ("counts", "sha256", "missing_count")}
-                        for k in ("counts", "sha256"):
-                            if isinstance(m.get(k), dict):
-                                entry["manifest"][k] = m[k]
-                        if isinstance(m.get("missing"), (list, dict)):
-                            entry["manifest"]["missing"] = len(m["missing"])
+                        entry["manifest"] = manifest_summary(read_json(mf))
                     except Exception as err:  # noqa: BLE001
                         entry["manifest"] = f"unreadable: {err}"
                 else:
@@ -123,10 +144,19 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
                 starts.append(str(s))
             if f:
                 ends.append(str(f))
-        hist = e["dir"] / "train" / "history.json"
-        if hist.is_file() and not isinstance(tm, dict):
-            ends.append(_dt.datetime.fromtimestamp(hist.stat().st_mtime, _dt.timezone.utc)
-                        .isoformat(timespec="seconds"))
+        # without recorded dates: params.yaml written = started, last training file = finished
+        def _mtime(path: Path) -> str:
+            return _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc).isoformat(
+                timespec="seconds")
+
+        if not (isinstance(tm, dict) and _first(tm, "started", "start_time", "started_at")):
+            if (e["dir"] / "params.yaml").is_file() and e["train_started"]:
+                starts.append(_mtime(e["dir"] / "params.yaml"))
+        if not (isinstance(tm, dict) and _first(tm, "finished", "end_time", "finished_at")):
+            done = [f for f in (e["dir"] / "train" / n for n in ("train_metrics.json", "history.json"))
+                    if f.is_file()]
+            if done:
+                ends.append(_mtime(done[0]))
     meta["datasets"] = list(datasets.values())
     meta["hardware"] = sorted(hardware) or ["not recorded"]
     meta["report_host"] = f"{platform.node()} ({platform.platform()}, {os.cpu_count()} CPUs)"
@@ -143,11 +173,8 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
 def _meta_rows(meta: dict) -> list[tuple[str, str]]:
     g = meta["git"]
     commit = g.get("commit", "unknown") + (" (uncommitted changes)" if g.get("dirty") else "")
-    ds = "; ".join(
-        f"{d.get('dataset')} at {d['root']}: "
-        + (json.dumps(d["manifest"], sort_keys=True) if isinstance(d.get("manifest"), dict)
-           else str(d.get("manifest")))
-        for d in meta["datasets"]) or "no run params found"
+    ds = " | ".join(f"{d.get('dataset')} at {d['root']}: {d.get('manifest')}"
+                    for d in meta["datasets"]) or "no run params found"
     gh = (f"{meta['gpu_hours']} (from {meta['gpu_hours_runs']} run(s))"
           if meta["gpu_hours"] is not None else "none recorded") + (
         f"; CPU-only training: {meta['cpu_process_hours']} process-hours" if meta.get("cpu_process_hours") else "")
