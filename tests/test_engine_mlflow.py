@@ -100,9 +100,12 @@ def test_resumed_training_continues_the_same_run(use_store, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
 
 
-def _writer(i: int, uri: str, queue) -> None:
-    """One writer process: its own MLflow client and SQLite connection."""
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+LAUNCHER = """
+import json, multiprocessing as mp, os, sys
+from smallbig.engine import tracking          # MLflow imported once, no store opened yet
+import mlflow.tracking, mlflow.store.tracking.sqlalchemy_store
+
+def writer(i, queue):
     params = {"id": "concurrent-writers", "data": {"root": "/nonexistent", "dataset": "kinetics400"},
               "train": {"lr": 0.1 * i, "seed": i}}
     run = tracking.start_run(params, "train", run_name=f"writer-{i}")
@@ -111,28 +114,35 @@ def _writer(i: int, uri: str, queue) -> None:
     run.finish("FINISHED")
     queue.put((os.getpid(), run.run_id))
 
-
-def test_eight_concurrent_writers_lose_no_run(use_store):
-    """8 processes (forked from a forkserver that has MLflow imported but no store open, so each
-    opens its own connection) create runs and log metrics at the same time."""
-    import multiprocessing as mp
-
-    from mlflow.tracking import MlflowClient
-
-    root, uri = use_store
-    ctx = mp.get_context("forkserver")
-    # preload this module too: the writers' target lives here, so the forked children
-    # need not import it (and torch) eight times over
-    ctx.set_forkserver_preload(["smallbig.engine.tracking", "mlflow.tracking",
-                                "mlflow.store.tracking.sqlalchemy_store", __name__])
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(i, uri, queue)) for i in range(8)]
+    procs = [ctx.Process(target=writer, args=(i, queue)) for i in range(8)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=240) for _ in procs]
     for p in procs:
         p.join(timeout=60)
-        assert p.exitcode == 0
+    print(json.dumps({"results": results, "exitcodes": [p.exitcode for p in procs]}))
+"""
+
+
+def test_eight_concurrent_writers_lose_no_run(use_store, tmp_path):
+    """8 writer processes (forked from a launcher that has imported MLflow but opened no store,
+    so each opens its own SQLite connection) create runs and log metrics at the same time."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    root, uri = use_store
+    (tmp_path / "launch.py").write_text(LAUNCHER)
+    res = subprocess.run([sys.executable, str(tmp_path / "launch.py")], capture_output=True, text=True,
+                         env=dict(os.environ, MLFLOW_TRACKING_URI=uri), timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["exitcodes"] == [0] * 8
+    results = out["results"]
     assert len({pid for pid, _ in results}) == 8  # 8 distinct writer processes
     ids = {rid for _, rid in results}
     assert len(ids) == 8
