@@ -61,7 +61,9 @@ def _results(args):
     return Results(run_dir(args.results, args.run), args.run, args.logs)
 
 
-def _setup(args, numbers: list[int] | None = None):
+def _setup(args, numbers: list[int] | None = None, model_info_tables: list[int] | None = None):
+    """(results, banner, built tables); `model_info_tables`: compute missing model info only for
+    these tables (the figures need it for Table 10 only)."""
     from smallbig.analysis.html import EMBEDDED_BANNER, banner_for
     from smallbig.analysis.report_tables import build_tables
     from smallbig.analysis.tables import TablesError, load_tables
@@ -75,8 +77,10 @@ def _setup(args, numbers: list[int] | None = None):
         if bad:
             raise TablesError(f"{args.tables_file or 'params/tables.yaml'}: no table {bad} (tables: {known})")
         tables = [t for t in tables if t["number"] in numbers]
-    built = build_tables(tables, results, [Path(d) for d in args.model_info_dir],
-                         args.compute_model_info, size_notes=banner is None)
+    dirs = [Path(d) for d in args.model_info_dir]
+    built = [build_tables([t], results, dirs, args.compute_model_info and (
+        model_info_tables is None or t["number"] in model_info_tables),
+        size_notes=banner is None)[0] for t in tables]
     return results, banner, built
 
 
@@ -94,7 +98,7 @@ def cmd_tables(args) -> int:
 def cmd_figures(args) -> int:
     from smallbig.analysis.figures import write_figures
 
-    results, banner, built = _setup(args)
+    results, banner, built = _setup(args, model_info_tables=[10])
     manifest = write_figures(built, results, args.out, banner)
     print(f"wrote {len(manifest)} figures (PNG + SVG) to {args.out}")
     return 0

@@ -227,7 +227,8 @@ def build_tables(tables: list[dict], results: Results, model_info_dirs=None,
     from tqdm import tqdm
 
     return [build_table(t, results, model_info_dirs, compute_model_info, size_notes)
-            for t in tqdm(tables, desc="tables", unit="table", leave=False)]
+            for t in tqdm(tables, desc="tables", unit="table", leave=False,
+                          disable=len(tables) < 2)]
 
 
 # ---------------------------------------------------------------------------- rendering
