@@ -97,7 +97,7 @@ def write(results: dict, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# {stem}", "", f"device: {results['device']}; torch {results['torch']}; "
-             f"{results['date']}", ""]
+             f"{results['date']}; load average at start {results.get('load_average_at_start')}", ""]
     rows = results["rows"]
     cols = [c for c in ("experiment", "mode", "batch", "T", "crop", "gmacs_224", "clips_per_s",
                         "step_ms", "mfu_pct", "peak_mem_gb") if any(c in r for r in rows)]
@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "load_average_at_start": [round(x, 2) for x in __import__("os").getloadavg()],
                "rows": []}
     if device.type == "cpu":
         overlay = config.REPO_ROOT / "params" / "embedded.yaml"
