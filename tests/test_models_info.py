@@ -132,3 +132,12 @@ def test_meta_build_allocates_nothing():
     assert count_params(model) == pytest.approx(43.41e6, rel=0.01)
     with pytest.raises(Exception):
         torch.as_tensor(next(model.parameters())).cpu()
+
+
+def test_scaled_down_overlay_is_not_compared_with_the_paper(tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("all:\n  model: {base_width: 8}\n  data: {num_frames: 4}\n")
+    info = model_info(load_params(experiment_path("k400-r23-sb-full"), overlay=overlay))
+    assert info["paper_comparable"] is False and info["paper"] is None and not info["flags"]
+    assert info["num_frames"] == 4 and info["params"] < 1e6
+    assert model_info(load_params(experiment_path("k400-r23-sb-full")))["paper_comparable"] is True

@@ -60,6 +60,8 @@ def _model_info(args) -> int:
         print(f"authors' code     {a['params_m']} M / {a['gmacs']} GMACs (model-spec.md)")
     if p:
         print(f"paper source      {p['source']}")
+    if not info["paper_comparable"]:
+        print("paper figures     not comparable (model or frames differ from the experiment's own file)")
     for flag in info["flags"]:
         print(f"DIFFERS           {flag}")
     return 0

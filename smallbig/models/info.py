@@ -89,6 +89,26 @@ def _pct(ours: float, ref: float) -> float:
     return 100.0 * (ours - ref) / ref
 
 
+_IGNORED_MODEL_KEYS = ("pretrained", "formulation", "dropout")
+
+
+def is_paper_configuration(params: dict) -> bool:
+    """True when the params' model and frame count are those of the experiment's own file
+    (not scaled down by an overlay), so that the paper's figures apply."""
+    from smallbig.config import ParamsError, experiment_path, load_params
+
+    try:
+        own = load_params(experiment_path(params.get("id", "")))
+    except ParamsError:
+        return False
+
+    def strip(m: dict) -> dict:
+        return {k: v for k, v in m.items() if k not in _IGNORED_MODEL_KEYS}
+
+    return (strip(own["model"]) == strip(params["model"])
+            and own["data"]["num_frames"] == params["data"]["num_frames"])
+
+
 def model_info(params: dict, model: Optional[torch.nn.Module] = None) -> dict:
     """Size and compute of the params' model.
 
@@ -96,8 +116,9 @@ def model_info(params: dict, model: Optional[torch.nn.Module] = None) -> dict:
     from the params), ``test_crop``, ``gmacs_test_crop`` (per view at the primary protocol's
     crop), ``protocol``, ``views``, ``gflops_x_views`` (gmacs_224 × views: the paper's
     convention, Table 10), ``gflops_x_views_test_crop`` (what the test really costs),
-    ``paper`` / ``authors_code`` (figures or None), ``diff_pct`` and ``flags`` (differences
-    from the paper above 2 %)."""
+    ``paper`` / ``authors_code`` (figures or None; None too when an overlay scaled the model
+    down, ``paper_comparable`` False), ``diff_pct`` and ``flags`` (differences from the paper
+    above 2 %)."""
     model = model if model is not None else build_meta_model(params["model"])
     T = int(params["data"]["num_frames"])
     proto, clips, crops, crop = primary_protocol(params)
@@ -106,8 +127,9 @@ def model_info(params: dict, model: Optional[torch.nn.Module] = None) -> dict:
     gmacs_crop = gmacs_224 if crop == 224 else count_macs(model, T, crop) / 1e9
     views = clips * crops
     exp_id = params.get("id", "")
-    paper = PAPER.get(exp_id)
-    authors = AUTHORS_CODE.get(exp_id)
+    comparable = is_paper_configuration(params)
+    paper = PAPER.get(exp_id) if comparable else None
+    authors = AUTHORS_CODE.get(exp_id) if comparable else None
     diff: dict[str, float] = {}
     flags: list[str] = []
     if paper:
@@ -134,6 +156,7 @@ def model_info(params: dict, model: Optional[torch.nn.Module] = None) -> dict:
         "views": views,
         "gflops_x_views": round(gmacs_224 * views, 1),
         "gflops_x_views_test_crop": round(gmacs_crop * views, 1),
+        "paper_comparable": comparable,
         "paper": paper,
         "authors_code": authors,
         "diff_pct": {k: round(v, 2) for k, v in diff.items()},
