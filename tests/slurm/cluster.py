@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class SlurmCluster:
         node, hardware = _node_hardware()
         self.node = node
         d = self.workdir
-        for sub in ("state", "spool", "log", "munge-run", "munge-lib", "munge-log"):
+        for sub in ("state", "spool", "log"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         conf = f"""{MARK}
 ClusterName=smallbigtest
@@ -148,11 +149,15 @@ PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
         if socket_in_use(6817) or socket_in_use(6818):
             raise SlurmError("ports 6817/6818 are in use: another slurmctld/slurmd is running")
         self._write_config()
-        d = self.workdir
+        # munged runs as the munge user, which must reach its files: not under a private
+        # (0700) temporary directory such as pytest's, so in a directory of its own in /tmp
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="smallbig-munge-"))
+        self.munge_dir.chmod(0o755)
+        d = self.munge_dir
         try:
-            shutil.chown(d / "munge-run", "munge", "munge")
-            shutil.chown(d / "munge-lib", "munge", "munge")
-            shutil.chown(d / "munge-log", "munge", "munge")
+            for sub in ("munge-run", "munge-lib", "munge-log"):
+                (d / sub).mkdir()
+                shutil.chown(d / sub, "munge", "munge")
             sock = d / "munge-run" / "munge.socket.2"
             # munged runs as the munge user (it refuses root); the clients find it at the
             # default socket, so the default socket path is linked to ours.
@@ -170,6 +175,7 @@ PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
                 self._munge_link = default_sock
             _wait(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0,
                   timeout, "munge credentials", lambda: self.tail("munged"))
+            d = self.workdir
             self._spawn("slurmctld", [_exe("slurmctld"), "-D", "-i", "-c"])
             self._spawn("slurmd", [_exe("slurmd"), "-D", "-N", self.node])
             _wait(self.node_idle, timeout, "the node to become idle",
@@ -200,6 +206,9 @@ PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
         link = getattr(self, "_munge_link", None)
         if link is not None and link.is_symlink():
             link.unlink()
+        munge_dir = getattr(self, "munge_dir", None)
+        if munge_dir is not None:
+            shutil.rmtree(munge_dir, ignore_errors=True)
         self._restore_config()
 
     def __enter__(self):
