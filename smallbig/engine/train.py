@@ -91,6 +91,10 @@ def _peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
@@ -228,6 +232,8 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
     start_epoch, global_it, history, epoch_stats, run_id = 0, 0, [], None, None
+    # wall time accumulated over every (resumed) process of this run, for GPU-hours in reports
+    prior_elapsed, started = 0.0, _now_iso()
     if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -238,6 +244,7 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
         history = list(ckpt.get("history", []))
         epoch_stats = ckpt.get("epoch_stats")
         run_id = ckpt.get("mlflow_run_id")
+        prior_elapsed, started = float(ckpt.get("elapsed_s", 0.0)), ckpt.get("started") or started
         old_plan = ckpt.get("batch_plan", {})
         if old_plan and (old_plan.get("world_size"), old_plan.get("accum_steps")) != (plan.world_size, plan.accum_steps):
             say(f"WARNING: resuming with {plan.world_size} process(es) x {plan.accum_steps} accumulation "
@@ -296,7 +303,8 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
                                   "samples_done_per_rank": (global_it - epoch * ipe)
                                   * plan.accum_steps * plan.per_gpu_batch, "seed": seed},
                 "epoch_stats": stats, "batch_plan": plan.as_dict(), "params": params,
-                "params_hash": phash, "smallbig_version": __version__, "mlflow_run_id": run_id}
+                "params_hash": phash, "smallbig_version": __version__, "mlflow_run_id": run_id,
+                "started": started, "elapsed_s": prior_elapsed + time.time() - t_start}
 
     def save_last(epoch: int, stats) -> None:
         state = make_state(epoch, stats)  # collective: every rank
@@ -426,6 +434,11 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
                 "val_top1": vals[-1] if vals else None, "best_val_top1": max(vals) if vals else None,
                 "clips_per_s": history[-1]["clips_per_s"] if history else None,
                 "wall_time_s_this_process": time.time() - t_start,
+                "wall_time_s": prior_elapsed + time.time() - t_start,
+                "started": started, "finished": _now_iso(),
+                "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                "gpu_hours": ((prior_elapsed + time.time() - t_start) * info.world_size / 3600.0
+                              if dev.type == "cuda" else 0.0),
                 "batch_plan": plan.as_dict(), "amp": amp_eff, "channels_last": channels_last,
                 "compile": bool(tr.get("compile", False)), "device": str(dev),
                 "world_size": info.world_size, "mlflow_run_id": run_id,
