@@ -438,7 +438,7 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
                 "started": started, "finished": _now_iso(),
                 "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                 "gpu_hours": ((prior_elapsed + time.time() - t_start) * info.world_size / 3600.0
-                              if dev.type == "cuda" else 0.0),
+                              if dev.type == "cuda" else None),  # CPU runs: wall_time_s
                 "batch_plan": plan.as_dict(), "amp": amp_eff, "channels_last": channels_last,
                 "compile": bool(tr.get("compile", False)), "device": str(dev),
                 "world_size": info.world_size, "mlflow_run_id": run_id,
