@@ -9,7 +9,8 @@ Two formulations of the same maths live side by side (``module.efficient``):
 * ``efficient`` (default): 1×k×k convs run as ``conv2d`` over the N·T frames; the tensor
   handed from module to module is stored *frame-major* (memory order ``[N, T, C, H, W]``, a
   transposed view of ``[N, C, T, H, W]``) so that going to frames and back costs nothing;
-  big-view pooling is separable (2-D spatial pooling, then a temporal max/mean by shifts); a
+  big-view pooling is separable (2-D spatial pooling on frames, then a kt×1×1 pooling over a free
+  view of the frame-major tensor); a
   shared big-view conv runs on small and big view in one call (concatenated along the batch);
   in eval mode BatchNorm is folded into the conv, and a shared SmallBig unit becomes a single
   conv over the channel-concatenated views ``[x, P(x)]`` with weights ``[W·s_s, W·s_b]``.
@@ -100,18 +101,18 @@ def pool_reference(x: torch.Tensor, pool: Sequence[PoolDim], mode: str) -> torch
 
 
 def _temporal_pool_frames(v: torch.Tensor, kt: int, mode: str) -> torch.Tensor:
-    """Stride-1 'same' pooling along dim 1 of v [N, T, ...] by shifted maxima/sums."""
+    """Stride-1 'same' pooling along dim 1 of v [N, T, C, H, W] (frame-major): one 3-D pooling
+    over the free view [N, 1, T, C*H, W] with a kt×1×1 window (zero padding counted for avg)."""
     if kt == 1:
         return v
+    n, t = v.shape[:2]
+    u = v.contiguous().view(n, 1, t, -1, v.shape[-1])
     r = kt // 2
-    t = v.shape[1]
-    fill = float("-inf") if mode == "max" else 0.0
-    pad = v.new_full((v.shape[0], r, *v.shape[2:]), fill)
-    vp = torch.cat([pad, v, pad], dim=1)
-    out = vp[:, 0:t]
-    for k in range(1, kt):
-        out = torch.maximum(out, vp[:, k:k + t]) if mode == "max" else out + vp[:, k:k + t]
-    return out if mode == "max" else out / kt
+    if mode == "max":
+        u = F.max_pool3d(u, (kt, 1, 1), stride=1, padding=(r, 0, 0))
+    else:
+        u = F.avg_pool3d(F.pad(u, (0, 0, 0, 0, r, r)), (kt, 1, 1), stride=1)
+    return u.view(v.shape)
 
 
 def pool_frames(f: torch.Tensor, n: int, t: int, pool: Sequence[PoolDim], mode: str) -> tuple[torch.Tensor, int]:
