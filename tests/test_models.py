@@ -277,3 +277,21 @@ def test_bad_input_shape():
     model = build_model(tiny_cfg("k400-r23-c2d"))
     with pytest.raises(ValueError, match=r"\[N, 3, T, H, W\]"):
         model(torch.randn(2, 3, 32, 32))
+
+
+def test_channels_last_same_result():
+    from smallbig.models import set_channels_last
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("k400-r23-sb-full", base_width=4))
+    randomize_bn(model, affine=False)
+    x = torch.randn(2, 3, 4, 48, 48)
+    for train in (True, False):
+        model.train(train)
+        set_channels_last(model, False)
+        with torch.no_grad():
+            y0 = model(x)
+        set_channels_last(model, True)
+        with torch.no_grad():
+            y1 = model(x)
+        torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
