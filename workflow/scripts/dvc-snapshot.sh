@@ -1,24 +1,49 @@
 #!/usr/bin/env bash
-# Version what the Snakemake workflow produced with DVC: record the hashes of the data,
-# checkpoints, evaluations, reports and Snakemake's own records in dvc.lock (frozen stages of
-# dvc.yaml: workflow-<run>, workflow-state, and `data` for the embedded run), push the contents
-# to the default DVC remote, and commit dvc.lock to git.
+# Version what the Snakemake workflow produced with DVC: record the hashes of the datasets,
+# checkpoints and evaluations (results/<run>) and of Snakemake's own records
+# (.snakemake/metadata: the input checksums that let a fresh clone see restored files as up to
+# date) in workflow/dvc/*.dvc (and, for the embedded data, the `data` stage of dvc.lock), push
+# the contents to the default DVC remote, and commit the hashes to git.
 #
 #   bash workflow/scripts/dvc-snapshot.sh embedded     # after `snakemake --profile embedded`
 #   bash workflow/scripts/dvc-snapshot.sh full         # after `snakemake --profile slurm`
 #
-# Elsewhere: `git clone ... && dvc pull <the stages below> && snakemake --profile <profile> -n`
-# -> nothing to do
-# (Snakemake recognises the restored files by the input checksums in .snakemake/metadata).
+# Elsewhere:  git clone ... && cd ... && bash workflow/scripts/dvc-snapshot.sh --pull
+#             snakemake --profile <profile> -n       -> nothing to be done
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-run="${1:?usage: dvc-snapshot.sh embedded|full}"
-case "$run" in
-  embedded) stages=(data workflow-embedded workflow-state) ;;
-  full)     stages=(workflow-full workflow-state) ;;
-  *) echo "dvc-snapshot: unknown run '$run' (embedded or full)" >&2; exit 2 ;;
+mode="${1:?usage: dvc-snapshot.sh embedded|full|--pull}"
+dir=workflow/dvc
+
+track() {  # track NAME PATH: write workflow/dvc/NAME.dvc for PATH (relative to the root)
+  mkdir -p "$dir"
+  printf 'outs:\n- path: ../../%s\n' "$2" > "$dir/$1.dvc"
+  files+=("$dir/$1.dvc")
+}
+
+if [ "$mode" = --pull ]; then
+  targets=("$dir"/*.dvc)
+  grep -q '^  data:' dvc.lock 2>/dev/null && targets+=(data)
+  exec dvc pull "${targets[@]}"
+fi
+
+files=()
+targets=()
+case "$mode" in
+  embedded)
+    track results-embedded results/embedded
+    targets+=(data) ;;
+  full)
+    for ds in kinetics400 sthv1 sthv2; do
+      [ -d "data/$ds" ] && track "data-$ds" "data/$ds"
+    done
+    track results-full results/full ;;
+  *) echo "dvc-snapshot: unknown run '$mode' (embedded, full or --pull)" >&2; exit 2 ;;
 esac
-dvc commit --force "${stages[@]}"
-dvc push "${stages[@]}"
-git add dvc.lock
-git commit -m "DVC snapshot of the $run workflow outputs" -- dvc.lock
+track snakemake-metadata .snakemake/metadata
+targets+=("${files[@]}")
+dvc commit --force "${targets[@]}"
+dvc push "${targets[@]}"
+git add "${files[@]}"
+[ -f dvc.lock ] && git add dvc.lock
+git commit -m "DVC snapshot of the $mode workflow outputs" -- "${files[@]}" $( [ -f dvc.lock ] && echo dvc.lock )
