@@ -31,6 +31,13 @@ files=()
 targets=()
 case "$mode" in
   embedded)
+    for d in source kinetics400 sthv1 sthv2; do
+      if [ ! -d "data/embedded/$d" ]; then
+        echo "dvc-snapshot: data/embedded/$d is missing; the embedded data is versioned as a" \
+             "whole: snakemake --profile embedded data_kinetics400 data_sthv1 data_sthv2" >&2
+        exit 1
+      fi
+    done
     track results-embedded results/embedded
     targets+=(data) ;;
   full)
