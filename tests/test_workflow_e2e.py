@@ -3,8 +3,9 @@ the DVC round trip on its outputs (commit -> push -> fresh clone -> pull -> Snak
 nothing to do), `dvc repro` / `dvc exp run -S`, and one table through a real single-node Slurm
 cluster (`snakemake --profile <the slurm profile with the test partition>`, real sbatch).
 
-One embedded run is shared by the report checks and the DVC round trip; the Slurm test runs a
-smaller target (Table 2). Each works in a scratch copy of the repository."""
+One embedded run (the session fixture `embedded_run` in tests/conftest.py) is shared by these
+checks, the DVC round trip and tests/test_report_workflow.py; the Slurm test runs a smaller
+target (Table 2). Each works in a scratch copy of the repository."""
 from __future__ import annotations
 
 import json
@@ -38,18 +39,6 @@ def run(cmd: list[str], cwd: Path, timeout: float = 900, check: bool = True, **e
 
 def mlflow_env(root: Path) -> dict:
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-
-
-@pytest.fixture(scope="module")
-def embedded_run(tmp_path_factory):
-    """`snakemake --profile embedded` (everything) in a scratch copy; (path, seconds)."""
-    root = copy_repo(tmp_path_factory.mktemp("embedded") / "repo")
-    t0 = time.time()
-    snakemake(root, "--profile", "embedded", timeout=3600, **mlflow_env(root))
-    seconds = time.time() - t0
-    (root / "embedded-wall-seconds.txt").write_text(f"{seconds:.0f}\n")
-    print(f"\nembedded workflow: {seconds:.0f} s")
-    return root, seconds
 
 
 def test_embedded_workflow_makes_every_table_and_figure(embedded_run):

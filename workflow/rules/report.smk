@@ -36,7 +36,12 @@ rule tables:
         metrics=[f for n in TABLE_NUMBERS for f in table_inputs(n)],
         params=[f"{RES}/{e}/params.yaml" for e in EXPERIMENTS],
     output:
-        [f"{REPORTS}/tables/{f}" for f in report_table_files()],
+        [
+            report(f"{REPORTS}/tables/{f}", category="Tables", subcategory=f.split(".")[0])
+            if f.endswith((".html", ".csv"))
+            else f"{REPORTS}/tables/{f}"
+            for f in report_table_files()
+        ],
     params:
         run=RUN,
         outdir=lambda w, output: os.path.dirname(output[0]),
