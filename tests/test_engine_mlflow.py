@@ -117,7 +117,7 @@ def writer(i, queue):
 if __name__ == "__main__":
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=writer, args=(i, queue)) for i in range(8)]
+    procs = [ctx.Process(target=writer, args=(i, queue)) for i in range(int(sys.argv[1]))]
     for p in procs:
         p.start()
     results = [queue.get(timeout=240) for _ in procs]
@@ -137,7 +137,7 @@ def test_eight_concurrent_writers_lose_no_run(use_store, tmp_path):
 
     root, uri = use_store
     (tmp_path / "launch.py").write_text(LAUNCHER)
-    res = subprocess.run([sys.executable, str(tmp_path / "launch.py")], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, str(tmp_path / "launch.py"), "8"], capture_output=True, text=True,
                          env=dict(os.environ, MLFLOW_TRACKING_URI=uri), timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -154,6 +154,26 @@ def test_eight_concurrent_writers_lose_no_run(use_store, tmp_path):
         assert r.info.status == "FINISHED"
         assert len(client.get_metric_history(r.info.run_id, "loss")) == 5
         assert r.data.params["train.seed"] == str(int(r.data.metrics["writer"]))
+
+
+def test_concurrent_writers_on_a_store_that_does_not_exist_yet(tmp_path):
+    """Jobs starting together on a fresh clone: the first ones create the SQLite schema at the same
+    time. Unserialised, MLflow's migration is left half-done and every later run fails."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    (tmp_path / "launch.py").write_text(LAUNCHER)
+    res = subprocess.run([sys.executable, str(tmp_path / "launch.py"), "4"], capture_output=True, text=True,
+                         env=dict(os.environ, MLFLOW_TRACKING_URI=uri), timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["exitcodes"] == [0] * 4
+    exp = MlflowClient(uri).get_experiment_by_name("concurrent-writers")
+    runs = MlflowClient(uri).search_runs([exp.experiment_id])
+    assert {r.info.run_id for r in runs} == {rid for _, rid in out["results"]}
 
 
 def test_dvc_hash_from_dvc_file_or_lock(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import os
 import platform
 import random
@@ -228,6 +229,25 @@ def get_experiment_id(client, name: str, uri: str) -> str:
     return retry(get_or_create)
 
 
+@contextlib.contextmanager
+def _store_creation_lock(uri: str):
+    """Exclusive lock `<db>.lock` beside a SQLite store (no-op for other stores)."""
+    m = re.match(r"^sqlite:///(.+)$", uri)
+    if not m:
+        yield
+        return
+    import fcntl
+
+    db = Path(m.group(1))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def start_run(params: dict, kind: str, run_name: str | None = None, resume_run_id: str | None = None,
               extra_tags: dict | None = None, enabled: bool = True) -> Run:
     """Start (or resume) the run for a train/evaluate call and log params and tags."""
@@ -236,7 +256,11 @@ def start_run(params: dict, kind: str, run_name: str | None = None, resume_run_i
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
-    client = retry(MlflowClient, uri)
+    with _store_creation_lock(uri):
+        # the first client on a fresh SQLite file creates and migrates the schema; two processes
+        # doing that at once leave it half-migrated, so creation is serialised by a file lock
+        client = retry(MlflowClient, uri)
+        retry(client.search_experiments, max_results=1)
     if resume_run_id:
         try:
             run = retry(client.get_run, resume_run_id)
