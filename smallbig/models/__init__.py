@@ -2,9 +2,20 @@
 
 Contract (docs/architecture.md, section Models): ``build_model(params["model"])``,
 ``feature_maps(model, x)``, ``model_info(params)``, ``load_pretrained_2d(model, path)``.
+Imported lazily (PEP 562), so the `smallbig` CLI does not load torch for light subcommands.
 """
-from smallbig.models.resnet import (VideoResNet, build_model, feature_maps, normalize_model_cfg,
-                                    set_channels_last, set_formulation)
+from __future__ import annotations
+
+_RESNET = {"VideoResNet", "build_model", "feature_maps", "normalize_model_cfg",
+           "set_channels_last", "set_formulation"}
+__all__ = sorted(_RESNET | {"model_info", "load_pretrained_2d"})
+
+
+def __getattr__(name: str):
+    if name in _RESNET:
+        from smallbig.models import resnet
+        return getattr(resnet, name)
+    raise AttributeError(f"module 'smallbig.models' has no attribute {name!r}")
 
 
 def model_info(params: dict, **kwargs) -> dict:
@@ -15,7 +26,3 @@ def model_info(params: dict, **kwargs) -> dict:
 def load_pretrained_2d(model, path, **kwargs) -> dict:
     from smallbig.models.pretrained import load_pretrained_2d as _load
     return _load(model, path, **kwargs)
-
-
-__all__ = ["VideoResNet", "build_model", "feature_maps", "model_info", "load_pretrained_2d",
-           "normalize_model_cfg", "set_formulation", "set_channels_last"]
