@@ -55,7 +55,7 @@ def test_report_loads_cleanly_in_chromium(report, tmp_path):
 def test_check_finds_broken_images_links_and_console_errors(report, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(report, bad)
-    (bad / "figures" / "accuracy-vs-gflops.png").unlink()
+    (bad / "figures" / "summary" / "accuracy-vs-gflops.png").unlink()
     (bad / "tables" / "table3.csv").unlink()
     html = (bad / "index.html").read_text()
     html = html.replace("</body>", '<a href="#nowhere">x</a><a href="https://example.org/">y</a>'

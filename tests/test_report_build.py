@@ -165,7 +165,7 @@ def test_missing_results_never_break_the_report(tmp_path, tables):
     assert "Table 11" in text and "banner" not in text.split("<body>")[1].split("<h2")[0]
     # the figures that do not need results exist, and say what is missing
     names = {m["png"] for m in manifest}
-    assert {"accuracy-vs-gflops.png", "ablation-table3.png", "ablation-table9.png"} <= names
+    assert {"summary/accuracy-vs-gflops.png", "summary/ablation-table3.png", "summary/ablation-table9.png"} <= names
     for m in manifest:
         assert (out / "figures" / m["png"]).stat().st_size > 0
         assert (out / "figures" / m["svg"]).stat().st_size > 0
@@ -232,7 +232,7 @@ def test_figures_from_partial_results(tmp_path, tables):
     names = {m["png"] for m in manifest}
     assert "training/k400-r23-c2d.png" in names
     assert "views/k400-r23-c2d-10x3.png" in names and "views/k400-r50-sb-full-10x3.png" in names
-    assert {f"ablation-table{n}.png" for n in (3, 4, 5, 6, 9)} <= names
+    assert {f"summary/ablation-table{n}.png" for n in (3, 4, 5, 6, 9)} <= names
     for m in manifest:
         png = (tmp_path / "figs" / m["png"]).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -258,7 +258,7 @@ def test_cli_build_and_single_table(tmp_path, capsys):
     assert 'id="embedded-banner"' in index          # run named `embedded`
     for n in range(2, 12):
         assert f'href="tables/table{n}.csv"' in index and f'id="table{n}"' in index
-    assert '<img src="figures/accuracy-vs-gflops.png"' in index
+    assert '<img src="figures/summary/accuracy-vs-gflops.png"' in index
     meta = json.loads((out / "metadata.json").read_text())
     assert len(meta["git"]["commit"]) == 40
     assert main(["report", "table", "12", "--results", str(run), "--out", str(out / "tables"),

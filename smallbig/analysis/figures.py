@@ -92,7 +92,7 @@ def accuracy_vs_gflops(built: list[dict], out_dir: Path, banner: str | None = No
         fig.text(0.01, -0.02, "not plotted (ours): " + "; ".join(missing), fontsize=7,
                  va="top", color="#444", wrap=True)
     ax.grid(alpha=0.3, which="both")
-    stem = out_dir / "accuracy-vs-gflops"
+    stem = out_dir / "summary" / "accuracy-vs-gflops"
     save_figure(fig, stem)
     return _entry(stem, out_dir, f"Top-1 vs GFLOPs × views, Table 10 style: the paper's points "
                   f"and ours ({n_ours} reproduced).", "Accuracy vs cost")
@@ -132,7 +132,7 @@ def ablation(built: list[dict], number: int, out_dir: Path, banner: str | None =
     ax.set_title(f"Table {number}: {t['title']}" + _short(banner), fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
-    stem = out_dir / f"ablation-table{number}"
+    stem = out_dir / "summary" / f"ablation-table{number}"
     save_figure(fig, stem)
     done = sum(o is not None for o in ours)
     return _entry(stem, out_dir, f"Table {number} ablation, paper vs ours Top-1 "
@@ -227,7 +227,7 @@ def write_figures(built: list[dict], results: Results, out_dir: str | Path,
     from tqdm import tqdm
 
     out = Path(out_dir)
-    for sub in ("training", "views"):  # always there (Snakemake directory() outputs)
+    for sub in ("summary", "training", "views"):  # always there (Snakemake directory() outputs)
         (out / sub).mkdir(parents=True, exist_ok=True)
     manifest = [accuracy_vs_gflops(built, out, banner)]
     manifest += [e for n in ABLATION_TABLES if (e := ablation(built, n, out, banner))]

@@ -67,6 +67,15 @@ rule figures:
         params=[f"{RES}/{e}/params.yaml" for e in EXPERIMENTS],
     output:
         f"{REPORTS}/figures/figures.json",
+        report(directory(f"{REPORTS}/figures/summary"), patterns=["{name}.png"],
+               caption="../report/ablation.rst", category="Figures",
+               subcategory="Accuracy vs cost, ablations", labels={"figure": "{name}"}),
+        report(directory(f"{REPORTS}/figures/training"), patterns=["{exp}.png"],
+               caption="../report/training.rst", category="Figures",
+               subcategory="Training curves", labels={"experiment": "{exp}"}),
+        report(directory(f"{REPORTS}/figures/views"), patterns=["{name}.png"],
+               caption="../report/views.rst", category="Figures",
+               subcategory="Views vs accuracy", labels={"evaluation": "{name}"}),
     params:
         run=RUN,
         outdir=lambda w, output: os.path.dirname(output[0]),
@@ -90,6 +99,9 @@ rule featmaps:
         data=data_ready(FEATMAPS["smallbig"]),
     output:
         f"{REPORTS}/figures/featmaps.json",
+        report(directory(f"{REPORTS}/figures/featmaps"), patterns=["{video}.png"],
+               caption="../report/featmaps.rst", category="Figures",
+               subcategory="Feature maps", labels={"video": "{video}"}),
     params:
         run=RUN,
         outdir=lambda w, output: os.path.dirname(output[0]),
