@@ -15,6 +15,9 @@ min_version("9.0")
 configfile: "workflow/config/full.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 
 
