@@ -22,3 +22,14 @@ def embedded_run(tmp_path_factory):
     (root / "embedded-wall-seconds.txt").write_text(f"{seconds:.0f}\n")
     print(f"\nembedded workflow: {seconds:.0f} s")
     return root, seconds
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: one intra-op thread is fastest, and robust on a shared 2-core runner."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

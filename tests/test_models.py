@@ -13,13 +13,7 @@ from smallbig.models.layers import SmallBigUnit, pool_frames, pool_reference, to
 from smallbig.models.resnet import STAGES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and robust on a shared 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 IDS = experiment_ids()

@@ -14,13 +14,7 @@ from smallbig.models.info import AUTHORS_CODE, build_meta_model, count_macs, cou
 from smallbig.models.resnet import set_formulation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and robust on a shared 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # model-spec.md, "Measured sizes" (authors' code, torch FlopCounterMode / 2, 400 classes)

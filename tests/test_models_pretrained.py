@@ -14,13 +14,7 @@ from smallbig.models import build_model, load_pretrained_2d, set_formulation
 from smallbig.models.pretrained import PretrainedError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and robust on a shared 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 WIDTH = 8
