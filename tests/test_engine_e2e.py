@@ -60,9 +60,10 @@ def _env(monkeypatch):
 @pytest.fixture(scope="module")
 def reference(toy):
     """An uninterrupted run (2 epochs x 7 iterations, 2 clips x 2 accumulation)."""
-    os.environ["SMALLBIG_NO_MLFLOW"] = "1"
     out = toy / "ref"
-    assert main(["train", str(toy / "params.yaml"), "--out", str(out), "--no-progress"]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # module scope: no leak into later test modules
+        mp.setenv("SMALLBIG_NO_MLFLOW", "1")
+        assert main(["train", str(toy / "params.yaml"), "--out", str(out), "--no-progress"]) == 0
     return out
 
 

@@ -166,11 +166,13 @@ def test_concurrent_writers_on_a_store_that_does_not_exist_yet(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     (tmp_path / "launch.py").write_text(LAUNCHER)
+    env = {k: v for k, v in os.environ.items() if k != "SMALLBIG_NO_MLFLOW"}  # other tests set it
     res = subprocess.run([sys.executable, str(tmp_path / "launch.py"), "4"], capture_output=True, text=True,
-                         env=dict(os.environ, MLFLOW_TRACKING_URI=uri), timeout=400)
+                         env=dict(env, MLFLOW_TRACKING_URI=uri), timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["exitcodes"] == [0] * 4
+    assert (tmp_path / "fresh" / "mlflow.db.lock").exists()  # creation went through the lock
     exp = MlflowClient(uri).get_experiment_by_name("concurrent-writers")
     runs = MlflowClient(uri).search_runs([exp.experiment_id])
     assert {r.info.run_id for r in runs} == {rid for _, rid in out["results"]}
