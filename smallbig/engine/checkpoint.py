@@ -86,8 +86,13 @@ def clean_state_dict(state: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- save / load
-def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save to ``path`` atomically (tmp file in the same directory + fsync + os.replace)."""
+def atomic_save(obj, path: str | Path, keep_previous: bool = False) -> Path:
+    """torch.save to ``path`` atomically (tmp file in the same directory + fsync + os.replace).
+
+    ``keep_previous``: the file it replaces becomes ``<stem>.prev.pt``. The new file is complete
+    on disk (tmp) before anything is renamed, so at every instant at least one complete
+    checkpoint exists under ``path`` or its ``.prev.pt``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -96,6 +101,8 @@ def atomic_save(obj, path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, prev_path(path))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -118,27 +125,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_rotating(obj, path: str | Path) -> Path:
-    """Atomically write ``path`` (e.g. last.pt); the file it replaces becomes ``<stem>.prev.pt``.
-
-    Order: the new file is complete on disk (tmp) before anything is renamed, so at every
-    instant at least one complete checkpoint exists under ``last.pt`` or ``last.prev.pt``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, prev_path(path))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+    """Atomically write ``path`` (e.g. last.pt); the file it replaces becomes ``<stem>.prev.pt``."""
+    return atomic_save(obj, path, keep_previous=True)
 
 
 def prev_path(path: str | Path) -> Path:
