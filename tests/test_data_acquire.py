@@ -58,7 +58,7 @@ def test_toy_layout_matches_the_real_datasets(toy):
         assert (k / rel).is_file(), rel
     csv_text = (k / "annotations/train.csv").read_text()
     assert csv_text.splitlines()[0] == "label,youtube_id,time_start,time_end,split"
-    assert '"handing over, nearby"' in csv_text and '"moving up"' in csv_text
+    assert '"handing over, nearby"' in csv_text and '"standing still"' in csv_text
     urls = (k / "train/k400_train_path.txt").read_text().split()
     assert len(urls) == 3 and all(u.endswith(f"part_{i}.tar.gz") for i, u in enumerate(urls))
     with tarfile.open(k / "train/part_0.tar.gz") as t:
@@ -119,6 +119,55 @@ def test_toy_classes_differ_over_time_not_per_frame():
     down = np.stack([disk_rows("down", s) for s in range(6)])
     assert abs(up.mean() - down.mean()) < 8  # same positions overall
     assert (np.diff(up, axis=1).mean(1) < 0).all() and (np.diff(down, axis=1).mean(1) > 0).all()
+
+
+def _disk_tracks(kind, seeds, n=48):
+    """Per frame: area and centroid of the coloured disk(s) (saturated pixels)."""
+    from smallbig.data.toy import render
+
+    out = []
+    for seed in seeds:
+        f = render(kind, n, np.random.default_rng(seed)).astype(np.int32)
+        sat = np.abs(f[..., 0] - f[..., 1]) > 80
+        yy, xx = np.mgrid[0:sat.shape[1], 0:sat.shape[2]]
+        area = sat.sum((1, 2)).astype(float)
+        cy = (sat * yy).sum((1, 2)) / np.maximum(area, 1)
+        cx = (sat * xx).sum((1, 2)) / np.maximum(area, 1)
+        out.append(np.stack([area, cy, cx], 1))
+    return np.stack(out)  # [seeds, n, 3]
+
+
+def test_toy_kinetics_classes_are_symmetric_in_time_and_differ_over_time():
+    """The Kinetics-style classes carry no direction of time (SmallBig is exactly invariant to
+    time reversal, docs/models.md), have similar per-frame content, and differ in how the disk
+    behaves across frames. Positive control: the SS kind 'up' does have a direction."""
+    from smallbig.data.toy import K400_KIND
+
+    seeds = range(16)
+    tracks = {kind: _disk_tracks(kind, seeds) for kind in K400_KIND.values()}
+    mean_area = np.mean([t[..., 0].mean() for t in tracks.values()])
+    for kind, t in tracks.items():
+        area = t[..., 0]
+        assert 0.6 < area.mean() / mean_area < 1.6, kind  # per-frame content alike
+        # time symmetry: no systematic growth or drift from the first half to the second
+        half = area.shape[1] // 2
+        trend = (area[:, half:].mean(1) - area[:, :half].mean(1)).mean() / area.mean()
+        assert abs(trend) < 0.15, (kind, trend)
+        for axis in (1, 2):
+            drift = (t[:, half:, axis].mean(1) - t[:, :half, axis].mean(1)).mean()
+            assert abs(drift) < 12, (kind, axis, drift)
+    up_y = _disk_tracks("up", seeds)[..., 1]
+    assert (up_y[:, 24:].mean(1) - up_y[:, :24].mean(1)).mean() < -12
+
+    def step(kind):  # mean centroid displacement between frames 8 apart (the K400 stride)
+        t = tracks[kind]
+        return np.hypot(t[:, 8:, 1] - t[:, :-8, 1], t[:, 8:, 2] - t[:, :-8, 2]).mean()
+
+    assert step("still") < 2 and step("flicker") < 2 and step("pulse") < 2
+    assert 8 < step("glide") and step("glide") < step("teleport")
+    assert step("handover_near") < 25 < step("handover_far")
+    # pulsing changes the area at one place; flickering changes the colour at one place
+    assert tracks["pulse"][..., 0].std(1).mean() > 3 * tracks["still"][..., 0].std(1).mean()
 
 
 # --------------------------------------------------------------------------- Kinetics acquisition

@@ -289,3 +289,29 @@ def test_channels_last_same_result():
         with torch.no_grad():
             y1 = model(x)
         torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
+
+
+REVERSAL_INVARIANT = ["k400-r23-c2d", "k400-r23-sb311", "k400-r23-sb333", "k400-r23-sb-typical",
+                      "k400-r23-sb-full", "k400-r23-sb-full-avgpool", "k400-r23-nonlocal"]
+
+
+@pytest.mark.parametrize("exp_id", REVERSAL_INVARIANT + ["k400-r23-i3d311", "sthv2-r50-sb-8f"])
+def test_time_reversal(exp_id):
+    """Every temporal operation of a SmallBig network (big-view max/avg pooling with symmetric
+    padding, the global max of T x 3 x 3 and of the extra unit, global average pooling) is
+    symmetric in time, so the whole network is exactly invariant to playing the clip backwards:
+    SmallBig cannot tell 'moving up' from 'moving down' (docs/models.md). A learned 3 x 1 x 1
+    temporal conv (Table 2's 3D block, the SlowOnly backbone of the Something-Something models)
+    breaks the symmetry. This is why the toy classes are symmetric in time (docs/data.md)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(exp_id, depth=23 if exp_id.startswith("k400") else 50)).double()
+    randomize_bn(model)
+    model.eval()
+    x = torch.randn(2, 3, 6, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y, y_rev = model(x), model(x.flip(2))
+    diff = (y - y_rev).abs().max().item() / y.abs().max().item()
+    if exp_id in REVERSAL_INVARIANT:
+        assert diff < 1e-10
+    else:
+        assert diff > 1e-3

@@ -1,6 +1,6 @@
 """`smallbig data ...`: the embedded dataset, preparation, frames, validation.
 
-  smallbig data toy --out DIR [--seed N]
+  smallbig data toy --out DIR [--seed N] [--datasets ...] [--per-class train=24 val=16 ...]
   smallbig data prepare PARAMS [--overlay OVERLAY] [--workers N] [--recheck]
   smallbig data check --list LIST --root DIR --out REPORT.json [--decode-all] [--min-frames N]
   smallbig data check PARAMS --out REPORT.json   (train.txt + val.txt of data.root)
@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = dsub.add_parser("toy", help="generate the embedded dataset (real encoded videos)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--datasets", nargs="+", default=["kinetics400", "sthv2", "sthv1"],
+                   choices=["kinetics400", "sthv2", "sthv1"], help="which trees to generate")
+    t.add_argument("--per-class", nargs="+", default=[], metavar="SPLIT=N",
+                   help="videos per class, e.g. train=24 val=16 (splits: train val test ss_train ss_val; "
+                        "default 12 6 1 12 6)")
     t.set_defaults(func=_toy)
 
     pr = dsub.add_parser("prepare", help="acquire -> lists -> frames -> check -> manifest (idempotent)")
@@ -76,7 +81,14 @@ def _logging():
 def _toy(args) -> int:
     from smallbig.data.toy import make_toy
 
-    summary = make_toy(args.out, args.seed)
+    per_class = {}
+    for item in args.per_class:
+        key, _, val = item.partition("=")
+        if key not in ("train", "val", "test", "ss_train", "ss_val") or not val.isdigit() or int(val) < 1:
+            raise SystemExit(f"smallbig data toy: --per-class {item!r}: expected SPLIT=N with SPLIT one of "
+                             "train, val, test, ss_train, ss_val and N >= 1")
+        per_class[key] = int(val)
+    summary = make_toy(args.out, args.seed, datasets=tuple(args.datasets), per_class=per_class or None)
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -17,10 +17,13 @@
 
 Every frame shows one (or, for two SS classes, two) coloured disk(s) on a textured, noisy
 background, drawn from the same distribution in every class: a single frame says almost
-nothing about the class. Classes differ in how the disks move, grow or hand over across
-frames, so per-frame (2D) models must fall clearly below temporal ones; evidence spread over
-neighbouring frames and positions (hand-over near vs far, smooth vs teleporting) is what a
-max over a 3D neighbourhood (the SmallBig big view) sees directly.
+nothing about the class. Classes differ in how the disks move, pulse or hand over across
+frames, so per-frame (2D) models must fall clearly below temporal ones. The Kinetics-style
+classes are all symmetric in time (SmallBig networks cannot see the direction of time, see
+docs/models.md): evidence spread over neighbouring frames and positions (hand-over near vs far,
+gliding vs swaying vs teleporting, pulsing vs flickering) is what a max over a 3D
+neighbourhood (the SmallBig big view) sees. The SS-style classes keep direction (left/right,
+closer/away): the paper's SS models have 3x1x1 temporal convs.
 """
 from __future__ import annotations
 
@@ -40,21 +43,25 @@ SS_FPS = 12
 RED = np.array([225, 40, 40], np.float32)
 GREEN = np.array([40, 200, 60], np.float32)
 
-# Kinetics-style classes (no left/right classes: Kinetics is trained with horizontal flips).
-# Names contain spaces and commas on purpose (quoted in the CSV, as in the real annotations).
+# Kinetics-style classes: all symmetric in time (a clip played backwards belongs to the same
+# class) and under horizontal flips (Kinetics is trained with flips). SmallBig networks are
+# exactly invariant to time reversal (docs/models.md), so direction-of-time classes such as
+# "moving up" / "moving down" would test the wrong thing; these differ in what happens at nearby
+# places over neighbouring frames instead. Names contain spaces and commas on purpose (quoted in
+# the CSV, as in the real annotations).
 K400_CLASSES = [
-    "moving up",
-    "moving down",
     "standing still",
+    "gliding",
+    "swaying back and forth",
     "teleporting",
-    "growing",
-    "shrinking",
+    "pulsing",
+    "flickering",
     "handing over, nearby",
     "handing over, far away",
 ]
 K400_KIND = {
-    "moving up": "up", "moving down": "down", "standing still": "still",
-    "teleporting": "teleport", "growing": "grow", "shrinking": "shrink",
+    "standing still": "still", "gliding": "glide", "swaying back and forth": "sway",
+    "teleporting": "teleport", "pulsing": "pulse", "flickering": "flicker",
     "handing over, nearby": "handover_near", "handing over, far away": "handover_far",
 }
 # Something-Something-style templates (left/right classes: never flipped).
@@ -116,6 +123,13 @@ def _draw(img: np.ndarray, x: float, y: float, r: float, colour: np.ndarray) -> 
     patch += alpha * colour
 
 
+def _reflect(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Fold positions back into [lo, hi] as a ball bouncing off walls (a triangle wave)."""
+    span = hi - lo
+    u = np.mod(p - lo, 2 * span)
+    return lo + np.where(u < span, u, 2 * span - u)
+
+
 def _path(n: int, start: float, end: float) -> np.ndarray:
     return np.linspace(start, end, n, dtype=np.float32)
 
@@ -151,7 +165,7 @@ def render(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     bg = _background(rng)
     c0 = int(rng.integers(0, 2))
     cols = np.full(n, c0)
-    r = np.full(n, rng.uniform(10, 16))
+    r = np.full(n, rng.uniform(8, 20))
     margin = 18
     x = np.full(n, rng.uniform(margin, W - margin))
     y = np.full(n, rng.uniform(margin, H - margin))
@@ -177,15 +191,30 @@ def render(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
         px = rng.uniform(margin, W - margin, k)
         py = rng.uniform(margin, H - margin, k)
         x, y = np.repeat(px, hold)[:n], np.repeat(py, hold)[:n]
-    elif kind in ("grow", "shrink"):
-        a, b = 6.0, 22.0
-        if kind == "shrink":
-            a, b = b, a
-        r = _path(n, a, b)
-        x = np.full(n, rng.uniform(26, W - 26))
-        y = np.full(n, rng.uniform(26, H - 26))
     elif kind in ("handover_near", "handover_far"):
         x, y, r, cols = _handover(rng, n, kind == "handover_near", c0)
+    elif kind == "flicker":  # stays, colour toggles every 5-7 frames
+        t, c = 0, c0
+        while t < n:
+            length = int(rng.integers(5, 8))
+            cols[t:t + length] = c
+            c, t = 1 - c, t + length
+        x = x + rng.normal(0, 0.6, n)
+        y = y + rng.normal(0, 0.6, n)
+    elif kind == "glide":  # constant speed in a random direction, bouncing off the borders
+        ang, speed = rng.uniform(0, 2 * np.pi), rng.uniform(1.5, 2.5)
+        t = np.arange(n, dtype=np.float32)
+        x = _reflect(x + speed * np.cos(ang) * t, margin, W - margin)
+        y = _reflect(y + speed * np.sin(ang) * t, margin, H - margin)
+    elif kind == "sway":  # back and forth along a random axis
+        ang, amp = rng.uniform(0, np.pi), rng.uniform(15, 25)
+        phase = np.sin(2 * np.pi * np.arange(n) / rng.uniform(12, 20) + rng.uniform(0, 2 * np.pi))
+        x = np.clip(x + amp * np.cos(ang) * phase, margin, W - margin)
+        y = np.clip(y + amp * np.sin(ang) * phase, margin, H - margin)
+    elif kind == "pulse":  # radius oscillates 8 <-> 20 px at a fixed place
+        r = 14 + 6 * np.sin(2 * np.pi * np.arange(n) / rng.uniform(16, 24) + rng.uniform(0, 2 * np.pi))
+        x = np.full(n, rng.uniform(26, W - 26))
+        y = np.full(n, rng.uniform(26, H - 26))
     elif kind in ("approach", "separate"):
         cy = rng.uniform(35, H - 35)
         cx = rng.uniform(50, W - 50)
