@@ -121,6 +121,21 @@ def test_toy_classes_differ_over_time_not_per_frame():
     assert (np.diff(up, axis=1).mean(1) < 0).all() and (np.diff(down, axis=1).mean(1) > 0).all()
 
 
+def test_toy_cli_sizes(tmp_path):
+    """`smallbig data toy --per-class`: the sizes reach the generator; bad sizes fail clearly."""
+    run = [sys.executable, "-m", "smallbig", "data", "toy", "--out", str(tmp_path / "t"), "--datasets", "kinetics400"]
+    r = subprocess.run(run + ["--per-class", "train=x"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--per-class 'train=x'" in r.stderr
+    r = subprocess.run(run + ["--per-class", "train=1"], capture_output=True, text=True)
+    assert r.returncode != 0 and "train >= 2" in r.stderr
+    r = subprocess.run(run + ["--per-class", "train=2", "val=1", "test=1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "t" / "toy.json").read_text())
+    # 8 classes; one train and one val video are made missing from the tarballs
+    assert summary["kinetics400"]["videos"] == {"train": 15, "val": 7, "test": 8}
+    assert not (tmp_path / "t" / "sthv2").exists()
+
+
 def _disk_tracks(kind, seeds, n=48):
     """Per frame: area and centroid of the coloured disk(s) (saturated pixels)."""
     from smallbig.data.toy import render

@@ -88,7 +88,10 @@ def _toy(args) -> int:
             raise SystemExit(f"smallbig data toy: --per-class {item!r}: expected SPLIT=N with SPLIT one of "
                              "train, val, test, ss_train, ss_val and N >= 1")
         per_class[key] = int(val)
-    summary = make_toy(args.out, args.seed, datasets=tuple(args.datasets), per_class=per_class or None)
+    try:
+        summary = make_toy(args.out, args.seed, datasets=tuple(args.datasets), per_class=per_class or None)
+    except ValueError as e:
+        raise SystemExit(f"smallbig data toy: {e}") from None
     print(json.dumps(summary, indent=1))
     return 0
 

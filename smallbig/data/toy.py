@@ -534,6 +534,10 @@ def make_toy(out: str | Path, seed: int = 0, datasets=("kinetics400", "sthv2", "
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = _sizes(per_class)
+    bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
+    if bad or ("kinetics400" in datasets and sizes["train"] < 2):
+        # the Kinetics mirror makes one train video missing and another truncated: >= 2 per class
+        raise ValueError(f"toy videos per class must be integers >= 1 (train >= 2 for kinetics400): {sizes}")
     total = 0
     if "kinetics400" in datasets:
         total += len(K400_CLASSES) * (sizes["train"] + sizes["val"] + sizes["test"])
