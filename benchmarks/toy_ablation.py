@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,13 +68,8 @@ def run_one(exp: str, seed: int, overlay: dict, work: Path, threads: int) -> dic
         m = json.loads((run / f"eval-{proto}" / "metrics.json").read_text())
         res[proto] = {"top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"],
                       "per_class_acc": m["per_class_acc"]}
-    hist = run / "train" / "history.json"
-    last_loss = None
-    if hist.exists():
-        h = json.loads(hist.read_text())
-        rows = h if isinstance(h, list) else h.get("epochs", [])
-        if rows:
-            last_loss = rows[-1].get("loss")
+    history = json.loads((run / "train" / "history.json").read_text())  # one row per epoch
+    last_loss = history[-1]["loss"] if history else None
     row = {"experiment": exp, "seed": seed, "train_s": round(t_train, 1), "final_train_loss": last_loss, **res}
     print(json.dumps({k: row[k] for k in ("experiment", "seed", "train_s")} |
                      {p: row[p]["top1"] for p in ("1x1", "10x3")}), flush=True)
@@ -124,15 +120,13 @@ def main() -> int:
     ov_path = work / "overlay.yaml"
     ov_path.write_text(yaml.safe_dump(overlay))
 
-    stamp = data / "source" / "toy.json"
+    stamp = data / "ablation.json"  # what the sample under `data` was generated with
     want = {"per_class": sorted(args.per_class), "seed": args.toy_seed}
-    if not stamp.exists() or json.loads((data / "ablation.json").read_text() if (data / "ablation.json").exists()
-                                        else "{}") != want:
+    if not stamp.exists() or json.loads(stamp.read_text()) != want:
         smallbig("data", "toy", "--out", str(data / "source"), "--datasets", "kinetics400",
                  "--seed", str(args.toy_seed), "--per-class", *args.per_class)
-        import shutil
         shutil.rmtree(data / "kinetics400", ignore_errors=True)
-        (data / "ablation.json").write_text(json.dumps(want))
+        stamp.write_text(json.dumps(want))
     if not (data / "kinetics400" / "manifest.json").exists():
         smallbig("data", "prepare", "params/experiments/k400-r23-c2d.yaml", "--overlay", str(ov_path), "--quiet")
 
