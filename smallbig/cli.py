@@ -3,6 +3,7 @@
 
   params      resolve / validate / list experiments          (smallbig/config_cli.py)
   model-info  sizes and compute of a configured model        (smallbig/models/cli.py)
+  pretrained  fetch / list ImageNet initialisation files      (smallbig/models/weights.py)
   data ...    acquire, extract, check, embedded dataset      (smallbig/data/cli.py)
   train, evaluate, ensemble                                   (smallbig/engine/cli.py)
   plan        jobs and GPU-hours of the workflow              (smallbig/plan.py)
@@ -20,6 +21,7 @@ from smallbig.analysis import cli as analysis_cli
 from smallbig.data import cli as data_cli
 from smallbig.engine import cli as engine_cli
 from smallbig.models import cli as models_cli
+from smallbig.models import weights as pretrained_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smallbig {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (config_cli, models_cli, data_cli, engine_cli, plan, analysis_cli):
+    for module in (config_cli, models_cli, pretrained_cli, data_cli, engine_cli, plan, analysis_cli):
         module.register(sub)
     return parser
 

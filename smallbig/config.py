@@ -113,6 +113,7 @@ def validate(params: dict, source: str | Path = "<params>") -> None:
     """Schema + semantic checks; raises ParamsError naming source, key and problem."""
     import jsonschema
 
+    _check_pretrained_set(params, str(source))
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(params), key=lambda e: (len(e.path), list(map(str, e.path))))
     if errors:
@@ -138,7 +139,48 @@ def feature_size(crop: int, stage: str) -> int:
     return size
 
 
+def _check_pretrained_set(p: dict, source: str) -> None:
+    """`model.pretrained` must say what a training starts from: null/missing is refused (before
+    the schema, for a clear message), `none` is the explicit from-scratch choice."""
+    model = p.get("model")
+    if isinstance(model, dict) and model.get("pretrained") is None:
+        declared = p.get("pretrained_weights")
+        names = ", ".join(sorted(declared)) if isinstance(declared, dict) and declared else "none declared"
+        raise ParamsError(
+            f"{source}: model.pretrained: not set ({'null' if 'pretrained' in model else 'missing'}); "
+            f"every training says what it starts from: a name declared under pretrained_weights "
+            f"({names}), the path of a local torchvision-format .pth file, or `none` to train "
+            f"from scratch")
+
+
+def _check_pretrained(p: dict, source: str) -> None:
+    """A name must be declared, and hold the ResNet depth the model loads; declared files unique."""
+    from smallbig.models.weights import SOURCE_DEPTH, classify
+
+    declared = p.get("pretrained_weights") or {}
+    files: dict[str, str] = {}
+    for name, entry in declared.items():
+        if entry["file"] in files:
+            raise ParamsError(
+                f"{source}: pretrained_weights.{name}.file: {entry['file']} is also "
+                f"pretrained_weights.{files[entry['file']]}'s file; each name needs its own file")
+        files[entry["file"]] = name
+    value, depth = p["model"]["pretrained"], p["model"]["depth"]
+    kind = classify(value, declared)
+    if kind == "unknown":
+        raise ParamsError(
+            f"{source}: model.pretrained: {value!r} is not declared under pretrained_weights "
+            f"(declared: {', '.join(sorted(declared)) or 'none'}) and is not a path (a path has a "
+            f"'/' or a .pth/.pt suffix); use `none` to train from scratch")
+    if kind == "name" and declared[value]["depth"] != SOURCE_DEPTH[depth]:
+        raise ParamsError(
+            f"{source}: model.pretrained: {value} holds a ResNet-{declared[value]['depth']}, but an "
+            f"R{depth} model loads ResNet-{SOURCE_DEPTH[depth]} weights (R23 takes the first "
+            f"blocks of each ResNet-50 stage)")
+
+
 def _semantic_checks(p: dict, source: str) -> None:
+    _check_pretrained(p, source)
     model, data, test = p["model"], p["data"], p["test"]
     T = data["num_frames"]
     sizes = [data.get("crop_size", 224)]
@@ -186,7 +228,21 @@ def load_params(path: str | Path, overlay: str | Path | None = None) -> dict:
         params = _apply_overlay(params, Path(overlay))
     source = f"{path}" + (f" (+ overlay {overlay})" if overlay else "")
     validate(params, source)
-    return params
+    return _only_used_weights(params)
+
+
+def _only_used_weights(p: dict) -> dict:
+    """Keep only the `pretrained_weights` entry the experiment loads (all were validated): its
+    params (and hash, the run's identity) then change with its own ImageNet file, never with
+    another's; `none` or a path keeps none."""
+    declared = p.get("pretrained_weights")
+    if declared is not None:
+        used = p["model"]["pretrained"]
+        if used in declared:
+            p["pretrained_weights"] = {used: declared[used]}
+        else:
+            del p["pretrained_weights"]
+    return p
 
 
 def load_resolved(path: str | Path) -> dict:

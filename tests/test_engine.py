@@ -29,6 +29,7 @@ def tiny_params(**train_over) -> dict:
     p = config.load_params(config.experiment_path("k400-r23-c2d"))
     p["data"].update(num_frames=2, crop_size=16, num_workers=0, root="/nonexistent-toy")
     p["model"]["num_classes"] = 5
+    p["model"]["pretrained"] = "none"  # a BN-free toy model: no ImageNet file
     p["train"].update(epochs=2, batch_size=8, per_gpu_batch=4, lr=0.05, amp="none",
                       checkpoint_every_iters=2, val_every_epochs=1, seed=3, warmup_epochs=0)
     p["train"].update(train_over)

@@ -114,7 +114,9 @@ def test_inflated_net_on_identical_frames_gives_2d_logits(r50_file, exp_id, form
     variant) on a clip of T identical frames returns the 2-D ResNet's logits on that frame."""
     net50, path = r50_file
     net2d = r23_from(net50)
-    video = build_model(cfg_of(exp_id, pretrained=str(path), formulation=formulation)).eval()
+    video = build_model(cfg_of(exp_id, formulation=formulation))
+    load_pretrained_2d(video, path)
+    video.eval()
     frame = torch.randn(2, 3, 48, 48)
     clip = frame[:, :, None].expand(2, 3, 6, 48, 48).contiguous()
     with torch.no_grad():
@@ -133,7 +135,9 @@ def test_inflated_311_equals_2d_away_from_temporal_borders(r50_file):
     R23-I3D has 7 blocks with a 3×1×1 conv: on 16 frames, frames 7 and 8 are exact."""
     net50, path = r50_file
     net2d = r23_from(net50)
-    video = build_model(cfg_of("k400-r23-i3d311", pretrained=str(path))).eval()
+    video = build_model(cfg_of("k400-r23-i3d311"))
+    load_pretrained_2d(video, path)
+    video.eval()
     assert video.res2[0].conv1.conv.weight.shape[2] == 3
     frame = torch.randn(1, 3, 48, 48)
     T = 16
@@ -170,7 +174,8 @@ def test_summary_and_key_mapping(r50_file):
 
 def test_classifier_loaded_when_shapes_match(r50_file):
     net50, path = r50_file
-    model = build_model(cfg_of("k400-r50-c2d", pretrained=str(path)))
+    model = build_model(cfg_of("k400-r50-c2d"))
+    load_pretrained_2d(model, path)
     torch.testing.assert_close(model.head.fc.weight, net50.fc.weight)
     # R50 takes every block
     torch.testing.assert_close(model.res4[5].conv3.conv.weight[:, :, 0], net50.layer3[5].conv3.weight)
@@ -188,9 +193,11 @@ def test_r101_loads_r101_and_refuses_r50(tmp_path, r50_file):
     with pytest.raises(PretrainedError, match="ResNet-50 state dict, but the model is R101"):
         load_pretrained_2d(build_model(cfg_of("k400-r101-sb-typical-32f")), path50)
     with pytest.raises(PretrainedError, match="ResNet-101 state dict, but the model is R23"):
-        build_model(cfg_of("k400-r23-c2d", pretrained=str(path101)))
+        load_pretrained_2d(build_model(cfg_of("k400-r23-c2d")), path101)
     # R101 on identical frames = the 2-D R101
-    video = build_model(cfg_of("k400-r101-sb-typical-32f", pretrained=str(path101))).eval()
+    video = build_model(cfg_of("k400-r101-sb-typical-32f"))
+    load_pretrained_2d(video, path101)
+    video.eval()
     frame = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         want = net101(frame)
@@ -209,3 +216,15 @@ def test_bad_files(tmp_path, r50_file):
     wide = build_model(cfg_of("k400-r23-c2d", base_width=16))
     with pytest.raises(PretrainedError, match="shape"):
         load_pretrained_2d(wide, r50_file[1])
+
+
+def test_build_model_never_loads_weights(tmp_path, r50_file):
+    """`pretrained` in the model config (a name, a path, `none`) is the engine's business: the
+    model is built freshly initialised, whatever the value, and no file is opened."""
+    net50, path = r50_file
+    for value in ("torchvision-resnet50", str(path), str(tmp_path / "missing.pth"), "none", None):
+        model = build_model(cfg_of("k400-r23-c2d", pretrained=value))
+        assert not torch.equal(model.stem.conv.weight[:, :, 0], net50.conv1.weight), value
+        assert torch.equal(model.stem.bn.running_mean, torch.zeros_like(model.stem.bn.running_mean)), value
+    with pytest.raises(ValueError, match="model.pretrained"):
+        build_model(cfg_of("k400-r23-c2d", pretrained=3))

@@ -1,5 +1,9 @@
 """ImageNet initialisation from a local torchvision-format 2-D ResNet state dict.
 
+Which file a training loads (a name declared under `pretrained_weights:` in the params, verified,
+a path, or `none`) is decided by ``smallbig.models.weights.resolve_pretrained``; the engine loads
+it for a fresh run only (``build_model`` never loads weights).
+
 Rules (``../shared/design/model-spec.md``):
 - 2-D kernels ``[O, I, kh, kw]`` become ``[O, I, 1, kh, kw]``; a temporal kernel (3×1×1) is
   inflated: repeated over time and divided by kt (so a clip of identical frames gives the 2-D
@@ -21,16 +25,15 @@ from typing import Any
 import torch
 
 from smallbig.models.resnet import VideoResNet
+from smallbig.models.weights import SOURCE_DEPTH, PretrainedError
 
 log = logging.getLogger("smallbig.models")
 
 # blocks of layer1..layer4 by torchvision depth
 _SOURCE_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
-_REQUIRED_SOURCE = {23: 50, 50: 50, 101: 101}
+_REQUIRED_SOURCE = SOURCE_DEPTH  # R23 and R50 load ResNet-50, R101 loads ResNet-101
 
-
-class PretrainedError(ValueError):
-    """The pretrained file is missing, unreadable or does not fit the model."""
+__all__ = ["PretrainedError", "load_pretrained_2d", "source_depth"]
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

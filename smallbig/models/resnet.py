@@ -230,7 +230,7 @@ def normalize_model_cfg(cfg: Any) -> dict:
     if out["formulation"] not in ("efficient", "reference"):
         raise ValueError(f"model.formulation: must be 'efficient' or 'reference', got {out['formulation']!r}")
     if out["pretrained"] is not None and not isinstance(out["pretrained"], str):
-        raise ValueError(f"model.pretrained: must be a path or null, got {out['pretrained']!r}")
+        raise ValueError(f"model.pretrained: must be a declared name, a path or 'none', got {out['pretrained']!r}")
     unit = out.get("unit") or {}
     if not isinstance(unit, dict):
         raise ValueError(f"model.unit: expected a mapping, got {unit!r}")
@@ -285,15 +285,12 @@ def normalize_model_cfg(cfg: Any) -> dict:
 
 
 def build_model(model_cfg: dict) -> VideoResNet:
-    """Build the network of a params file's ``model`` section (see docs/models.md).
-
-    Loads ImageNet weights when ``pretrained`` is a path (``load_pretrained_2d``)."""
-    cfg = normalize_model_cfg(model_cfg)
-    model = VideoResNet(cfg)
-    if cfg["pretrained"]:
-        from smallbig.models.pretrained import load_pretrained_2d
-        load_pretrained_2d(model, cfg["pretrained"])
-    return model
+    """Build the network of a params file's ``model`` section (see docs/models.md), freshly
+    initialised. It never loads weights: ``pretrained`` (an ImageNet name, path or ``none``) is
+    the engine's business, which loads it for a fresh training only
+    (``smallbig.models.weights.resolve_pretrained`` + ``load_pretrained_2d``); evaluation and
+    feature maps load trained checkpoints and need no ImageNet file."""
+    return VideoResNet(normalize_model_cfg(model_cfg))
 
 
 def smallbig_units(model: nn.Module) -> list[SmallBigUnit]:
