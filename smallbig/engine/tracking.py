@@ -6,9 +6,15 @@ Experiment = the params ``id``. See the runs with::
 
     mlflow ui --backend-store-uri sqlite:///mlflow.db      # from the repository root
 
-Many concurrent processes (Slurm array jobs) may write to one SQLite file: every store call is
+Many concurrent processes on ONE machine may write to one SQLite file: every store call is
 retried with backoff on "database is locked"/"busy" errors and experiment-creation races, so no
-run is lost. On a cluster, point MLFLOW_TRACKING_URI at a shared server instead.
+run is lost. On a cluster SQLite is not safe (its file locking is unreliable over NFS and other
+shared file systems): start `smallbig tracking serve` (smallbig/engine/tracking_server.py) and
+point every job at it with MLFLOW_TRACKING_URI (the slurm profile's MLFLOW_URI line does that,
+`workflow_tracking_env`). Jobs then upload artifacts over HTTP.
+
+MLflow's usage telemetry is switched off for the processes that start runs
+(MLFLOW_DISABLE_TELEMETRY=true unless the variable is set already).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import random
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +39,66 @@ _RETRY_PATTERNS = ("locked", "busy", "unique constraint", "already exists", "dis
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def is_sqlite(uri: str) -> bool:
+    """A store written by every client itself through the file system (SQLite; also MLflow's
+    plain file store, `file:` or a bare path): unsafe for concurrent jobs on a shared file
+    system. False for servers and databases (http(s), postgresql, mysql, databricks, ...)."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    if not m:
+        return uri not in ("databricks", "databricks-uc", "uc")
+    return m.group(1).lower() in ("sqlite", "file")
+
+
+CLUSTER_SQLITE_WARNING = (
+    "WARNING: MLflow store is SQLite ({uri}) but this is a cluster run: SQLite's file locking is "
+    "unsafe over NFS and other shared file systems, so concurrent jobs can corrupt or lose runs. "
+    "Start a tracking server (`smallbig tracking serve`, docs/engine.md \"MLflow\") and set "
+    "MLFLOW_URI in workflow/profiles/slurm/config.yaml (or --config mlflow_tracking_uri=URI).")
+
+
+def workflow_tracking_env(value: str | None, environ=None) -> str | None:
+    """Apply the workflow config key `mlflow_tracking_uri` (workflow/rules/common.smk).
+
+    None (key absent: local and embedded profiles): nothing changes. A URI becomes
+    MLFLOW_TRACKING_URI of this Snakemake process, so every rule shell inherits it and every
+    Slurm job gets it (the plugin submits with `sbatch --export=ALL`; the job's own snakemake
+    re-parses the Snakefile with the same config and sets it again). "unset" or "" (the slurm
+    profile with an empty MLFLOW_URI; Snakemake turns an empty --config value into None, hence
+    the word) leaves the environment alone. The key being present marks a cluster run: if the
+    store is then SQLite, the warning text is returned (the caller prints it)."""
+    environ = os.environ if environ is None else environ
+    if value is None:
+        return None
+    value = str(value).strip()
+    if value and value.lower() != "unset":
+        environ["MLFLOW_TRACKING_URI"] = value
+    uri = environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    return CLUSTER_SQLITE_WARNING.format(uri=uri) if is_sqlite(uri) else None
+
+
+def disable_telemetry() -> None:
+    """Opt this process out of MLflow's usage telemetry (an explicit setting is kept). MLflow
+    decides when it is imported, so a client it already made is dropped."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if "mlflow.telemetry.client" in sys.modules:
+        try:
+            from mlflow.telemetry.client import set_telemetry_client
+
+            set_telemetry_client()  # re-reads the environment: no client when disabled
+        except Exception:
+            pass
+
+
+_warned_sqlite_in_slurm = False
+
+
+def _warn_sqlite_in_slurm(uri: str) -> None:
+    global _warned_sqlite_in_slurm
+    if os.environ.get("SLURM_JOB_ID") and is_sqlite(uri) and not _warned_sqlite_in_slurm:
+        _warned_sqlite_in_slurm = True
+        print(f"smallbig: {CLUSTER_SQLITE_WARNING.format(uri=uri)}", file=sys.stderr, flush=True)
 
 
 def artifact_root(uri: str) -> str | None:
@@ -126,8 +193,6 @@ def dvc_hash(path: str | Path) -> str | None:
 
 
 def environment_tags() -> dict:
-    import sys
-
     tags = {"host": socket.gethostname(), "python": platform.python_version(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none")}
     torch = sys.modules.get("torch")  # train/evaluate have it; a bare tracking call need not pay
@@ -253,9 +318,11 @@ def start_run(params: dict, kind: str, run_name: str | None = None, resume_run_i
     """Start (or resume) the run for a train/evaluate call and log params and tags."""
     if not enabled or disabled():
         return Run(None, None)
+    disable_telemetry()  # before MLflow is imported
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
+    _warn_sqlite_in_slurm(uri)
     with _store_creation_lock(uri):
         # the first client on a fresh SQLite file creates and migrates the schema; two processes
         # doing that at once leave it half-migrated, so creation is serialised by a file lock
