@@ -10,6 +10,14 @@ Train clips / val videos are the line counts of the prepared `train.txt` / `val.
 `data.limit_train` / `data.limit_val`). Measure `clips_per_sec_per_gpu` on your GPUs with
 `benchmarks/train_throughput.py` and put it in params for a better estimate.
 
+GPU memory per training (`smallbig/engine/memory.py`): the per-GPU memory of each training at
+its `train.per_gpu_batch` and AMP setting, from activations measured once per configuration on
+the meta device and cached in `params/memory.json` (`--measure-memory` writes it; an entry whose
+shape fields changed is measured again on the fly and reported as such, never used). With
+`--gpu-mem GiB`: the largest per-GPU batch that fits, the per_gpu_batch / accumulation steps that
+keep `train.batch_size` on `resources.gpus` GPUs, and exit code 2 naming every training whose
+configured per_gpu_batch does not fit.
+
 The workflow (Snakefile) uses `evaluations()` and `datasets()` from here, so the plan and the
 DAG always agree on which jobs exist.
 """
@@ -111,11 +119,57 @@ def eval_gpu_hours(p: dict, protocol: str) -> float:
     return videos * views(protocol) / rate / 3600.0
 
 
-def make_plan(overlay: str | None = None, tables_path: str | None = None) -> dict:
+def pretrained_files(params: dict[str, dict]) -> dict:
+    """The declared ImageNet files these experiments load (the workflow's `pretrained` jobs,
+    workflow/rules/pretrained.smk): smallbig.models.weights.workflow_files."""
+    from smallbig.models import weights
+
+    try:
+        return weights.workflow_files(params)
+    except weights.PretrainedError as e:
+        raise config.ParamsError(str(e)) from None
+
+
+def load_all(overlay: str | None = None) -> dict[str, dict]:
+    return {e: config.load_params(config.experiment_path(e), overlay=overlay)
+            for e in config.experiment_ids()}
+
+
+def memory_section(params: dict[str, dict], gpu_mem: float | None = None,
+                   cache_path=None) -> dict:
+    """The plan's "memory" entry: per experiment the estimate (GiB) at its per-GPU batch, and
+    with ``gpu_mem`` what fits; ``error``: the refusal message (None when everything fits)."""
+    from smallbig.engine import memory as mem
+
+    rows = mem.memory_plan(params, gpu_mem, cache_path or mem.MEMORY_JSON)
+    exps = {}
+    for exp, r in rows.items():
+        est = r["estimate"]
+        e = {"status": r["status"], "frames": r["num_frames"], "crop": r["crop_size"],
+             "precision": r["precision"], "gpus": r["gpus"], "per_gpu_batch": r["per_gpu_batch"],
+             "accum_steps": r["accum_steps"], "batch_size": r["batch_size"],
+             "params": r["entry"]["params"], "static_gib": round(r["static_gib"], 4),
+             "activations_per_clip_gib": round(r["activation_per_clip_gib"], 4),
+             "total_gib": round(r["total_gib"], 3),
+             "terms_gib": {k: round(v / mem.GIB, 4) for k, v in est.items()
+                           if k not in ("batch", "precision", "static", "total")}}
+        if gpu_mem is not None:
+            e.update({"max_batch": r["max_batch"], "fits": r["fits"],
+                      "use_per_gpu_batch": r["use"][0] if r["use"] else None,
+                      "use_accum_steps": r["use"][1] if r["use"] else None})
+        exps[exp] = e
+    return {"gpu_mem_gb": gpu_mem, "cache": str(mem.MEMORY_JSON.relative_to(config.REPO_ROOT))
+            if cache_path is None else str(cache_path),
+            "formula": mem.FORMULA, "experiments": exps,
+            "error": (mem.memory_error_message(rows, gpu_mem)
+                      if gpu_mem is not None and mem.memory_errors(rows) else None)}
+
+
+def make_plan(overlay: str | None = None, tables_path: str | None = None,
+              gpu_mem: float | None = None, memory: bool = True) -> dict:
     from smallbig.analysis.tables import load_tables, required_ensembles
 
-    params = {e: config.load_params(config.experiment_path(e), overlay=overlay)
-              for e in config.experiment_ids()}
+    params = load_all(overlay)
     tables = load_tables(tables_path)
     evals = evaluations(params, tables)
     ensembles = required_ensembles(tables)
@@ -128,11 +182,14 @@ def make_plan(overlay: str | None = None, tables_path: str | None = None) -> dic
         data_jobs = len(used)  # one `data prepare` per dataset
         # its params come from the dataset's first experiment, resolved even if not in `exps`
         data_jobs += sum(1 for ds in used if dsets[ds]["rep"] not in exps)
+        # one `pretrained` download per declared ImageNet file the trainings load
+        pretrained_jobs = len(pretrained_files({e: params[e] for e in exps}))
         return {
             "experiments": len(exps), "train_jobs": len(exps), "eval_jobs": len(ev),
             "ensemble_jobs": len(ens), "data_jobs": data_jobs, "table_jobs": n_tables,
+            "pretrained_jobs": pretrained_jobs,
             # + one local `params resolve` job per experiment
-            "jobs": 2 * len(exps) + len(ev) + len(ens) + data_jobs + n_tables,
+            "jobs": 2 * len(exps) + len(ev) + len(ens) + data_jobs + pretrained_jobs + n_tables,
             "gpu_hours_train": gh_train, "gpu_hours_eval": gh_eval,
             "gpu_hours": gh_train + gh_eval,
         }
@@ -152,10 +209,13 @@ def make_plan(overlay: str | None = None, tables_path: str | None = None) -> dic
     total["jobs"] += 3  # figures, feature maps, the HTML report
     sizes = {ds: {s: split_size(params[info["rep"]], s) for s in ("train", "val")}
              for ds, info in dsets.items()}
-    return {"overlay": overlay, "tables": per_table, "total": total,
-            "datasets": {ds: {s: {"videos": n, "from": src} for s, (n, src) in v.items()}
-                         for ds, v in sizes.items()},
-            "eval_speedup": EVAL_SPEEDUP}
+    out = {"overlay": overlay, "tables": per_table, "total": total,
+           "datasets": {ds: {s: {"videos": n, "from": src} for s, (n, src) in v.items()}
+                        for ds, v in sizes.items()},
+           "eval_speedup": EVAL_SPEEDUP}
+    if memory:
+        out["memory"] = memory_section(params, gpu_mem)
+    return out
 
 
 def format_plan(plan: dict) -> str:
@@ -172,22 +232,86 @@ def format_plan(plan: dict) -> str:
         lines.append(row(f"table{n}", s))
     lines.append(row("total", plan["total"]))
     lines.append("(tables share experiments, so the table rows do not add up to the total; "
-                 "jobs include params resolution, data preparation, tables, figures "
-                 "and the report)")
+                 "jobs include params resolution, data preparation, ImageNet weight downloads, "
+                 "tables, figures and the report)")
     for ds, v in plan["datasets"].items():
         lines.append(f"{ds}: train {v['train']['videos']} videos ({v['train']['from']}), "
                      f"val {v['val']['videos']} ({v['val']['from']})")
     lines.append("GPU-h = epochs x train clips / train.clips_per_sec_per_gpu; evaluation at "
                  f"{plan['eval_speedup']:g}x that rate per view")
+    if plan.get("memory"):
+        lines.append("")
+        lines.extend(format_memory(plan["memory"], plan["overlay"]))
     return "\n".join(lines)
 
 
+def format_memory(m: dict, overlay: str | None = None) -> list[str]:
+    gpu_mem = m["gpu_mem_gb"]
+    lines = ["GPU memory per GPU of each training (GiB = 2^30 bytes; estimate at its "
+             "train.per_gpu_batch and AMP setting, smallbig/engine/memory.py)"]
+    head = (f"{'experiment':28}{'T x crop':>10}{'amp':>6}{'gpus':>5}{'batch x accum':>15}"
+            f"{'static':>8}{'act/clip':>9}{'total':>8}")
+    if gpu_mem is not None:
+        head += f"  {'max batch':>9}  at {gpu_mem:g} GiB"
+    lines.append(head)
+    for exp, e in m["experiments"].items():
+        accum = e["accum_steps"] if e["accum_steps"] is not None else "?"
+        row = (f"{exp:28}{str(e['frames']) + ' x ' + str(e['crop']):>10}{e['precision']:>6}"
+               f"{e['gpus']:>5}{str(e['per_gpu_batch']) + ' x ' + str(accum):>15}"
+               f"{e['static_gib']:>8.2f}{e['activations_per_clip_gib']:>9.2f}"
+               f"{e['total_gib']:>8.1f}")
+        if gpu_mem is not None:
+            if e["fits"]:
+                verdict = "fits"
+            elif e["use_per_gpu_batch"]:
+                verdict = (f"DOES NOT FIT: use per_gpu_batch {e['use_per_gpu_batch']} x "
+                           f"{e['use_accum_steps']} accumulation")
+            elif e["max_batch"] == 0:
+                verdict = "DOES NOT FIT: not even 1 clip"
+            else:
+                verdict = "DOES NOT FIT: no batch keeps train.batch_size exactly"
+            row += f"  {e['max_batch']:>9}  {verdict}"
+        lines.append(row)
+    fresh = [x for x, e in m["experiments"].items() if e["status"] != "cached"]
+    if fresh:
+        why = ("an overlay changes the shapes; params/memory.json holds the full-scale ones"
+               if overlay else "run `smallbig plan --measure-memory` to update it")
+        lines.append(f"measured now, not taken from {m['cache']} (missing or shape changed since "
+                     f"measured; {why}): {', '.join(fresh)}")
+    else:
+        lines.append(f"activations: {m['cache']} (measured once per configuration on the meta "
+                     "device; current for every experiment)")
+    lines.append("total = weights + grads + momentum (+ DDP buckets) + saved activations x batch "
+                 "+ gradients in flight + input + 10% fragmentation + 2 GiB workspace")
+    return lines
+
+
 def _run(args) -> int:
-    plan = make_plan(args.overlay, args.tables)
+    import sys
+
+    if args.measure_memory:
+        from smallbig.engine import memory as mem
+
+        if args.overlay:
+            raise config.ParamsError(
+                f"--measure-memory writes {mem.MEMORY_JSON}, which holds the full-scale shapes "
+                "of params/experiments; run it without --overlay (an overlay's shapes are "
+                "measured on the fly by every `smallbig plan --overlay`)")
+        mem.measure_all(load_all(), force=args.measure_memory == "all",
+                        say=lambda msg: print(msg, file=sys.stderr))
+        print(f"wrote {mem.MEMORY_JSON}", file=sys.stderr)
+    if args.gpu_mem is not None and args.gpu_mem <= 0:
+        raise config.ParamsError(f"--gpu-mem: must be > 0 GiB, got {args.gpu_mem:g}")
+    plan = make_plan(args.overlay, args.tables, gpu_mem=args.gpu_mem,
+                     memory=not args.no_memory)
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
         print(format_plan(plan))
+    error = (plan.get("memory") or {}).get("error")
+    if error:
+        sys.stdout.flush()
+        raise config.ParamsError(error)
     return 0
 
 
@@ -196,4 +320,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay", help="params overlay (e.g. params/embedded.yaml)")
     p.add_argument("--tables", help="tables file (default params/tables.yaml)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--gpu-mem", type=float, metavar="GiB",
+                   help="memory of one GPU in GiB (A100 40GB: 40, H100 80GB: 80): report the "
+                        "largest per-GPU batch that fits and exit 2 naming every training whose "
+                        "train.per_gpu_batch does not fit")
+    p.add_argument("--measure-memory", nargs="?", const="stale", choices=("stale", "all"),
+                   help="measure the activation memory of the missing or stale (or all) "
+                        "experiments at full scale and write params/memory.json")
+    p.add_argument("--no-memory", action="store_true",
+                   help="leave out the GPU-memory section (which imports torch to measure "
+                        "where params/memory.json is not current)")
     p.set_defaults(func=_run)
