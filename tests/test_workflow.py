@@ -163,13 +163,58 @@ def test_profiles_are_found_from_the_root_and_set_partitions(repo_copy):
     assert "results/embedded/" in out
 
 
-def test_the_slurm_test_profile_differs_only_in_partition_and_account(tmp_path):
+def test_the_slurm_test_profile_differs_only_in_cluster_definitions(tmp_path):
     src = REPO / "workflow/profiles/slurm/config.yaml"
     made = make_test_profile(src, tmp_path / "p") / "config.yaml"
     a, b = src.read_text().splitlines(), made.read_text().splitlines()
     assert len(a) == len(b)
     diff = [(x, y) for x, y in zip(a, b) if x != y]
-    assert diff and all(re.match(r"^\s*- (GPU_PARTITION|CPU_PARTITION|ACCOUNT) =", x) for x, _ in diff)
+    assert diff and all(re.match(r"^\s*- (GPU_PARTITION|CPU_PARTITION|ACCOUNT|GPUS_PER_NODE) =", x)
+                        for x, _ in diff)
+
+
+def _train_job(out: str, exp: str) -> str:
+    for block in re.split(r"\n(?=\[)", out):
+        if re.search(r"^rule train:", block, re.M) and re.search(rf"exp={exp}$", block, re.M):
+            return block
+    raise AssertionError(f"no train job for {exp}")
+
+
+def test_slurm_launchers_follow_the_plugin_conventions(repo_copy):
+    """1 GPU: batch step (mpi ""); 2..GPUS_PER_NODE: torchrun (mpi, tasks = GPUs); more: srun
+    over several nodes with --kill-on-bad-exit; runtime capped by MAX_RUNTIME_MIN."""
+    out = snakemake(repo_copy, "--profile", "slurm", "-n", "--config", "max_runtime_min=1440",
+                    "gpus_per_node=4", timeout=300).stdout
+    job = _train_job(out, "k400-r50-sb-full")  # 8 GPUs on nodes of 4: srun, 2 nodes
+    assert re.search(r"gpu=8\b.*tasks=8\b.*mpi=srun, nodes=2", job), job
+    assert "srun -n 8 --kill-on-bad-exit=1 --cpus-per-task=8 smallbig train" in job
+    assert "runtime=1440" in job and "--stop-before-limit 300" in job
+    out = snakemake(repo_copy, "--profile", "slurm", "-n", timeout=300).stdout
+    job = _train_job(out, "k400-r50-sb-full")  # 8 GPUs on nodes of 8: torchrun, 1 node
+    assert "tasks=8, mpi=torchrun, nodes=1" in job
+    assert "torchrun --standalone --nnodes 1 --nproc_per_node 8 --no-python smallbig train" in job
+    out = snakemake(repo_copy, "--profile", "slurm", "-n", "--config",
+                    "overlay=params/embedded.yaml", timeout=300).stdout
+    job = _train_job(out, "k400-r23-c2d")  # 1 GPU: in the batch step
+    assert "gpu=1," in job and "tasks=1, mpi=, nodes=1" in job
+    assert re.search(r"^Shell command: smallbig train ", job, re.M), job
+    r = snakemake(repo_copy, "--profile", "slurm", "-n", "--config", "gpus_per_node=3",
+                  timeout=300, check=False)
+    assert r.returncode != 0 and "multiple of 3" in r.stdout + r.stderr
+
+
+def test_a_plan_that_does_not_fit_the_gpus_is_refused_before_submission(repo_copy):
+    """The slurm profile's GPU_MEM_GB (config gpu_mem_gb): 80 GiB fits every training as
+    configured; on 20 GiB GPUs SmallBig-R101 x 32 frames (4 clips per GPU) is refused at parse
+    time with the per_gpu_batch x accumulation to use instead."""
+    out = snakemake(repo_copy, "--profile", "slurm", "-n", timeout=300).stdout
+    assert job_counts(out)["train"] == 25
+    r = snakemake(repo_copy, "--profile", "slurm", "-n", "--config", "gpu_mem_gb=20",
+                  timeout=300, check=False)
+    text = r.stdout + r.stderr
+    assert r.returncode != 0 and "nothing was run or submitted" in text
+    assert "k400-r101-sb-typical-32f" in text and "per_gpu_batch" in text
+    assert "submitted with SLURM jobid" not in text
 
 
 def test_dvc_pipeline_is_parametrised_by_experiment(repo_copy):

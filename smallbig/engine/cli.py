@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--no-mlflow", action="store_true", help="do not record an MLflow run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stop-before-limit", type=float, default=300.0, metavar="SECONDS",
+                   help="inside a Slurm job (or with SMALLBIG_STOP_AT=epoch seconds): checkpoint and "
+                   "exit 3 this many seconds before the job's time limit (default 300)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="multi-view test protocol; saves per-view scores + metrics")
@@ -47,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--views", help="use only this CLIPSxCROPS subset of every member's views (e.g. 4x3)")
     p.set_defaults(func=_ensemble)
 
+    from smallbig.engine import tracking_server  # `smallbig tracking serve` (MLflow server)
+
+    tracking_server.register(sub)
+
 
 def load_any_params(arg: str, overlay: str | None = None) -> dict:
     from smallbig import config
@@ -65,6 +72,10 @@ def _err(cmd: str, e: Exception) -> int:
 
 
 def _train(args) -> int:
+    # first, before torch is imported: a SIGTERM from now on ends in exit 3, never in a -15 death
+    from smallbig.engine.stopping import Deadline, StopFlag
+
+    stop = StopFlag(Deadline(args.stop_before_limit)).install()
     from smallbig.engine.checkpoint import CheckpointError
     from smallbig.engine.optim import BatchPolicyError
     from smallbig.engine.train import NonFiniteLossError, TrainingError, train
@@ -72,7 +83,7 @@ def _train(args) -> int:
     params = load_any_params(args.params, args.overlay)
     try:
         return train(params, args.out, resume=args.resume, device=args.device,
-                     track=not args.no_mlflow, progress=not args.no_progress)
+                     track=not args.no_mlflow, progress=not args.no_progress, stop=stop)
     except CheckpointError as e:
         print(f"smallbig train: checkpoint error: {e}", file=sys.stderr)
         return 2

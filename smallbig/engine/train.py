@@ -17,7 +17,6 @@ import json
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -47,35 +46,10 @@ class TrainingError(RuntimeError):
     pass
 
 
-# --------------------------------------------------------------------------- signals
-class StopFlag:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next iteration and exits 3."""
-
-    SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict = {}
-
-    def _handler(self, signum, frame):
-        self.signum = signum
-
-    @property
-    def set(self) -> bool:
-        return self.signum is not None
-
-    def install(self) -> "StopFlag":
-        for s in self.SIGNALS:
-            try:
-                self._old[s] = signal.signal(s, self._handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
+# --------------------------------------------------------------------------- stopping
+# StopFlag (signals and the time-limit deadline) lives in smallbig/engine/stopping.py, which
+# imports no torch, so `smallbig train` installs it before anything heavy is loaded.
+from smallbig.engine.stopping import StopFlag  # noqa: E402  (re-exported for callers)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -167,12 +141,36 @@ def find_resume_checkpoint(out_dir: Path, log) -> dict | None:
 
 # --------------------------------------------------------------------------- training
 def train(params: dict, out_dir: str | Path, resume: bool = False, device: str | None = None,
-          track: bool = True, progress: bool = True, builders=None, log=None) -> int:
-    """Train per `params`; returns EXIT_OK or EXIT_REQUEUE (stopped by a signal, checkpointed)."""
+          track: bool = True, progress: bool = True, builders=None, log=None,
+          stop: StopFlag | None = None) -> int:
+    """Train per `params`; returns EXIT_OK or EXIT_REQUEUE (stopped by a signal or the time-limit
+    deadline of `stop`, checkpointed). `stop`: an installed StopFlag (the CLI installs one at
+    start); default: a new one with no deadline, installed here."""
     out_dir = Path(out_dir)
+    own_stop = stop is None
+    stop = stop if stop is not None else StopFlag()
+    stop.install()
     info, dev = D.setup(device)
     log = log or (lambda m: print(f"smallbig train: {m}", file=sys.stderr, flush=True))
-    say = log if info.is_main else (lambda m: None)
+
+    def say(m: str) -> None:
+        """Rank 0: the message, also appended to OUT/train.log, which (unlike the workflow's
+        per-job log) keeps the whole story of a run over its jobs: stops, resumes, retries."""
+        if not info.is_main:
+            return
+        log(m)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / "train.log", "a") as f:
+                f.write(f"{_now_iso()} {m}\n")
+        except OSError:
+            pass
+    if D.any_flag(stop.set, info, dev):
+        say(f"stop ({stop.reason()}) before anything was loaded; exit {EXIT_REQUEUE}")
+        if own_stop:
+            stop.restore()
+        D.cleanup()
+        return EXIT_REQUEUE
     build_model, build_dataset, collate, normalize = builders or default_builders()
     tr = params["train"]
     data_cfg = params["data"]
@@ -202,9 +200,14 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
     seed_everything(seed)
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     model = build_model(params["model"])
-    if params["model"].get("pretrained") and ckpt is None:
-        from smallbig.models import load_pretrained_2d
-        load_pretrained_2d(model, params["model"]["pretrained"])
+    if ckpt is None:  # a fresh run starts from model.pretrained (verified ImageNet file) or `none`
+        from smallbig.models.weights import resolve_pretrained
+        weights = resolve_pretrained(params)
+        if weights is not None:
+            from smallbig.models import load_pretrained_2d
+            got = load_pretrained_2d(model, weights)
+            say(f"initialised from {params['model']['pretrained']} ({weights}, ResNet-"
+                f"{got['source_depth']}: {got['loaded']} tensors loaded)")
     channels_last = apply_channels_last(model) if tr.get("channels_last", False) else False
     model = model.to(dev)
     if info.distributed and tr.get("sync_bn", False):
@@ -312,7 +315,6 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
             save_rotating(state, out_dir / "last.pt")
         D.barrier(info)
 
-    stop = StopFlag().install()
     status = "FAILED"
     pbar = None
     t_start = time.time()
@@ -322,6 +324,12 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
         pbar = tqdm(total=total_iters, initial=global_it, disable=not (progress and info.is_main),
                     desc=f"train {params['id']}", unit="it", dynamic_ncols=True, mininterval=1.0,
                     file=sys.stderr)
+        if start_epoch < epochs and D.any_flag(stop.set, info, dev):
+            # stopped before the first iteration of this process: nothing new to save
+            say(f"stop ({stop.reason()}) before training started; exit {EXIT_REQUEUE} "
+                f"(resume with --resume)")
+            status = "KILLED"
+            return EXIT_REQUEUE
         for epoch in range(start_epoch, epochs):
             stats = epoch_stats or {"loss_sum": 0.0, "loss_n": 0, "clips": 0, "time": 0.0, "skipped": 0}
             epoch_stats = None
@@ -383,8 +391,8 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
                     last_of_epoch = global_it == (epoch + 1) * ipe
                     if stopping and not last_of_epoch:
                         save_last(epoch, stats)
-                        say(f"stop signal: checkpointed {out_dir / 'last.pt'} at iteration {global_it}; "
-                            f"exit {EXIT_REQUEUE} (resume with --resume)")
+                        say(f"stop ({stop.reason()}): checkpointed {out_dir / 'last.pt'} at iteration "
+                            f"{global_it}; exit {EXIT_REQUEUE} (resume with --resume)")
                         status = "KILLED"
                         return EXIT_REQUEUE
                     if global_it % every == 0 and not last_of_epoch:
@@ -416,14 +424,17 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
                                     step=epoch + 1)
             save_last(epoch + 1, None)
             if D.any_flag(stop.set, info, dev) and epoch + 1 < epochs:
-                say(f"stop signal: checkpointed {out_dir / 'last.pt'} at iteration {global_it}; "
-                    f"exit {EXIT_REQUEUE}")
+                say(f"stop ({stop.reason()}): checkpointed {out_dir / 'last.pt'} at iteration "
+                    f"{global_it}; exit {EXIT_REQUEUE}")
                 status = "KILLED"
                 return EXIT_REQUEUE
 
         # ---- done
         final = make_state(epochs, None)
         if info.is_main:
+            # history.json again: a run resumed from the final last.pt (the job was stopped after
+            # its last iteration and the workflow removed its outputs) must write every output
+            _write_json(out_dir / "history.json", history)
             atomic_save(final, out_dir / "checkpoint.pt")
             vals = [h["val_top1"] for h in history if h.get("val_top1") is not None]
             summary = {
@@ -455,7 +466,8 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
         status = "FINISHED"
         return EXIT_OK
     finally:
-        stop.restore()
+        if own_stop:
+            stop.restore()
         if pbar is not None:
             pbar.close()
         if run is not None:

@@ -232,19 +232,25 @@ def _wait(cond, timeout: float, what: str, diag=lambda: "") -> None:
     raise SlurmError(f"timed out after {timeout:.0f} s waiting for {what}\n{diag()}")
 
 
-def make_test_profile(profile_src: str | Path, out_dir: str | Path) -> Path:
-    """The user's slurm profile with this cluster's partition (and no account): the only
-    difference is the values of the definitions block at its top."""
+def make_test_profile(profile_src: str | Path, out_dir: str | Path, **definitions) -> Path:
+    """The user's slurm profile with this cluster's partition (and no account), 2 GPUs per node
+    and any other `definitions` (NAME=python literal text): the only difference is the values of
+    the definitions block at its top."""
+    values = {"GPU_PARTITION": f'"{PARTITION}"', "CPU_PARTITION": f'"{PARTITION}"',
+              "ACCOUNT": '""', "GPUS_PER_NODE": "2"}
+    values.update({k: str(v) for k, v in definitions.items()})
     src = Path(profile_src).read_text()
-    lines = []
+    lines, seen = [], set()
     for line in src.splitlines():
         s = line.strip()
-        if s.startswith("- GPU_PARTITION =") or s.startswith("- CPU_PARTITION ="):
-            key = s[2:].split("=")[0].strip()
-            line = f'{line[:line.index("-")]}- {key} = "{PARTITION}"'
-        elif s.startswith("- ACCOUNT ="):
-            line = f'{line[:line.index("-")]}- ACCOUNT = ""'
+        key = s[2:].split("=")[0].strip() if s.startswith("- ") and "=" in s else None
+        if key in values:
+            line = f'{line[:line.index("-")]}- {key} = {values[key]}'
+            seen.add(key)
         lines.append(line)
+    missing = set(values) - seen
+    if missing:
+        raise ValueError(f"{profile_src}: no definition line for {sorted(missing)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text("\n".join(lines) + "\n")

@@ -19,6 +19,17 @@ from smallbig.analysis.tables import (
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+# MLflow store of every job: the slurm profile's MLFLOW_URI (config `mlflow_tracking_uri`)
+# becomes MLFLOW_TRACKING_URI, inherited by the rule shells and exported to the Slurm jobs
+# (sbatch --export=ALL); a cluster run left on SQLite is warned about (docs/engine.md, MLflow).
+import sys
+
+from smallbig.engine.tracking import workflow_tracking_env
+
+_mlflow_warning = workflow_tracking_env(config.get("mlflow_tracking_uri"))
+if _mlflow_warning and workflow.is_main_process:
+    print(_mlflow_warning, file=sys.stderr)
+
 RUN = config["run"]
 OVERLAY = config.get("overlay") or None
 RES = f"results/{RUN}"
@@ -150,17 +161,71 @@ def gpus_of(exp):
     return resources_of(exp).get("gpus", 0)
 
 
-def launch_prefix(exp):
-    """How a multi-GPU training starts one process per GPU (the engine takes its rank from
-    Slurm's or torchrun's environment): `srun` inside the Slurm job (the slurm profile sets
-    config launcher=srun and the job has one task per GPU), `torchrun` on a workstation."""
-    n = config.get("gpus") or gpus_of(exp)
-    launcher = config.get("launcher")
-    if n <= 1 or not launcher:
-        return ""
-    if launcher == "srun":
-        return "srun "
-    return f"torchrun --standalone --nproc_per_node {n} --no-python "
+# ---- how a training starts its processes (one per GPU) and what it asks of Slurm -----------
+# By the GPUs of the training (params resources.gpus, or config `gpus` of the local profile):
+#   1 GPU                   `smallbig train` directly (on Slurm: in the job's batch step);
+#   2..gpus_per_node GPUs   `torchrun --standalone --nproc_per_node N`, one process per GPU;
+#   more (several nodes)    `srun -n N --kill-on-bad-exit=1`, one task per GPU, `nodes` set.
+# config `launcher: none` forces one process. On Slurm every training carries the plugin's
+# `mpi` resource: it tells the job step not to wrap the job in its own `srun -n1` step. That
+# wrapper holds the job's CPUs and GPUs, and its srun client turns a SIGTERM (preemption,
+# `scancel --signal=TERM --full`, the time limit) into SIGKILL for everything inside it, so a
+# training there could never checkpoint; in the batch step it gets the SIGTERM itself. For a
+# 1-GPU training the value is "" (the submit side's MPI checks need >= 2 tasks), for one node
+# "torchrun" with `tasks` = GPUs, for several nodes "srun". An srun client kills its step on
+# SIGTERM too, so multi-node trainings rely on the engine's own stop before the time limit
+# (`--stop-before-limit`) and on periodic checkpoints for preemption (docs/workflow.md).
+# The profiles set these keys in their `config:` section; a `--config ...` on the command line
+# REPLACES that section (Snakemake treats the profile's entry as the option's default), so
+# every key has a safe default here.
+LAUNCHER = config.get("launcher") or "auto"
+GPUS_PER_NODE = int(config.get("gpus_per_node") or 8)
+MAX_RUNTIME_MIN = config.get("max_runtime_min")  # the GPU partition's MaxTime (minutes), or none
+STOP_BEFORE_LIMIT_S = int(config.get("stop_before_limit_s", 300))
+
+
+def launch_of(exp):
+    """-> dict(prefix, mpi, tasks, nodes): how `smallbig train` of `exp` is started."""
+    n = int(config.get("gpus") or gpus_of(exp))
+    cpus = resources_of(exp).get("cpus_per_gpu", 1)
+    if n <= 1 or LAUNCHER == "none":
+        return {"prefix": "", "mpi": "", "tasks": 1, "nodes": 1}
+    if n <= GPUS_PER_NODE:
+        return {"prefix": f"torchrun --standalone --nnodes 1 --nproc_per_node {n} --no-python ",
+                "mpi": "torchrun", "tasks": n, "nodes": 1}
+    if n % GPUS_PER_NODE:
+        raise WorkflowError(
+            f"{exp_file(exp)}: resources.gpus: {n} GPUs span several nodes of {GPUS_PER_NODE} "
+            f"GPUs (config gpus_per_node); use a multiple of {GPUS_PER_NODE}")
+    return {"prefix": f"srun -n {n} --kill-on-bad-exit=1 --cpus-per-task={cpus} ",
+            "mpi": "srun", "tasks": n, "nodes": n // GPUS_PER_NODE}
+
+
+# Memory plan (smallbig/engine/memory.py, params/memory.json): with config `gpu_mem_gb` (the
+# slurm and local profiles' GPU_MEM_GB) a training whose per_gpu_batch does not fit its GPUs is
+# refused here, before anything is submitted.
+if config.get("gpu_mem_gb") and EXPERIMENTS and workflow.is_main_process:
+    from smallbig.engine.memory import check_memory
+
+    try:
+        check_memory(PARAMS, float(config["gpu_mem_gb"]))
+    except sbconfig.ParamsError as e:
+        raise WorkflowError(f"nothing was run or submitted:\n  {e}")
+
+
+def train_runtime(exp):
+    """Minutes of one training job: the params' train_runtime_min, capped by the partition's
+    MaxTime; a longer training continues in the next job (--resume, rule retries)."""
+    want = resources_of(exp).get("train_runtime_min", 60)
+    return min(want, int(MAX_RUNTIME_MIN)) if MAX_RUNTIME_MIN else want
+
+
+def train_retries():
+    """Retries of the train rule: as many jobs as the longest training needs under the runtime
+    cap, plus `preemption_retries` (default 3) for preemptions and node failures."""
+    jobs = max([-(-resources_of(e).get("train_runtime_min", 60) // train_runtime(e))
+                for e in EXPERIMENTS] or [1])
+    return jobs - 1 + int(config.get("preemption_retries", 3))
 
 
 def cpus_of(exp):

@@ -25,6 +25,7 @@ rule train:
     input:
         params=f"{RES}/{{exp}}/params.yaml",
         data=lambda w: data_ready(w.exp),
+        pretrained=lambda w: pretrained_input(w.exp),
     output:
         checkpoint=f"{RES}/{{exp}}/train/checkpoint.pt",
         history=f"{RES}/{{exp}}/train/history.json",
@@ -32,7 +33,8 @@ rule train:
     params:
         phash=lambda w: PHASH[w.exp],
         outdir=lambda w: res(w.exp, "train"),
-        launch=lambda w: launch_prefix(w.exp),
+        launch=lambda w: launch_of(w.exp)["prefix"],
+        margin=STOP_BEFORE_LIMIT_S,
     log:
         f"{LOGS}/train/{{exp}}.log",
     benchmark:
@@ -42,12 +44,20 @@ rule train:
         gpu=lambda w: gpus_of(w.exp),
         cpus_per_gpu=lambda w: resources_of(w.exp).get("cpus_per_gpu", 1),
         mem_mb=lambda w: 1024 * resources_of(w.exp).get("mem_gb", 8),
-        runtime=lambda w: resources_of(w.exp).get("train_runtime_min", 60),
-        # Slurm: one task per GPU for multi-GPU trainings (`srun` starts them)
-        tasks_per_gpu=lambda w: 1 if gpus_of(w.exp) > 1 else 0,
-    # --resume: a retried or requeued job (preemption, time limit) continues from
-    # <outdir>/last.pt, which the engine writes periodically and on SIGTERM/SIGUSR1.
+        runtime=lambda w: train_runtime(w.exp),
+        # one task per GPU, the processes started by the rule itself (common.smk, launch_of)
+        tasks_per_gpu=1,
+        tasks=lambda w: launch_of(w.exp)["tasks"],
+        mpi=lambda w: launch_of(w.exp)["mpi"],
+        nodes=lambda w: launch_of(w.exp)["nodes"],
+    # A job stopped by preemption, a signal or its time limit checkpoints <outdir>/last.pt and
+    # fails (exit 3); Snakemake submits it again and `--resume` continues from there. The job's
+    # log is replaced by each attempt; <outdir>/train.log keeps the engine's messages of all.
+    # (main process only: the Snakemake inside a Slurm job must not re-run a training whose job
+    # is being stopped; it runs with --retries 0, which a rule's own value would override)
+    retries: train_retries() if workflow.is_main_process else 0
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "{params.launch}smallbig train {input.params} --out {params.outdir} --resume > {log} 2>&1"
+        "{params.launch}smallbig train {input.params} --out {params.outdir} --resume"
+        " --stop-before-limit {params.margin} > {log} 2>&1"
