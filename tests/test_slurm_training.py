@@ -73,17 +73,19 @@ class Workspace:
             self.profiles[name] = p
         return self.profiles[name]
 
-    def command(self, run: str, targets: list[str], profile: str = "default") -> list[str]:
+    def command(self, run: str, targets: list[str], profile: str = "default",
+                overlay: str = "params/slurm-test.yaml") -> list[str]:
         cfg = self.root / f"config-{run}.yaml"
-        cfg.write_text(yaml.safe_dump({"run": run, "overlay": "params/slurm-test.yaml"}))
+        cfg.write_text(yaml.safe_dump({"run": run, "overlay": overlay}))
         # (--configfile, not --config: a --config replaces the profile's config section)
         return [str(VENV_BIN / "snakemake"), "--profile", str(self.profiles[profile]), *targets,
                 "--configfile", "workflow/config/embedded.yaml", str(cfg)]
 
-    def start(self, run: str, exp: str, profile: str = "default") -> subprocess.Popen:
+    def start(self, run: str, exp: str, profile: str = "default", **kw) -> subprocess.Popen:
         out = open(self.root / f"snakemake-{run}-{exp}.log", "w")
-        return subprocess.Popen(self.command(run, [self.ckpt(run, exp)], profile), cwd=self.root,
-                                env=env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(self.command(run, [self.ckpt(run, exp)], profile, **kw),
+                                cwd=self.root, env=env(), stdout=out, stderr=subprocess.STDOUT,
+                                text=True)
 
     def finish(self, proc: subprocess.Popen, run: str, exp: str, timeout: float = 900) -> str:
         try:
@@ -97,8 +99,8 @@ class Workspace:
                                      f"{self.train_log(run, exp)[-3000:]}"
         return text
 
-    def run(self, run: str, exp: str, profile: str = "default", timeout: float = 900) -> str:
-        return self.finish(self.start(run, exp, profile), run, exp, timeout)
+    def run(self, run: str, exp: str, profile: str = "default", timeout: float = 900, **kw) -> str:
+        return self.finish(self.start(run, exp, profile, **kw), run, exp, timeout)
 
     def ckpt(self, run: str, exp: str) -> str:
         return f"results/{run}/{exp}/train/checkpoint.pt"
@@ -137,6 +139,9 @@ def ws(cluster, tmp_path_factory):
                                    checkpoint_every_iters=1000)
     overlay.setdefault("experiments", {})[TWO] = {"resources": {"gpus": 2}}
     (root / "params/slurm-test.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    # the time-limit test: 8 epochs (40 iterations, ~20 s), longer than one 1-minute job allows
+    overlay["experiments"][ONE] = {"train": {"epochs": 8}}
+    (root / "params/slurm-test-long.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
     server = TrackingServer(base / "mlflow-server")
     server.start()
     w = Workspace(root, server)
@@ -232,18 +237,29 @@ def test_sigterm_full_mid_epoch_checkpoints_resubmits_resumes_bitwise(ws, exp):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resumed run continues it
 
 
-def test_time_limit_stops_before_it_resumes_in_the_next_job_bitwise(ws):
-    """MAX_RUNTIME_MIN=1: each job stops itself 25 s before its 1-minute limit."""
+def test_time_limit_stops_before_it_resumes_in_the_next_job_bitwise(ws, tmp_path):
+    """MAX_RUNTIME_MIN=1: each job stops itself 25 s before its 1-minute limit, checkpoints and
+    exits 3; the next job resumes; the weights equal an uninterrupted run (on this machine,
+    without Slurm) of the same params."""
     ws.profile("limit", max_runtime_min=1, stop_before_limit_s=25)
     t0 = time.time()
-    text = ws.run("limit", ONE, profile="limit", timeout=1500)
+    text = ws.run("limit", ONE, profile="limit", timeout=1500, overlay="params/slurm-test-long.yaml")
     print(f"\n1-minute jobs: {time.time() - t0:.0f} s")
     log = ws.events("limit", ONE)
     stops = re.findall(r"stop \(the job's time limit is 25 s away or less", log)
     assert stops, log[-3000:]
     assert "resuming" in log
-    assert "-t 1" in text or "runtime=1" in text
-    assert _equal(ws.weights("limit", ONE), ws.weights("ref", ONE))
+    assert "runtime=1," in text
+    assert len(re.findall(r"submitted with SLURM jobid \d+ \(log: \S*rule_train", text)) >= 2
+    m = json.loads((ws.root / f"results/limit/{ONE}/train/train_metrics.json").read_text())
+    assert m["iterations"] == 40
+    ref = tmp_path / "uninterrupted"
+    r = subprocess.run([str(VENV_BIN / "smallbig"), "train", f"results/limit/{ONE}/params.yaml",
+                        "--out", str(ref), "--no-mlflow", "--no-progress"], cwd=ws.root, env=env(),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    uninterrupted = torch.load(ref / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    assert _equal(ws.weights("limit", ONE), uninterrupted)
 
 
 def test_signal_after_the_last_iteration_leaves_a_complete_training(ws):

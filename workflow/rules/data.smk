@@ -13,6 +13,7 @@ if config.get("toy_data"):
             f"{config['toy_data']}/toy.json",
         params:
             outdir=config["toy_data"],
+            args=config.get("toy_args") or "",
         log:
             f"{LOGS}/data/toy.log",
         threads: 1
@@ -22,7 +23,7 @@ if config.get("toy_data"):
         conda:
             "../envs/smallbig.yaml"
         shell:
-            "smallbig data toy --out {params.outdir} > {log} 2>&1"
+            "smallbig data toy --out {params.outdir} {params.args} > {log} 2>&1"
 
 
 rule data_prepare:
