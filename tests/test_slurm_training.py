@@ -139,8 +139,8 @@ def ws(cluster, tmp_path_factory):
                                    checkpoint_every_iters=1000)
     overlay.setdefault("experiments", {})[TWO] = {"resources": {"gpus": 2}}
     (root / "params/slurm-test.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
-    # the time-limit test: 8 epochs (40 iterations, ~20 s), longer than one 1-minute job allows
-    overlay["experiments"][ONE] = {"train": {"epochs": 8}}
+    # the time-limit test: 24 epochs (120 iterations, ~60 s), longer than one 1-minute job allows
+    overlay["experiments"][ONE] = {"train": {"epochs": 24}}
     (root / "params/slurm-test-long.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
     server = TrackingServer(base / "mlflow-server")
     server.start()
@@ -252,7 +252,7 @@ def test_time_limit_stops_before_it_resumes_in_the_next_job_bitwise(ws, tmp_path
     assert "runtime=1," in text
     assert len(re.findall(r"submitted with SLURM jobid \d+ \(log: \S*rule_train", text)) >= 2
     m = json.loads((ws.root / f"results/limit/{ONE}/train/train_metrics.json").read_text())
-    assert m["iterations"] == 40
+    assert m["iterations"] == 120
     ref = tmp_path / "uninterrupted"
     r = subprocess.run([str(VENV_BIN / "smallbig"), "train", f"results/limit/{ONE}/params.yaml",
                         "--out", str(ref), "--no-mlflow", "--no-progress"], cwd=ws.root, env=env(),

@@ -267,36 +267,40 @@ def write_featmaps(results_dir: str | Path, out_dir: str | Path, smallbig: str =
         clips = []
     if not clips:
         manifest["missing"].append("no decodable validation video")
-    torch.set_grad_enabled(False)
-    from tqdm import tqdm
+    grad_was = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # inference only; the caller's setting is restored
+    try:
+        from tqdm import tqdm
 
-    for clip in tqdm(clips, desc="feature maps", unit="video", leave=False):
-        rows: list[tuple[str, Any]] = []
-        maps = {}
-        for name in ("SmallBig", "NonLocal"):
-            if name not in models:
-                rows.append((f"{name} res3", "model not available"))
-                continue
-            model, p = models[name]
-            try:
-                maps[name] = channel_mean_maps(model, _normalize(clip["video"], p))
-                rows.append((f"{name} res3", maps[name]["res3"]))
-            except Exception as e:  # noqa: BLE001
-                rows.append((f"{name} res3", f"failed: {e}"))
-        sb = maps.get("SmallBig", {})
-        for k, label in (("small_view", "small view"), ("big_view", "big view")):
-            rows.append((f"SmallBig {label}", sb[k] if k in sb else "not available"))
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(clip["video_id"]).stem)
-        stem = out / "featmaps" / safe
-        fig = featmap_figure(clip["video"], rows, f"{clip['video_id']} (label {clip['label']}): "
-                             "channel-averaged res3 maps; small vs big view of the first SmallBig unit")
-        save_figure(fig, stem)
-        rel = stem.relative_to(out).as_posix()
-        manifest["figures"].append({
-            "png": f"{rel}.png", "svg": f"{rel}.svg", "category": "Feature maps",
-            "video_id": clip["video_id"],
-            "caption": f"Feature maps (paper Fig. 3) for {clip['video_id']}: input frames, "
-                       "channel-averaged res3 of SmallBig and NonLocal, small vs big view of the "
-                       "first SmallBig unit."})
+        for clip in tqdm(clips, desc="feature maps", unit="video", leave=False):
+            rows: list[tuple[str, Any]] = []
+            maps = {}
+            for name in ("SmallBig", "NonLocal"):
+                if name not in models:
+                    rows.append((f"{name} res3", "model not available"))
+                    continue
+                model, p = models[name]
+                try:
+                    maps[name] = channel_mean_maps(model, _normalize(clip["video"], p))
+                    rows.append((f"{name} res3", maps[name]["res3"]))
+                except Exception as e:  # noqa: BLE001
+                    rows.append((f"{name} res3", f"failed: {e}"))
+            sb = maps.get("SmallBig", {})
+            for k, label in (("small_view", "small view"), ("big_view", "big view")):
+                rows.append((f"SmallBig {label}", sb[k] if k in sb else "not available"))
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(clip["video_id"]).stem)
+            stem = out / "featmaps" / safe
+            fig = featmap_figure(clip["video"], rows, f"{clip['video_id']} (label {clip['label']}): "
+                                 "channel-averaged res3 maps; small vs big view of the first SmallBig unit")
+            save_figure(fig, stem)
+            rel = stem.relative_to(out).as_posix()
+            manifest["figures"].append({
+                "png": f"{rel}.png", "svg": f"{rel}.svg", "category": "Feature maps",
+                "video_id": clip["video_id"],
+                "caption": f"Feature maps (paper Fig. 3) for {clip['video_id']}: input frames, "
+                           "channel-averaged res3 of SmallBig and NonLocal, small vs big view of the "
+                           "first SmallBig unit."})
+    finally:
+        torch.set_grad_enabled(grad_was)
     atomic_write_text(out / "featmaps.json", json.dumps(manifest, indent=1))
     return manifest
