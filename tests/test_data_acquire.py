@@ -4,14 +4,12 @@ archive parts, frame extraction, and loaders over the prepared directories."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from smallbig.data.dataset import build_dataset, collate
 from smallbig.data.lists import DataError, read_list
 from smallbig.data.prepare import prepare
 from smallbig.data.toy import K400_CLASSES, SS_TEMPLATES, make_toy
+from http_mirror import serve
 
 torch.set_num_threads(1)
 SMALL = {"train": 2, "val": 1, "test": 1, "ss_train": 2, "ss_val": 1}
@@ -237,67 +236,11 @@ def test_prepare_cli_reports_a_bad_source(tmp_path):
 
 
 # --------------------------------------------------------------------------- HTTP download with resume
-class _Mirror(http.server.BaseHTTPRequestHandler):
-    root: Path
-    drop_first: dict = {}       # path -> bytes to send before dropping the first request
-    ignore_range = False
-    log: list = []
-
-    def log_message(self, *a):  # quiet
-        pass
-
-    def do_HEAD(self):
-        self._serve(head=True)
-
-    def do_GET(self):
-        self._serve(head=False)
-
-    def _serve(self, head):
-        rel = self.path.lstrip("/")
-        p = self.root / rel
-        if not p.is_file():
-            self.send_error(404)
-            return
-        data = p.read_bytes()
-        rng = self.headers.get("Range")
-        type(self).log.append((rel, rng))
-        start = 0
-        if rng and not self.ignore_range:
-            start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if head:
-            return
-        cut = self.drop_first.pop(rel, None)
-        if cut is not None:
-            self.wfile.write(body[:cut])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-
 @pytest.fixture()
 def mirror(toy):
     out, _ = toy
-    handler = type("H", (_Mirror,), {"root": out / "kinetics400", "drop_first": {}, "log": [],
-                                     "ignore_range": False})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
-    server.server_close()
+    with serve(out / "kinetics400") as (base, handler):
+        yield base, handler
 
 
 def test_interrupted_download_resumes_and_verifies(mirror, toy, tmp_path):

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import http.server
 import math
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from smallbig import cli, config
 from smallbig.config import ParamsError, load_params
 from smallbig.models import weights as W
 from smallbig.models.weights import SOURCE_DEPTH
+from http_mirror import serve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,66 +58,11 @@ def _fetch(*args: str) -> int:
 
 
 # --------------------------------------------------------------------------- loopback mirror
-class _Mirror(http.server.BaseHTTPRequestHandler):
-    root: Path
-    drop_first: dict = {}   # name -> bytes sent before the first response is cut off
-    log: list = []          # (name, Range header)
-
-    def log_message(self, *a):  # quiet
-        pass
-
-    def do_HEAD(self):
-        self._serve(head=True)
-
-    def do_GET(self):
-        self._serve(head=False)
-
-    def _serve(self, head):
-        rel = self.path.lstrip("/")
-        p = self.root / rel
-        if not p.is_file():
-            self.send_error(404)
-            return
-        data = p.read_bytes()
-        rng = self.headers.get("Range")
-        if not head:
-            type(self).log.append((rel, rng))
-        start = 0
-        if rng:
-            start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if head:
-            return
-        cut = self.drop_first.pop(rel, None)
-        if cut is not None:  # the connection drops half way
-            self.wfile.write(body[:cut])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-
 @pytest.fixture()
 def mirror(r50):
     src, _ = r50
-    handler = type("H", (_Mirror,), {"root": src.parent, "drop_first": {}, "log": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/{src.name}", handler
-    server.shutdown()
-    server.server_close()
+    with serve(src.parent, log_head=False) as (base, handler):
+        yield f"{base}/{src.name}", handler
 
 
 # --------------------------------------------------------------------------- fetch
