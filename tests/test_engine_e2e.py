@@ -120,7 +120,7 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise(toy, reference):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 3, err[-2000:]
-    assert "stop signal" in err
+    assert "stop (signal SIGTERM)" in err
     ck = load_checkpoint(out / "last.pt")
     assert 3 <= ck["iteration"] < 14 and ck["iteration"] % 7 != 0, ck["iteration"]  # mid-epoch
     assert not (out / "checkpoint.pt").exists()
