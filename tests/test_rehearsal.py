@@ -117,12 +117,16 @@ def _preempt_mid_run(root: Path, exp: str, proc) -> int:
 
 
 def _check_results(root: Path, server: TrackingServer, text: str, preempted: int, wall: float):
+    from smallbig import config
+
     res = root / "results/rehearsal"
     measured = {"wall_s": round(wall), "preempted_at_iteration": preempted, "jobs": {}}
     for exp in EXPERIMENTS:
         frames, crop, gpus = SHAPES[exp]
         p = yaml.safe_load((res / exp / "params.yaml").read_text())
-        assert p["model"]["base_width"] == 64 and p["model"]["num_classes"] == 400
+        full = config.load_params(config.experiment_path(exp))
+        assert p["model"]["base_width"] == 64 == full["model"]["base_width"]
+        assert p["model"]["num_classes"] == full["model"]["num_classes"]  # 400 K400, 174 SS-V2
         assert (p["data"]["num_frames"], p["data"]["crop_size"]) == (frames, crop)
         m = json.loads((res / exp / "train/train_metrics.json").read_text())
         assert m["world_size"] == gpus and m["iterations"] >= 2, m
