@@ -254,9 +254,12 @@ def test_time_limit_stops_before_it_resumes_in_the_next_job_bitwise(ws, tmp_path
     m = json.loads((ws.root / f"results/limit/{ONE}/train/train_metrics.json").read_text())
     assert m["iterations"] == 120
     ref = tmp_path / "uninterrupted"
+    # with the job's thread count: Snakemake sets OMP_NUM_THREADS to the rule's threads (1 here),
+    # and another intra-op thread count sums in another order (the weights drift apart)
     r = subprocess.run([str(VENV_BIN / "smallbig"), "train", f"results/limit/{ONE}/params.yaml",
-                        "--out", str(ref), "--no-mlflow", "--no-progress"], cwd=ws.root, env=env(),
-                       capture_output=True, text=True, timeout=900)
+                        "--out", str(ref), "--no-mlflow", "--no-progress"], cwd=ws.root,
+                       env=env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     uninterrupted = torch.load(ref / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
     assert _equal(ws.weights("limit", ONE), uninterrupted)
@@ -282,11 +285,13 @@ def test_a_killed_rank_ends_the_job_and_the_retry_finishes(ws):
     jid = _job_of(exp)
     _wait_progress(ws, "kill", exp, 2, proc)
     # one of the two training processes (children of torchrun)
-    ps = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    torchrun = [ln.split()[0] for ln in ps.splitlines() if "torchrun" in ln and "smallbig train" in ln
-                and f"results/kill/{exp}/" in ln]
-    ranks = [ln.split()[0] for ln in ps.splitlines() if ln.split()[1:2] and ln.split()[1] in torchrun]
-    assert len(ranks) == 2, ps
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    rows = [ln.split() for ln in ps.splitlines()[1:] if len(ln.split()) > 3]
+    # the torchrun agent itself (python .../torchrun ...), not the rule's `bash -c "torchrun ..."`
+    torchrun = [r[0] for r in rows if any(a.endswith("/torchrun") for a in r[2:4])
+                and f"results/kill/{exp}/" in " ".join(r)]
+    ranks = [r[0] for r in rows if r[1] in torchrun]
+    assert len(torchrun) == 1 and len(ranks) == 2, ps
     t_kill = time.time()
     os.kill(int(ranks[1]), signal.SIGKILL)
     while time.time() - t_kill < 120:  # the job must end (not hang waiting for the dead rank)
