@@ -33,6 +33,8 @@ from smallbig.engine.checkpoint import (CheckpointError, load_checkpoint, prev_p
                                         unwrap)
 from smallbig.engine.optim import build_optimizer, build_scheduler, plan_batch
 from smallbig.engine.seeding import EpochSampler, SeededDataset, WorkerInit, mix_seed, seed_everything
+# signals and the time-limit deadline; no torch there, so the CLI installs it before importing us
+from smallbig.engine.stopping import StopFlag
 
 EXIT_OK = 0
 EXIT_REQUEUE = 3
@@ -44,12 +46,6 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingError(RuntimeError):
     pass
-
-
-# --------------------------------------------------------------------------- stopping
-# StopFlag (signals and the time-limit deadline) lives in smallbig/engine/stopping.py, which
-# imports no torch, so `smallbig train` installs it before anything heavy is loaded.
-from smallbig.engine.stopping import StopFlag  # noqa: E402  (re-exported for callers)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -165,6 +161,7 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
                 f.write(f"{_now_iso()} {m}\n")
         except OSError:
             pass
+
     if D.any_flag(stop.set, info, dev):
         say(f"stop ({stop.reason()}) before anything was loaded; exit {EXIT_REQUEUE}")
         if own_stop:
