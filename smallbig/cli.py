@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from smallbig import __version__
@@ -41,12 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
     except ParamsError as e:
         print(f"smallbig: invalid params: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"smallbig: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`smallbig params list | head -2`): nothing is wrong with us.
+        # Point stdout at /dev/null so the interpreter's final flush cannot raise again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
+    except KeyboardInterrupt:
+        print("smallbig: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

@@ -35,17 +35,23 @@ class ParamsError(ValueError):
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise ParamsError(f"{path}: file not found")
+    """A params or overlay file as a mapping. Every problem (not a regular file, too large, not
+    UTF-8, empty, invalid YAML, duplicate or non-string keys, alias bombs, NaN) is a ParamsError
+    `PATH[:LINE]: problem` (smallbig/yamlsafe.py)."""
+    from smallbig.yamlsafe import YamlInputError, load_yaml_file
+
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        data = {}
+        data = load_yaml_file(path)
+    except YamlInputError as e:
+        raise ParamsError(str(e)) from None
     if not isinstance(data, dict):
-        raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        raise ParamsError(f"{path}: top level must be a mapping of keys, got {_type_name(data)}")
     return data
+
+
+def _type_name(value) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def deep_merge(base: dict, override: dict, _path: tuple = ()) -> dict:
@@ -84,11 +90,19 @@ def _apply_overlay(params: dict, overlay_path: Path) -> dict:
             f"{overlay_path}: unknown top-level key(s) {sorted(unknown)}; an overlay has "
             f"sections {sorted(allowed - {'description'})}"
         )
+    for section in ("all", "kinetics400", "sthv1", "sthv2", "experiments"):
+        if not isinstance(overlay.get(section) or {}, dict):
+            raise ParamsError(f"{overlay_path}: {section}: must be a mapping, got "
+                              f"{_type_name(overlay[section])}")
     out = deep_merge(params, overlay.get("all") or {})
-    dataset = params.get("data", {}).get("dataset")
-    if dataset in overlay:
+    data = params.get("data")
+    dataset = data.get("dataset") if isinstance(data, dict) else None
+    if isinstance(dataset, str) and dataset in overlay:
         out = deep_merge(out, overlay[dataset] or {})
     per_exp = (overlay.get("experiments") or {}).get(params.get("id"))
+    if per_exp is not None and not isinstance(per_exp, dict):
+        raise ParamsError(f"{overlay_path}: experiments.{params.get('id')}: must be a mapping, got "
+                          f"{_type_name(per_exp)}")
     if per_exp:
         out = deep_merge(out, per_exp)
     return out
@@ -109,6 +123,11 @@ def _key(path: Iterable) -> str:
     return ".".join(parts) if parts else "(top level)"
 
 
+def _clip(text: str, limit: int = 240) -> str:
+    """jsonschema quotes the offending value whole; a 40 MB value must not reach stderr."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters cut)"
+
+
 def validate(params: dict, source: str | Path = "<params>") -> None:
     """Schema + semantic checks; raises ParamsError naming source, key and problem."""
     import jsonschema
@@ -119,7 +138,7 @@ def validate(params: dict, source: str | Path = "<params>") -> None:
     if errors:
         lines = []
         for e in errors[:10]:
-            msg = e.message
+            msg = _clip(e.message)
             if e.validator == "additionalProperties" and isinstance(e.instance, dict):
                 allowed = sorted(e.schema.get("properties", {}))
                 extra = sorted(set(e.instance) - set(allowed))

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from smallbig.config import REPO_ROOT, ParamsError, experiment_ids
 
@@ -142,12 +141,12 @@ def validate_tables(data: Any, source: str | Path = TABLES_PATH,
 def load_tables(path: str | Path | None = None) -> list[dict]:
     """Read and validate params/tables.yaml; rows get `kind`, `dataset` and `members` filled in."""
     path = Path(path) if path is not None else TABLES_PATH
-    if not path.exists():
-        raise TablesError(f"{path}: file not found")
+    from smallbig.yamlsafe import YamlInputError, load_yaml_file
+
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TablesError(f"{path}: not valid YAML: {e}") from None
+        data = load_yaml_file(path)
+    except YamlInputError as e:
+        raise TablesError(str(e)) from None
     tables = validate_tables(data, path)
     for t in tables:
         for r in t["rows"]:
