@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from pathlib import Path
 
 import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from smallbig.files import not_regular
 
 MAX_BYTES = 1_000_000  # the largest params file in the repository is ~17 KB
 MAX_NODES = 100_000  # after alias expansion
@@ -42,28 +43,15 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _kind(mode: int) -> str | None:
-    if stat.S_ISREG(mode):
-        return None
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def read_text(path: Path, max_bytes: int = MAX_BYTES) -> str:
     """The file's text, after the checks that need no parsing (kind, size, UTF-8)."""
-    try:
-        st = os.stat(path)  # follows symlinks: a link to a FIFO is a FIFO
-    except FileNotFoundError:
-        raise YamlInputError(f"{path}: file not found") from None
-    except OSError as e:
-        raise YamlInputError(f"{path}: cannot be read: {e.strerror or e}") from None
-    kind = _kind(st.st_mode)
+    kind = not_regular(path)
+    if kind == "missing":
+        raise YamlInputError(f"{path}: file not found")
     if kind:
-        raise YamlInputError(f"{path}: is {kind}, not a YAML file")
+        raise YamlInputError(f"{path}: is {kind}, not a YAML file" if kind.startswith("a ")
+                             else f"{path}: {kind}")
+    st = os.stat(path)
     if st.st_size > max_bytes:
         raise YamlInputError(f"{path}: {st.st_size / 1e6:.1f} MB; a YAML input may be at most "
                              f"{max_bytes / 1e6:g} MB (is this the right file?)")

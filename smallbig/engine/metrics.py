@@ -101,9 +101,14 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int | N
 
 def load_scores(path: str | Path) -> dict:
     """Load a scores.npz written by `smallbig evaluate`; clear error on a bad file."""
+    from smallbig.files import not_regular
+
     path = Path(path)
-    if not path.exists():
+    kind = not_regular(path)
+    if kind and kind.startswith("missing"):
         raise FileNotFoundError(f"{path}: scores file not found")
+    if kind:
+        raise ValueError(f"{path}: is {kind}, not a scores file")
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
