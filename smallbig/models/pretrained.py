@@ -37,8 +37,13 @@ __all__ = ["PretrainedError", "load_pretrained_2d", "source_depth"]
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
+    from smallbig.files import not_regular
+
+    kind = not_regular(path)
+    if kind and kind.startswith("missing"):
         raise PretrainedError(f"{path}: pretrained weights file not found")
+    if kind:
+        raise PretrainedError(f"{path}: is {kind}, not a weights file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear error
