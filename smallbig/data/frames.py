@@ -4,6 +4,9 @@ Each video is decoded with decord in worker processes, resized (short side, bili
 antialiasing, as PIL does) and written to `<out>/<video id>.tmp/`; the folder is renamed to
 `<out>/<video id>/` only when complete, and a `.tmp` folder left by a job that died is removed
 and redone, so a half-extracted video is never used. Already-extracted videos are kept.
+Worker processes die with the job (Linux: a parent-death signal), so a job killed with SIGKILL
+leaves no worker behind that would finish a video and rename its folder into place while a rerun
+redoes it (tests/test_killed_jobs.py).
 
 Also `resize_videos`: re-encode videos to a short side instead (ffmpeg from imageio-ffmpeg).
 """
@@ -13,6 +16,9 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 from smallbig.data.lists import Entry
@@ -72,6 +78,37 @@ def _star(args):
     return extract_one(*args)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker as soon as the job that started it is gone.
+
+    A pool worker outlives a parent killed with SIGKILL: it would go on decoding its video and
+    rename the finished folder into place, racing a rerun that removes and redoes the same
+    `.tmp` folder (frames from two writers in one folder, then taken as complete). On Linux the
+    kernel sends the worker SIGKILL when its parent dies (PR_SET_PDEATHSIG); elsewhere a thread
+    polls the parent pid. The pid check after arming covers a parent that died before that.
+    (The signal follows the thread that started the worker: the pool starts its workers from
+    the calling thread, replacements from its own handler thread, both alive while it is.)"""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.05)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
 def extract_frames(root: Path, entries: list[Entry], out_rel: str, short_side: int | None,
                    workers: int | None = None, progress: bool = True) -> tuple[list[Entry], list[dict]]:
     """Extract every video of `entries` (paths relative to `root`) into `root/out_rel/<id>/`.
@@ -91,7 +128,8 @@ def extract_frames(root: Path, entries: list[Entry], out_rel: str, short_side: i
     else:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(workers) as pool:
+        with mp.get_context("spawn").Pool(workers, initializer=_die_with_parent,
+                                          initargs=(os.getpid(),)) as pool:
             results = list(tqdm(pool.imap(_star, jobs, chunksize=4), total=len(jobs),
                                 desc=f"frames {out_rel}", unit="video", disable=not progress))
     out, failed = [], []
