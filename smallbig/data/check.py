@@ -1,13 +1,21 @@
 """`smallbig data check`: open every video of a list and name each bad one with its reason.
 
-Report (JSON): {"ok": N, "bad": [{"path": <as in the list>, "reason": ...}]}. Reasons start
-with one of: "missing", "unreadable", "zero bytes", "not a video", "no video stream",
-"truncated", "too few frames for the sampler", "decoder crashed", "cannot be opened by decord",
+Report (JSON): {"ok": N, "bad": [{"path": <as in the list>, "reason": ...}]}, plus
+"list_problems": ["FILE:LINE: problem", ...] when lines of the list itself are invalid (see
+smallbig/data/lists.py; those lines are not checked further). Reasons start with one of:
+"missing", "unreadable" (includes FIFOs, sockets, devices, directories: refused by stat, never
+opened), "zero bytes", "not a video", "no video stream", "truncated", "frame size" (declared
+size beyond MAX_FRAME_PIXELS), "codec X: not supported by this decord build", "too few frames
+for the sampler", "decoder crashed", "decoder hung", "cannot be opened by decord",
 "frame folder" (frame lists).
 
 Decoding runs in worker subprocesses (`python -m smallbig.data.check --worker`): decord can
-crash the process on some corrupt inputs; a crash is reported as the reason for that file and
-the worker is restarted. The caller never crashes on a bad file.
+crash the process on some corrupt inputs, and a decoder can stall. Each file gets a deadline
+(`--file-timeout`, else $SMALLBIG_CHECK_FILE_TIMEOUT, else FILE_TIMEOUT_S seconds), counted
+from the request, once the worker has started and imported its decoders. A worker that
+crashes or misses the deadline is killed, that file reported, and a fresh worker checks the
+rest. The caller never crashes or hangs on a bad file. Frame folders (JPEG) are read in this
+process with PIL after the same stat check (a JPEG decode is bounded by its size).
 """
 from __future__ import annotations
 
@@ -18,32 +26,34 @@ import sys
 import threading
 from pathlib import Path
 
-from smallbig.data.lists import Entry, read_list
+from smallbig.data.lists import Entry, scan_list
+from smallbig.data.readers import (DecordVideo, VideoError, file_problem, magic, short_error,
+                                   stream_info)
 
-FILE_TIMEOUT_S = 300
+FILE_TIMEOUT_S = 300.0     # per file, default
+STARTUP_TIMEOUT_S = 300.0  # a worker's start (imports av and decord) on a loaded machine
+TIMEOUT_ENV = "SMALLBIG_CHECK_FILE_TIMEOUT"
+
+
+def resolve_file_timeout(value: float | None = None) -> float:
+    """The per-file deadline: `value`, else $SMALLBIG_CHECK_FILE_TIMEOUT, else FILE_TIMEOUT_S."""
+    if value is None:
+        env = os.environ.get(TIMEOUT_ENV, "").strip()
+        if env:
+            try:
+                value = float(env)
+            except ValueError:
+                raise ValueError(f"${TIMEOUT_ENV}={env!r}: expected seconds (a positive number)") from None
+        else:
+            value = FILE_TIMEOUT_S
+    if not value > 0:
+        raise ValueError(f"file timeout must be a positive number of seconds, got {value}")
+    return float(value)
 
 
 # --------------------------------------------------------------------------- probing (worker side)
-def _msg(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    text = lines[-1] if lines else type(e).__name__
-    return text[:240]
-
-
-def _magic(path: str) -> str:
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head[4:8] == b"ftyp":
-        return "mp4"
-    if head[:4] == b"\x1a\x45\xdf\xa3":
-        return "webm"
-    if head[:3] == b"ID3" or head[:2] in (b"\xff\xfb", b"\xff\xf3"):
-        return "mp3"
-    try:
-        head.decode("utf-8")
-        return "text"
-    except UnicodeDecodeError:
-        return "binary"
+_msg = short_error
+_magic = magic
 
 
 def _count_decodable(path: str) -> tuple[int, int, str | None]:
@@ -52,6 +62,7 @@ def _count_decodable(path: str) -> tuple[int, int, str | None]:
 
     with av.open(path) as c:
         s = c.streams.video[0]
+        s.codec_context.thread_count = 1
         declared = int(s.frames or 0)
         k, err = 0, None
         try:
@@ -62,62 +73,69 @@ def _count_decodable(path: str) -> tuple[int, int, str | None]:
     return declared, k, err
 
 
+def _truncated(reason: str) -> str:
+    return reason if reason.startswith("truncated") else f"truncated: {reason}"
+
+
 def probe(path: str, decode_all: bool = False, min_frames: int | None = None) -> dict:
     """Check one video file. Returns {"reason": None or str, "frames": n}."""
-    import av
-    import decord
-
+    reason = file_problem(path)
+    if reason:
+        return {"reason": reason, "frames": 0}
     try:
-        with av.open(path) as c:
-            nvideo, naudio = len(c.streams.video), len(c.streams.audio)
-    except Exception as e:  # noqa: BLE001
-        kind = _magic(path)
-        if kind in ("mp4", "webm"):
-            return {"reason": f"truncated ({kind} container damaged: {_msg(e)})", "frames": 0}
-        return {"reason": f"not a video ({kind} content: {_msg(e)})", "frames": 0}
-    if nvideo == 0:
-        what = "audio only" if naudio else "no streams"
-        return {"reason": f"no video stream ({what})", "frames": 0}
+        info = stream_info(path)
+    except VideoError as e:
+        return {"reason": e.reason, "frames": 0}
     try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        n = len(vr)
-    except Exception as e:  # noqa: BLE001
-        declared, k, err = _count_decodable(path)
-        if err is not None or (declared and k < declared):
-            return {"reason": f"truncated: {k} of {declared} frames decodable ({err or 'stream ends early'})",
-                    "frames": k}
-        return {"reason": f"cannot be opened by decord: {_msg(e)}", "frames": 0}
-    if n < 1:
-        return {"reason": "too few frames for the sampler: the video has no frames", "frames": 0}
+        reader = DecordVideo(path, info)
+    except VideoError as e:
+        if e.reason.startswith("cannot be opened by decord"):
+            declared, k, err = _count_decodable(path)
+            if err is not None or (declared and k < declared):
+                return {"reason": f"truncated: {k} of {declared} frames decodable ({err or 'stream ends early'})",
+                        "frames": k}
+        return {"reason": e.reason, "frames": 0}
+    n = len(reader)
     if min_frames and n < min_frames:
         return {"reason": f"too few frames for the sampler: {n} < {min_frames}", "frames": n}
-    try:
-        if decode_all:
-            for s in range(0, n, 64):
-                idx = list(range(s, min(n, s + 64)))
-                try:
-                    vr.get_batch(idx).asnumpy()
-                except Exception as e:  # noqa: BLE001
-                    return {"reason": f"truncated: decoding failed in frames {idx[0]}..{idx[-1]} of {n} "
-                                      f"({_msg(e)})", "frames": n}
-            declared, k, err = _count_decodable(path)
-            if err is not None or k < n:
-                return {"reason": f"truncated: {k} of {n} frames decodable ({err or 'stream ends early'})",
-                        "frames": k}
-        else:
-            vr.get_batch([0, n - 1]).asnumpy()
-    except Exception as e:  # noqa: BLE001
-        return {"reason": f"truncated: cannot decode the last frame {n - 1} ({_msg(e)})", "frames": n}
+    if decode_all:
+        for s in range(0, n, 64):
+            idx = list(range(s, min(n, s + 64)))
+            try:
+                reader.get(idx)
+            except VideoError as e:
+                return {"reason": f"truncated: decoding failed in frames {idx[0]}..{idx[-1]} of {n} "
+                                  f"({e.reason.removeprefix('truncated: ')})", "frames": n}
+        declared, k, err = _count_decodable(path)
+        if err is not None or k < n:
+            return {"reason": f"truncated: {k} of {n} frames decodable ({err or 'stream ends early'})",
+                    "frames": k}
+    else:
+        try:
+            reader.get([0, n - 1])
+        except VideoError as e:
+            return {"reason": f"truncated: cannot decode the last frame {n - 1} "
+                              f"({e.reason.removeprefix('truncated: ')})", "frames": n}
     return {"reason": None, "frames": n}
 
 
+class CheckError(RuntimeError):
+    """The check itself cannot run (its decoder workers do not start)."""
+
+
 def _worker_main() -> None:
-    """Read JSON requests from stdin, write one JSON result per line to stdout."""
+    """Read JSON requests from stdin, write one JSON result per line to stdout. The first line
+    written, once the decoders are imported, is {"ready": true}."""
     import logging
 
     logging.disable(logging.CRITICAL)
     out = sys.stdout
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
+    import av  # noqa: F401  (imported before "ready": the per-file deadline excludes start-up)
+    import decord  # noqa: F401
+
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
     for line in sys.stdin:
         req = json.loads(line)
         try:
@@ -130,53 +148,67 @@ def _worker_main() -> None:
 
 # --------------------------------------------------------------------------- parent side
 def precheck(path: Path) -> str | None:
-    """Reasons found without decoding: missing, unreadable, zero bytes."""
-    if not path.exists():
-        return "missing"
-    if path.is_dir():
-        return "unreadable: is a directory, not a file"
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        return f"unreadable: {e.strerror or e}"
-    if path.stat().st_size == 0:
-        return "zero bytes"
-    return None
+    """Reasons found without decoding (stat only; nothing but a regular file is opened):
+    missing, unreadable (special files, directories, permissions), zero bytes."""
+    return file_problem(path)
 
 
 WORKER_CMD = [sys.executable, "-m", "smallbig.data.check", "--worker"]
 
 
 class _Worker:
-    def __init__(self):
+    def __init__(self, timeout: float = FILE_TIMEOUT_S):
         self.proc = None
+        self.timeout = timeout
 
     def start(self):
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(list(WORKER_CMD),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, env=env)
-
-    def ask(self, req: dict) -> dict:
-        if self.proc is None or self.proc.poll() is not None:
-            self.start()
+        line = _readline_timeout(self.proc, STARTUP_TIMEOUT_S)
         try:
-            self.proc.stdin.write(json.dumps(req) + "\n")
-            self.proc.stdin.flush()
-            line = _readline_timeout(self.proc, FILE_TIMEOUT_S)
-        except (BrokenPipeError, OSError):
-            line = ""
-        if line:
-            return json.loads(line)
-        # the worker died (or hung) on this file
+            ready = json.loads(line).get("ready") if line else False
+        except ValueError:
+            ready = False
+        if not ready:
+            self._kill()
+            raise CheckError(f"the decoder worker ({' '.join(WORKER_CMD)}) did not start within "
+                             f"{STARTUP_TIMEOUT_S:g} s (got {line.strip()[:200]!r}); is PyAV/decord installed?")
+
+    def _kill(self) -> int | None:
         if self.proc.poll() is None:
             self.proc.kill()
         code = self.proc.wait()
         self.proc = None
+        return code
+
+    def ask(self, req: dict) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        timed_out = False
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            line = _readline_timeout(self.proc, self.timeout)
+            timed_out = not line and self.proc.poll() is None
+        except (BrokenPipeError, OSError):
+            line = ""
+        if line:
+            try:
+                return json.loads(line)
+            except ValueError:
+                self._kill()
+                return {"reason": f"cannot be checked: the decoder worker wrote {line.strip()[:200]!r}",
+                        "frames": 0}
+        # the worker died (or hung) on this file: kill it; the next file gets a fresh one
+        code = self._kill()
+        if timed_out:
+            return {"reason": f"decoder hung: no result within {self.timeout:g} s (the file timeout); "
+                              "worker killed", "frames": 0}
         if code is not None and code < 0:
             return {"reason": f"decoder crashed (signal {-code}) on this file", "frames": 0}
-        return {"reason": f"decoder crashed or hung (exit code {code}) on this file", "frames": 0}
+        return {"reason": f"decoder crashed (exit code {code}) on this file", "frames": 0}
 
     def close(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -185,6 +217,7 @@ class _Worker:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
 
 
 def _readline_timeout(proc, timeout: float) -> str:
@@ -199,19 +232,23 @@ def check_frames_entry(root: Path, e: Entry, template: str, decode_all: bool, mi
     from PIL import Image
 
     folder = root / e.path
-    if not folder.exists():
-        return "missing"
-    if not folder.is_dir():
-        return "frame folder: not a directory"
+    reason = file_problem(folder)
+    if reason and reason.startswith("missing"):
+        return reason
+    if not (reason or "").startswith("unreadable: is a directory"):  # a folder is what we want here
+        return "frame folder: not a directory" + (f" ({reason})" if reason else "")
     if min_frames and e.num_frames < min_frames:
         return f"too few frames for the sampler: {e.num_frames} < {min_frames}"
     idx = range(1, e.num_frames + 1) if decode_all else sorted({1, e.num_frames})
     for i in idx:
         p = folder / template.format(i)
-        if not p.is_file():
+        why = file_problem(p)
+        if why == "missing":
             return f"frame folder: {p.name} missing ({e.num_frames} frames listed)"
-        if p.stat().st_size == 0:
+        if why == "zero bytes":
             return f"frame folder: {p.name} is zero bytes"
+        if why:
+            return f"frame folder: {p.name}: {why}"
         try:
             with Image.open(p) as im:
                 im.load()
@@ -222,12 +259,14 @@ def check_frames_entry(root: Path, e: Entry, template: str, decode_all: bool, mi
 
 def check_entries(root: Path, entries: list[Entry], decode_all: bool = False, min_frames: int | None = None,
                   workers: int | None = None, frame_template: str = "img_{:05d}.jpg",
-                  progress: bool = True) -> dict:
-    """Check entries (videos or frame folders); return the report dict."""
+                  progress: bool = True, file_timeout: float | None = None) -> dict:
+    """Check entries (videos or frame folders); return the report dict. Each video is decoded in a
+    worker process under the per-file deadline `file_timeout` (seconds; see `resolve_file_timeout`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
+    timeout = resolve_file_timeout(file_timeout)
     root = Path(root)
     results: dict[int, str | None] = {}
     video_jobs = []
@@ -241,7 +280,7 @@ def check_entries(root: Path, entries: list[Entry], decode_all: bool = False, mi
             else:
                 video_jobs.append(i)
     workers = max(1, min(workers or os.cpu_count() or 1, len(video_jobs) or 1, 16))
-    pool = [_Worker() for _ in range(workers)]
+    pool = [_Worker(timeout) for _ in range(workers)]
     free = list(pool)
     lock = threading.Lock()
 
@@ -270,9 +309,18 @@ def check_entries(root: Path, entries: list[Entry], decode_all: bool = False, mi
 
 def check_list(list_path: Path, root: Path, out: Path | None = None, decode_all: bool = False,
                min_frames: int | None = None, workers: int | None = None,
-               frame_template: str = "img_{:05d}.jpg", progress: bool = True) -> dict:
-    entries = read_list(list_path)
-    report = check_entries(root, entries, decode_all, min_frames, workers, frame_template, progress)
+               frame_template: str = "img_{:05d}.jpg", progress: bool = True,
+               num_classes=None, file_timeout: float | None = None) -> dict:
+    """Check a list and its videos. Labels are checked against ROOT/classes.json (if present) and
+    `num_classes`; invalid lines go to report["list_problems"] (as `FILE:LINE: problem`)."""
+    from smallbig.data.lists import label_bounds
+
+    bounds = label_bounds(root) + ([] if num_classes is None else [num_classes])
+    entries, problems = scan_list(list_path, None, bounds)
+    report = check_entries(root, entries, decode_all, min_frames, workers, frame_template, progress,
+                           file_timeout)
+    if problems:
+        report["list_problems"] = problems
     if out is not None:
         write_json(out, report)
     return report

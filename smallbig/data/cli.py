@@ -3,6 +3,7 @@
   smallbig data toy --out DIR [--seed N] [--datasets ...] [--per-class train=24 val=16 ...]
   smallbig data prepare PARAMS [--overlay OVERLAY] [--workers N] [--recheck]
   smallbig data check --list LIST --root DIR --out REPORT.json [--decode-all] [--min-frames N]
+                     [--num-classes N] [--file-timeout SECONDS]
   smallbig data check PARAMS --out REPORT.json   (train.txt + val.txt of data.root)
   smallbig data frames --list LIST --root DIR --out-list LIST [--short-side N] [--subdir frames]
   smallbig data resize --list LIST --root DIR --out-list LIST --short-side N [--subdir videos320]
@@ -48,9 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--root", help="directory the list's paths are relative to")
     c.add_argument("--out", required=True, help="JSON report {ok, bad: [{path, reason}]}")
     c.add_argument("--decode-all", action="store_true", help="decode every frame (slow, finds truncation)")
-    c.add_argument("--min-frames", type=int, default=None, help="flag videos with fewer frames")
-    c.add_argument("--workers", type=int, default=None)
+    c.add_argument("--min-frames", type=_positive_int, default=None, help="flag videos with fewer frames")
+    c.add_argument("--workers", type=_positive_int, default=None)
     c.add_argument("--frame-template", default="img_{:05d}.jpg", help="for frame lists")
+    c.add_argument("--num-classes", type=_positive_int, default=None,
+                   help="labels must be below N (also checked: ROOT/classes.json, and model.num_classes "
+                        "with PARAMS)")
+    c.add_argument("--file-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="deadline for decoding one file; a decoder past it is killed and the file "
+                        "reported (default $SMALLBIG_CHECK_FILE_TIMEOUT, else 300)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_check)
 
@@ -72,6 +79,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--short-side", type=int, default=320)
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_resize)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return x
 
 
 def _logging():
@@ -123,10 +150,16 @@ def _prepare(args) -> int:
 
 
 def _check(args) -> int:
-    from smallbig.data.check import check_entries, write_json
-    from smallbig.data.dataset import DataError, load_manifest, read_list
+    """Exit 0: the check ran (bad videos are in the report); 2: the list is invalid (each bad
+    line reported as FILE:LINE: problem, on stderr and under "list_problems" in the report; the
+    other lines are still checked) or the check cannot run on these arguments; 1: the decoder
+    workers do not start."""
+    from smallbig.data.check import CheckError, check_entries, resolve_file_timeout, write_json
+    from smallbig.data.dataset import DataError, load_manifest
+    from smallbig.data.lists import LabelBound, label_bounds, scan_list
 
     try:
+        timeout = resolve_file_timeout(args.file_timeout)
         if args.params:
             if args.list or args.root:
                 raise DataError("give either PARAMS or --list/--root, not both")
@@ -134,7 +167,8 @@ def _check(args) -> int:
             root = Path(params["data"]["root"])
             manifest = load_manifest(root)
             template = manifest.get("frame_template") or args.frame_template
-            entries = read_list(root / "train.txt") + read_list(root / "val.txt")
+            lists = [root / "train.txt", root / "val.txt"]
+            bounds = label_bounds(root, params)
             min_frames = args.min_frames
             if min_frames is None:
                 min_frames = manifest.get("check", {}).get("settings", {}).get("min_frames")
@@ -142,20 +176,39 @@ def _check(args) -> int:
             if not (args.list and args.root):
                 raise DataError("needs --list and --root (or a params file)")
             root, template, min_frames = Path(args.root), args.frame_template, args.min_frames
-            entries = read_list(args.list)
+            lists = [Path(args.list)]
+            bounds = label_bounds(root)
         if not root.is_dir():
             raise DataError(f"{root}: not a directory")
+        if args.num_classes is not None:
+            bounds.append(LabelBound(args.num_classes, f"--num-classes {args.num_classes}"))
+        entries, problems = [], []
+        for lp in lists:
+            e, p = scan_list(lp, None, bounds)
+            entries += e
+            problems += p
         report = check_entries(root, entries, args.decode_all, min_frames, args.workers, template,
-                               progress=not args.quiet)
+                               progress=not args.quiet, file_timeout=timeout)
+        if problems:
+            report["list_problems"] = problems
         write_json(Path(args.out), report)
-    except (DataError, OSError) as e:
+    except (DataError, OSError, ValueError) as e:
         print(f"smallbig data check: cannot run: {e}", file=sys.stderr)
         return 2
+    except CheckError as e:
+        print(f"smallbig data check: cannot run: {e}", file=sys.stderr)
+        return 1
     print(f"{report['ok']} ok, {len(report['bad'])} bad -> {args.out}")
     for b in report["bad"][:20]:
         print(f"  {b['path']}: {b['reason']}")
     if len(report["bad"]) > 20:
         print(f"  ... and {len(report['bad']) - 20} more")
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"smallbig data check: invalid list: {len(problems)} bad line(s) (listed above and under "
+              f"\"list_problems\" in {args.out}); fix them, the other lines were checked", file=sys.stderr)
+        return 2
     return 0
 
 

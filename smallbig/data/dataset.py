@@ -10,6 +10,19 @@ evaluation never crash on a bad file and never drop one silently. Videos in the 
 directory's `quarantine.json` (the report of `smallbig data check`) are left out of training
 (counted in `dataset.quarantined`) and returned as BadSample in val/test, so evaluation counts
 them as skipped.
+
+Lists are validated before anything else (smallbig/data/lists.py): a label that is not an
+integer in [0, num_classes) (the dataset's `classes.json` and the params' `model.num_classes`),
+a duplicate entry, a line with missing fields or bytes that are not UTF-8 raise DataError with
+one `FILE:LINE: problem` per bad line, so `smallbig train` / `evaluate` stop before any
+training or scoring (exit 2).
+
+What the readers refuse fast, by name (smallbig/data/readers.py): anything that is not a regular
+file (FIFO, socket, device, directory, symlink to one; never opened), zero bytes, codecs this
+decord build cannot decode, declared frame sizes beyond 8K. A decoder that stalls on a regular
+file is not interrupted here: `smallbig data prepare` (the workflow's first step for a dataset)
+runs `smallbig data check`, which decodes every file under a deadline and writes the staller to
+`quarantine.json`, which this module honours.
 """
 from __future__ import annotations
 
@@ -22,7 +35,7 @@ import numpy as np
 import torch
 
 from smallbig.data import sampling
-from smallbig.data.lists import DataError, Entry, read_list, write_list  # noqa: F401 (re-exported)
+from smallbig.data.lists import DataError, Entry, label_bounds, read_list, write_list  # noqa: F401 (re-exported)
 from smallbig.data.readers import VideoError, open_frames, open_video
 
 log = logging.getLogger("smallbig.data")
@@ -170,7 +183,7 @@ def build_dataset(params: dict, split: str, mode: str, protocol: str | None = No
     if manifest and manifest.get("format") and manifest["format"] != fmt:
         raise DataError(f"{root / 'manifest.json'}: prepared as format {manifest['format']!r} but "
                         f"params data.format is {fmt!r}; run `smallbig data prepare` with these params")
-    entries = read_list(root / f"{split}.txt", fmt)
+    entries = read_list(root / f"{split}.txt", fmt, label_bounds(root, params))
     limit = data.get("limit_train") if split == "train" else data.get("limit_val")
     entries = balanced_subset(entries, limit)
     template = manifest.get("frame_template", "img_{:05d}.jpg")
