@@ -425,6 +425,25 @@ def test_data_check_cli_reports_every_list_problem(corpus, tmp_path):
     assert "smallbig data check: invalid list: 10 bad line(s)" in r.stderr
 
 
+@pytest.mark.parametrize("which", ["list", "classes.json", "manifest.json"])
+def test_fifo_in_place_of_a_list_or_dataset_file(corpus, tmp_path, which):
+    """A FIFO where the list, classes.json or manifest.json should be: refused by name, no hang."""
+    from smallbig.data.dataset import build_dataset
+
+    root = _list_root(tmp_path / "f", corpus, HEAD)
+    target = root / ("val.txt" if which == "list" else which)
+    target.unlink(missing_ok=True)
+    os.mkfifo(target)
+    r = _run(SMALLBIG + ["data", "check", "--list", str(root / "val.txt"), "--root", str(root),
+                         "--out", str(root / "r.json"), "--quiet"], timeout=60)
+    if which == "manifest.json":  # data check --list does not read the manifest
+        assert r.returncode == 0, r.stderr
+        with pytest.raises(DataError, match=f"{target}: not a regular file"):
+            build_dataset({"data": {"root": str(root), "format": "video"}}, "val", "val")
+    else:
+        assert r.returncode == 2 and f"{target}: " in r.stderr and "not a regular file" in r.stderr, r.stderr
+
+
 # --------------------------------------------------------------------------- train / evaluate CLI
 def _tiny_params(root: Path, out: Path) -> Path:
     from smallbig import config

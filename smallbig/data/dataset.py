@@ -58,6 +58,8 @@ def load_quarantine(root: Path) -> dict[str, str]:
     q = root / "quarantine.json"
     if not q.exists():
         return {}
+    if not q.is_file():  # a FIFO would block the read below
+        raise DataError(f"{q}: not a regular file")
     try:
         report = json.loads(q.read_text())
         return {b["path"]: b["reason"] for b in report.get("bad", [])}
@@ -69,6 +71,8 @@ def load_manifest(root: Path) -> dict:
     m = root / "manifest.json"
     if not m.exists():
         return {}
+    if not m.is_file():  # a FIFO would block the read below
+        raise DataError(f"{m}: not a regular file")
     try:
         return json.loads(m.read_text())
     except ValueError as e:

@@ -161,6 +161,8 @@ def label_bounds(root: str | Path, params: dict | None = None) -> list[LabelBoun
     `smallbig data prepare`) and, where given, the model's `model.num_classes`."""
     out = []
     cj = Path(root) / "classes.json"
+    if cj.exists() and not cj.is_file():  # a FIFO would block the read below
+        raise DataError(f"{cj}: not a regular file")
     if cj.exists():
         try:
             classes = json.loads(cj.read_text(encoding="utf-8"))
