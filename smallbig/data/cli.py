@@ -132,6 +132,7 @@ def _load(path: str, overlay: str | None) -> dict:
 
 def _prepare(args) -> int:
     from smallbig.data.archives import ArchiveError
+    from smallbig.data.check import CheckError
     from smallbig.data.dataset import DataError
     from smallbig.data.download import DownloadError
     from smallbig.data.prepare import prepare
@@ -143,6 +144,9 @@ def _prepare(args) -> int:
     except (DataError, DownloadError, ArchiveError) as e:
         print(f"smallbig data prepare: {e}", file=sys.stderr)
         return 2
+    except CheckError as e:  # the check's decoder workers do not start (environment, not data)
+        print(f"smallbig data prepare: {e}", file=sys.stderr)
+        return 1
     counts = {s: {k: v[k] for k in ("count", "usable", "quarantined", "num_missing")} for s, v in m["splits"].items()}
     print(json.dumps({"root": params["data"]["root"], "dataset": m["dataset"], "format": m["format"],
                       "num_classes": m["num_classes"], "splits": counts}, indent=1))
