@@ -258,6 +258,18 @@ def test_hung_decoder_is_killed_at_the_deadline_and_the_run_goes_on(corpus, tmp_
         assert elapsed < 60, elapsed
 
 
+def test_worker_that_cannot_start_stops_the_check_with_a_message(corpus, monkeypatch):
+    """Not every file reported as "decoder crashed" (a quarantine of everything): CheckError."""
+    import smallbig.data.check as chk
+    from smallbig.data.lists import Entry
+
+    monkeypatch.setattr(chk, "WORKER_CMD", [sys.executable, "-c", "raise SystemExit(3)"])
+    t0 = time.time()
+    with pytest.raises(chk.CheckError, match="decoder worker .* did not start"):
+        chk.check_entries(corpus, [Entry("videos/good.mp4", 0, None)], workers=1, progress=False)
+    assert time.time() - t0 < 30
+
+
 def test_file_timeout_option_kills_a_slow_real_decode(corpus, tmp_path):
     """A real file whose full decode takes seconds, checked with --decode-all under a 0.5 s
     deadline: reported as hung, the other file still checked; the same file passes without."""
