@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from smallbig.config import ParamsError
+    from smallbig.data.lists import DataError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as e:
         print(f"smallbig: invalid params: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (DataError, FileNotFoundError) as e:
         print(f"smallbig: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
