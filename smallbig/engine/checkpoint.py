@@ -11,10 +11,13 @@ prefixes), so a checkpoint written under DDP or torch.compile loads into a plain
 Writes go to ``<file>.tmp`` in the same directory, are flushed and fsync'ed, and then renamed
 over the target with ``os.replace`` (atomic on POSIX): a process killed at any moment leaves
 either the old file or the new one, never half of one. :func:`save_rotating` additionally
-keeps the previous good checkpoint as ``last.prev.pt``.
+keeps the previous good checkpoint as ``last.prev.pt``. A write that fails (disk full, quota, file
+size limit, I/O error) removes its temporary file, leaves the previous checkpoint untouched and
+raises :class:`CheckpointWriteError` ("<path>: disk full while writing checkpoint ...").
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import time
@@ -28,6 +31,44 @@ REQUIRED_KEYS = ("model", "epoch", "iteration", "params", "params_hash")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, truncated, or does not fit the run. Names the file."""
+
+
+class OutputWriteError(RuntimeError):
+    """Writing an output file failed (disk full, quota, file size limit, I/O error). Names the
+    file; the file it was to replace is untouched and no partial file is left behind."""
+
+
+class CheckpointWriteError(OutputWriteError, CheckpointError):
+    """A checkpoint could not be written (see OutputWriteError)."""
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file size limit exceeded", errno.EIO: "I/O error",
+                 errno.EROFS: "read-only file system"}
+
+
+def write_failure(e: BaseException, directory: str | Path) -> str | None:
+    """What made a write fail, in words ('disk full', ...), from the exception and its causes
+    (torch.save reports ENOSPC as a RuntimeError whose context is the OSError); a bare
+    serializer error on a file system with (almost) no free space left is 'disk full' too.
+    None: not a write failure (a bug, a bad object, ...)."""
+    seen, x = set(), e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno is not None:
+            return _WRITE_ERRNOS.get(x.errno, x.strerror or os.strerror(x.errno))
+        x = x.__cause__ or x.__context__
+    text = str(e).lower()
+    if isinstance(e, RuntimeError) and any(p in text for p in (
+            "unexpected pos", "file write failed", "iostream error", "write failed")):
+        try:
+            st = os.statvfs(directory)
+            if st.f_bavail * st.f_frsize < (1 << 20):
+                return "disk full"
+        except OSError:
+            pass
+        return "write failed"
+    return None
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -97,18 +138,43 @@ def atomic_save(obj, path: str | Path, keep_previous: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as e:
+            why = write_failure(e, path.parent)
+            if why is None:
+                raise
+            intact = sorted(p.name for p in path.parent.glob("*.pt"))
+            raise CheckpointWriteError(
+                f"{path}: {why} while writing checkpoint ({_first_line(e)}); nothing was "
+                f"replaced, no partial file left"
+                + (f"; the checkpoint(s) already there are intact: {', '.join(intact)}"
+                   if intact else "") + "; free space (or raise the limit) and rerun"
+            ) from None
         if keep_previous and path.exists():
             os.replace(path, prev_path(path))
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        try:
             tmp.unlink()
+        except FileNotFoundError:
+            pass
     _fsync_dir(path.parent)
     return path
+
+
+def _first_line(e: BaseException) -> str:
+    seen, x = set(), e
+    while x is not None and id(x) not in seen:  # the OSError says more than torch's wrapper
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno is not None:
+            return f"{type(x).__name__}: [Errno {x.errno}] {x.strerror}"
+        x = x.__cause__ or x.__context__
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _fsync_dir(directory: Path) -> None:

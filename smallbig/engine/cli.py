@@ -76,7 +76,7 @@ def _train(args) -> int:
     from smallbig.engine.stopping import Deadline, StopFlag
 
     stop = StopFlag(Deadline(args.stop_before_limit)).install()
-    from smallbig.engine.checkpoint import CheckpointError
+    from smallbig.engine.checkpoint import CheckpointError, OutputWriteError
     from smallbig.engine.optim import BatchPolicyError
     from smallbig.engine.train import NonFiniteLossError, TrainingError, train
 
@@ -84,6 +84,9 @@ def _train(args) -> int:
     try:
         return train(params, args.out, resume=args.resume, device=args.device,
                      track=not args.no_mlflow, progress=not args.no_progress, stop=stop)
+    except OutputWriteError as e:  # disk full, quota, ...: the previous outputs are intact
+        print(f"smallbig train: error: {e}", file=sys.stderr)
+        return 1
     except CheckpointError as e:
         print(f"smallbig train: checkpoint error: {e}", file=sys.stderr)
         return 2
@@ -96,7 +99,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from smallbig.engine.checkpoint import CheckpointError
+    from smallbig.engine.checkpoint import CheckpointError, OutputWriteError
     from smallbig.engine.evaluate import evaluate, merge, parse_shard
 
     params = load_any_params(args.params, args.overlay)
@@ -107,6 +110,9 @@ def _evaluate(args) -> int:
         shard = parse_shard(args.shard) if args.shard else None
         res = evaluate(params, args.checkpoint, args.out, protocol=args.protocol, shard=shard,
                        device=args.device, track=not args.no_mlflow, progress=not args.no_progress)
+    except OutputWriteError as e:
+        print(f"smallbig evaluate: error: {e}", file=sys.stderr)
+        return 1
     except CheckpointError as e:
         print(f"smallbig evaluate: checkpoint error: {e}", file=sys.stderr)
         return 2

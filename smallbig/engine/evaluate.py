@@ -10,6 +10,13 @@ Sharding: `--shard i/n` scores videos i, i+n, i+2n, ... into `scores.shard-i-of-
 `--merge` (or `smallbig evaluate-merge DIR`) checks that all n shards are present and writes
 scores.npz + metrics.json. Under torchrun/Slurm with several processes the ranks shard
 automatically and rank 0 merges.
+
+Interrupted evaluations: every output is written to a temporary file, fsync'ed and renamed into
+place, so a process killed at any moment (SIGKILL, node failure) leaves no partial scores file
+under a final name; an evaluation first removes the outputs it is about to recompute (metrics.json,
+the "complete" marker, before scores.npz), so outputs of an older evaluation are never mistaken
+for this one's. Rerunning the same command restarts it and gives bitwise the same scores.
+A write that fails (disk full, ...) raises OutputWriteError naming the file.
 """
 from __future__ import annotations
 
@@ -26,7 +33,8 @@ from torch.utils.data import DataLoader, Subset
 
 from smallbig.engine import distributed as D
 from smallbig.engine import metrics
-from smallbig.engine.checkpoint import CheckpointError, load_model_from_checkpoint
+from smallbig.engine.checkpoint import (CheckpointError, OutputWriteError,
+                                        load_model_from_checkpoint, write_failure)
 
 SHARD_RE = re.compile(r"^scores\.shard-(\d+)-of-(\d+)\.npz$")
 
@@ -45,10 +53,35 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path), fsync, rename over `path`; on failure no tmp file is left and
+    OutputWriteError names `path` (a write failure) or the error propagates (anything else)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except Exception as e:
+        why = write_failure(e, path.parent)
+        if why is None:
+            raise
+        raise OutputWriteError(f"{path}: {why} while writing it ({type(e).__name__}: {e}); "
+                               f"nothing was replaced, no partial file left") from None
+    finally:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _json_default(o):
@@ -62,10 +95,22 @@ def _json_default(o):
 
 
 def save_scores(path: Path, scores: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **scores)
-    os.replace(tmp, path)
+    """Atomically (a killed process leaves the old file or the new one, never part of one)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **scores)
+    _atomic_write(path, write)
+
+
+def _remove_stale(paths) -> None:
+    """Remove outputs this evaluation is about to recompute, the complete-marker first, and the
+    temporary files of killed earlier attempts at them."""
+    for p in paths:
+        for q in [p, *p.parent.glob(f".{p.stem}.*.tmp{p.suffix}")]:
+            try:
+                q.unlink()
+            except FileNotFoundError:
+                pass
 
 
 # --------------------------------------------------------------------------- scoring
@@ -223,25 +268,33 @@ def evaluate(params: dict, checkpoint: str | Path, out_dir: str | Path, protocol
     indices = None
     if shard is not None:
         indices = range(shard[0], len(dataset), shard[1])
+    if explicit_shard or info.is_main:
+        if shard is not None:
+            _remove_stale([out_dir / f"scores.shard-{shard[0]}-of-{shard[1]}.npz"])
+        if shard is None or info.distributed:
+            _remove_stale([out_dir / "metrics.json", out_dir / "scores.npz"])
     t0 = time.time()
     run = None
-    if explicit_shard or info.is_main:
-        from smallbig.engine import tracking
-        run = tracking.start_run(
-            params, "evaluate", run_name=f"{params['id']}-eval-{protocol}"
-            + (f"-shard{shard[0]}of{shard[1]}" if shard else ""), enabled=track,
-            extra_tags={"protocol": protocol, "checkpoint": str(Path(checkpoint).resolve()),
-                        "out_dir": str(out_dir.resolve()), "amp_effective": amp_eff,
-                        "shard": f"{shard[0]}/{shard[1]}" if shard else "none"})
-    if run is not None and run.enabled:
-        import tempfile
-
-        from smallbig.config import dump_params
-        with tempfile.TemporaryDirectory() as tmp:
-            dump_params(params, Path(tmp) / "params.yaml")
-            run.log_artifact(Path(tmp) / "params.yaml")
     status = "FAILED"
     try:
+        if explicit_shard or info.is_main:
+            from smallbig.engine import tracking
+            run = tracking.start_run(
+                params, "evaluate", run_name=f"{params['id']}-eval-{protocol}"
+                + (f"-shard{shard[0]}of{shard[1]}" if shard else ""), enabled=track,
+                log=lambda m: print(f"smallbig evaluate: {m}", file=sys.stderr, flush=True),
+                unsent_file=out_dir / (f"mlflow-unsent.shard-{shard[0]}-of-{shard[1]}.json"
+                                       if shard else tracking.UNSENT_FILE),
+                extra_tags={"protocol": protocol, "checkpoint": str(Path(checkpoint).resolve()),
+                            "out_dir": str(out_dir.resolve()), "amp_effective": amp_eff,
+                            "shard": f"{shard[0]}/{shard[1]}" if shard else "none"})
+        if run is not None and run.enabled:
+            import tempfile
+
+            from smallbig.config import dump_params
+            with tempfile.TemporaryDirectory() as tmp:
+                dump_params(params, Path(tmp) / "params.yaml")
+                run.log_artifact(Path(tmp) / "params.yaml")
         scores = score_views(model, dataset, params, dev, indices=indices, view_subset=view_subset,
                              progress=progress and (info.is_main or shard is not None),
                              amp_dtype=amp_dtype, channels_last=channels_last,
@@ -264,6 +317,12 @@ def evaluate(params: dict, checkpoint: str | Path, out_dir: str | Path, protocol
         _finish(out_dir, result, run)
         status = "FINISHED"
         return result
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            status = "KILLED"
+        if run is not None:
+            run.set_tags({"smallbig.error": f"{type(e).__name__}: {e}"})
+        raise
     finally:
         if run is not None:
             try:
@@ -377,7 +436,7 @@ def ensemble(score_paths: list[str | Path], out_dir: str | Path, name: str | Non
               "gflops_per_view": None, "gflops_x_views": gflops_total, "num_views_per_member": v,
               "members": [str(p) for p in score_paths], "subsets": {}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(out_dir / "ensemble_scores.npz", scores=sc.astype(np.float32), labels=lab,
-             video_ids=fused["video_ids"].astype(str))
+    save_scores(out_dir / "ensemble_scores.npz", {"scores": sc.astype(np.float32), "labels": lab,
+                                                  "video_ids": fused["video_ids"].astype(str)})
     _write_json(out_dir / "metrics.json", result)
     return result

@@ -15,6 +15,16 @@ point every job at it with MLFLOW_TRACKING_URI (the slurm profile's MLFLOW_URI l
 
 MLflow's usage telemetry is switched off for the processes that start runs
 (MLFLOW_DISABLE_TELEMETRY=true unless the variable is set already).
+
+A tracking store that is down or does not answer never stops a training or an evaluation
+(`Run`): MLflow's own HTTP retries are bounded (HTTP_DEFAULTS: a dead server costs about a second
+per call, one that accepts and never answers ~20 s, once), the first failure puts the run
+*offline*: every later record (metrics, params, tags, artifacts, the final status) is kept in
+memory, the store is probed again every SMALLBIG_MLFLOW_RETRY_S seconds (default 60) and at the
+end, and everything kept is sent, in order, as soon as it answers. What is still unsent at the end
+is reported in the log and written to `<out>/mlflow-unsent.json`. A store that cannot be reached
+when the run starts leaves that call untracked (reported); a resumed run keeps its id and is
+brought up to date when the store answers.
 """
 from __future__ import annotations
 
@@ -35,6 +45,15 @@ from smallbig.config import REPO_ROOT, flatten
 
 _RETRY_PATTERNS = ("locked", "busy", "unique constraint", "already exists", "disk i/o",
                    "deadlock", "could not obtain lock", "integrityerror")
+
+# MLflow's defaults retry a failed HTTP call 7 times with backoff factor 2 and wait 120 s for an
+# answer: minutes per call against a dead server, ~16 min against one that never answers. Ours
+# (an explicit setting in the environment is kept): one retry, 10 s per request.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RETRY_ENV = "SMALLBIG_MLFLOW_RETRY_S"  # seconds between probes of a store that went away
+UNSENT_FILE = "mlflow-unsent.json"
 
 
 def tracking_uri() -> str:
@@ -76,6 +95,13 @@ def workflow_tracking_env(value: str | None, environ=None) -> str | None:
         environ["MLFLOW_TRACKING_URI"] = value
     uri = environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
     return CLUSTER_SQLITE_WARNING.format(uri=uri) if is_sqlite(uri) else None
+
+
+def bound_http_retries(environ=None) -> None:
+    """Apply HTTP_DEFAULTS to the environment (MLflow reads these variables at every request)."""
+    environ = os.environ if environ is None else environ
+    for k, v in HTTP_DEFAULTS.items():
+        environ.setdefault(k, v)
 
 
 def disable_telemetry() -> None:
@@ -227,17 +253,220 @@ def _value(v) -> str:
     return str(v)
 
 
-class Run:
-    """One MLflow run (client API, retried). A no-op object when tracking is disabled."""
+def _default_log(message: str) -> None:
+    print(f"smallbig: {message}", file=sys.stderr, flush=True)
 
-    def __init__(self, client, run_id: str | None):
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+_UNREACHABLE = ("connection refused", "max retries exceeded", "timed out", "timeout",
+                "connection reset", "connection aborted", "remote end closed", "broken pipe",
+                "name or service not known", "temporary failure in name resolution",
+                "no route to host", "network is unreachable", "unable to open database file")
+
+
+def transient(e: BaseException) -> bool:
+    """True when the store did not answer (refused, reset, timed out, 5xx/429 after MLflow's
+    retries, a SQLite store still locked after ours): the same record can be sent again later.
+    False when the store answered and refused the record (4xx: bad value, unknown run, ...)."""
+    for x in _chain(e):
+        if isinstance(x, (ConnectionError, TimeoutError)):
+            return True
+        try:
+            import requests
+
+            if isinstance(x, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+                return True
+        except ImportError:
+            pass
+        text = f"{type(x).__name__}: {x}".lower()
+        code = re.search(r"failed with error code (\d+)", text)
+        if code:
+            return int(code.group(1)) >= 500 or int(code.group(1)) in (408, 429)
+        if ("api request to" in text and "failed with" in text) or \
+                any(p in text for p in _UNREACHABLE + _RETRY_PATTERNS):
+            return True
+    return False
+
+
+def _reason(e: BaseException) -> str:
+    """A one-line cause: 'connection refused', 'no answer within 10 s', or the error's first line."""
+    text = " ".join(f"{type(x).__name__}: {x}" for x in _chain(e)).lower()
+    if "connection refused" in text:
+        return "connection refused"
+    if "timed out" in text or "timeout" in text:
+        return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '?')} s"
+    if "name or service not known" in text or "name resolution" in text:
+        return "host name not found"
+    m = re.search(r"too many (\d+) error responses", text)
+    if m:
+        return f"HTTP {m.group(1)} from the server"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+def probe(uri: str, timeout: float = 5.0) -> bool:
+    """Does the store answer? An http(s) server: GET /health gets any HTTP answer but a gateway
+    error. Other stores (SQLite, databases): True (the next real call decides)."""
+    if not re.match(r"^https?://", uri, re.I):
+        return True
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except Exception:
+        return False
+
+
+def _summary(ops: list) -> str:
+    metrics, params, tags, arts, other = {}, 0, 0, [], []
+    for op in ops:
+        if op[0] == "batch":
+            for m in op[1]:
+                metrics.setdefault(m.key, set()).add(m.step)
+            params += len(op[2])
+            tags += len(op[3])
+        elif op[0] == "artifact":
+            arts.append(op[1])
+        else:
+            other.append(f"status {op[1]}")
+    parts = []
+    if metrics:
+        steps = sorted(set().union(*metrics.values()))
+        parts.append(f"{sum(len(v) for v in metrics.values())} metric value(s) "
+                     f"({', '.join(sorted(metrics))}; step(s) {', '.join(map(str, steps))})")
+    if params:
+        parts.append(f"{params} param(s)")
+    if tags:
+        parts.append(f"{tags} tag(s)")
+    if arts:
+        parts.append(f"artifact(s) {', '.join(arts)}")
+    return "; ".join(parts + other) or "nothing"
+
+
+class Run:
+    """One MLflow run (client API, retried). A no-op object when tracking is disabled.
+
+    Never raises on a store problem: a record the store refuses is reported and dropped; a store
+    that does not answer puts the run offline (records kept, sent when it answers again; see the
+    module docstring). `unsent_file`: where the records still unsent at `finish` are written."""
+
+    def __init__(self, client, run_id: str | None, uri: str = "", log=None):
         self.client = client
         self.run_id = run_id
+        self.uri = uri
+        self.log = log or _default_log
+        self.pending: list[tuple] = []
+        self.offline_since: float | None = None
+        self.retry_at = 0.0
+        self.unsent_file: Path | None = None
+        self.sent_late = 0
 
     @property
     def enabled(self) -> bool:
         return self.client is not None
 
+    @property
+    def offline(self) -> bool:
+        return self.offline_since is not None
+
+    # ---- sending
+    def _send(self, op: tuple) -> None:
+        kind = op[0]
+        if kind == "batch":
+            retry(self.client.log_batch, self.run_id, metrics=op[1], params=op[2], tags=op[3])
+        elif kind == "artifact":
+            _, name, subdir, path, data = op
+            if data is None:
+                retry(self.client.log_artifact, self.run_id, str(path), subdir)
+            else:
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    (Path(tmp) / name).write_bytes(data)
+                    retry(self.client.log_artifact, self.run_id, str(Path(tmp) / name), subdir)
+        elif kind == "update":
+            retry(self.client.update_run, self.run_id, status=op[1])
+        elif kind == "terminate":
+            retry(self.client.set_terminated, self.run_id, op[1])
+        else:
+            raise ValueError(f"unknown MLflow record {kind!r}")
+
+    @staticmethod
+    def _keepable(op: tuple) -> tuple:
+        """An artifact is kept by content: its file may change or vanish before it is sent."""
+        if op[0] == "artifact" and op[4] is None:
+            try:
+                return op[:4] + (Path(op[3]).read_bytes(),)
+            except OSError:
+                return op
+        return op
+
+    def _keep(self, op: tuple) -> None:
+        self.pending.append(self._keepable(op))
+
+    def _go_offline(self, e: BaseException, what: str) -> None:
+        wait = float(os.environ.get(RETRY_ENV, 60))
+        if not self.offline:
+            self.offline_since = time.time()
+            self.log(f"WARNING: MLflow store {self.uri} unreachable ({_reason(e)}) while sending "
+                     f"{what} of run {self.run_id}; carrying on without it: records are kept and "
+                     f"sent when it answers again (next try in {wait:.0f} s)")
+        self.retry_at = time.time() + wait
+
+    def _reconnect(self, force: bool = False) -> bool:
+        """Offline: if due (or forced) and the store answers, send every kept record in order."""
+        if not force and time.time() < self.retry_at:
+            return False
+        if not probe(self.uri, timeout=min(5.0, float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 10)))):
+            self.retry_at = time.time() + float(os.environ.get(RETRY_ENV, 60))
+            return False
+        sent = 0
+        while self.pending:
+            op = self.pending[0]
+            try:
+                self._send(op)
+            except Exception as e:
+                if transient(e):
+                    self.retry_at = time.time() + float(os.environ.get(RETRY_ENV, 60))
+                    return False
+                self.log(f"WARNING: MLflow store {self.uri} refused a kept record of run "
+                         f"{self.run_id} ({_summary([op])}): {_reason(e)}; dropped")
+            self.pending.pop(0)
+            sent += 1
+        self.sent_late += sent
+        self.log(f"MLflow store {self.uri} answers again after {time.time() - self.offline_since:.0f} s "
+                 f"offline: sent the {sent} record(s) of run {self.run_id} kept meanwhile")
+        self.offline_since = None
+        return True
+
+    def _submit(self, op: tuple, what: str) -> None:
+        if not self.enabled:
+            return
+        if self.offline and not self._reconnect():
+            self._keep(op)
+            return
+        try:
+            self._send(op)
+        except Exception as e:
+            if transient(e):
+                self._go_offline(e, what)
+                self._keep(op)
+            else:
+                self.log(f"WARNING: MLflow store {self.uri} refused {what} of run {self.run_id}: "
+                         f"{_reason(e)}; not recorded")
+
+    # ---- records
     def log_params(self, params: dict) -> None:
         if not self.enabled:
             return
@@ -245,7 +474,7 @@ class Run:
 
         items = [Param(k, _value(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            retry(self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self._submit(("batch", [], items[i:i + 100], []), "params")
 
     def set_tags(self, tags: dict) -> None:
         if not self.enabled:
@@ -254,7 +483,7 @@ class Run:
 
         items = [RunTag(k, _value(v)[:5000]) for k, v in tags.items()]
         for i in range(0, len(items), 100):
-            retry(self.client.log_batch, self.run_id, tags=items[i:i + 100])
+            self._submit(("batch", [], [], items[i:i + 100]), "tags")
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if not self.enabled:
@@ -265,15 +494,53 @@ class Run:
         items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool)]
         if items:
-            retry(self.client.log_batch, self.run_id, metrics=items)
+            self._submit(("batch", items, [], []), f"metrics (step {step or 0})")
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         if self.enabled and Path(path).exists():
-            retry(self.client.log_artifact, self.run_id, str(path), subdir)
+            self._submit(("artifact", Path(path).name, subdir, str(path), None),
+                         f"artifact {Path(path).name}")
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled:
-            retry(self.client.set_terminated, self.run_id, status)
+        """End the run with `status`; an offline run tries its store once more first. Whatever
+        is still unsent is reported (log + `unsent_file`)."""
+        if not self.enabled:
+            return
+        if self.offline:
+            self._reconnect(force=True)
+        self._submit(("terminate", status), f"the final status {status}")
+        if self.pending:
+            self._report_unsent(status)
+
+    def _report_unsent(self, status: str) -> None:
+        where = ""
+        if self.unsent_file is not None:
+            records = []
+            for op in self.pending:
+                if op[0] == "batch":
+                    records.append({"metrics": [{"key": m.key, "value": m.value, "step": m.step,
+                                                 "timestamp": m.timestamp} for m in op[1]],
+                                    "params": {p.key: p.value for p in op[2]},
+                                    "tags": {t.key: t.value for t in op[3]}})
+                elif op[0] == "artifact":
+                    records.append({"artifact": op[1], "path": op[3], "subdir": op[2]})
+                else:
+                    records.append({op[0]: op[1]})
+            try:
+                path = Path(self.unsent_file)
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id,
+                                           "offline_since": time.strftime(
+                                               "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.offline_since)),
+                                           "records": records}, indent=1) + "\n")
+                os.replace(tmp, path)
+                where = f" Kept in {path};"
+            except OSError as e:
+                where = f" (could not write {self.unsent_file}: {e});"
+        self.log(f"WARNING: MLflow store {self.uri} still unreachable at the end "
+                 f"({time.time() - self.offline_since:.0f} s offline): run {self.run_id} misses "
+                 f"{_summary(self.pending)}, and shows the status RUNNING there instead of "
+                 f"{status}.{where} the values are also in this call's own output files")
 
 
 def disabled() -> bool:
@@ -314,38 +581,104 @@ def _store_creation_lock(uri: str):
 
 
 def start_run(params: dict, kind: str, run_name: str | None = None, resume_run_id: str | None = None,
-              extra_tags: dict | None = None, enabled: bool = True) -> Run:
-    """Start (or resume) the run for a train/evaluate call and log params and tags."""
+              extra_tags: dict | None = None, enabled: bool = True, log=None,
+              unsent_file: str | Path | None = None) -> Run:
+    """Start (or resume) the run for a train/evaluate call and log params and tags.
+
+    A store that cannot be reached (or fails) here never fails the call: it is reported via
+    `log`, and the run is a no-op one -- or, when resuming, an offline run under the same id
+    (brought up to date if the store answers later)."""
     if not enabled or disabled():
         return Run(None, None)
     disable_telemetry()  # before MLflow is imported
+    bound_http_retries()
+    log = log or _default_log
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
     _warn_sqlite_in_slurm(uri)
-    with _store_creation_lock(uri):
-        # the first client on a fresh SQLite file creates and migrates the schema; two processes
-        # doing that at once leave it half-migrated, so creation is serialised by a file lock
-        client = retry(MlflowClient, uri)
-        retry(client.search_experiments, max_results=1)
-    if resume_run_id:
-        try:
-            run = retry(client.get_run, resume_run_id)
-            retry(client.update_run, resume_run_id, status="RUNNING")
-            r = Run(client, run.info.run_id)
+    client = None
+
+    def untracked(e: Exception) -> Run:
+        if not isinstance(e, (MlflowException, OSError)) and not transient(e):
+            raise e
+        if resume_run_id and client is not None and transient(e):
+            r = Run(client, resume_run_id, uri, log)
+            r.unsent_file = Path(unsent_file) if unsent_file else None
+            r._go_offline(e, f"the resume of {kind}")
+            r._keep(("update", "RUNNING"))
+            r._keep(("batch", [], [], [_tag("resumed", "true")]))
+            return r
+        log(f"WARNING: MLflow store {uri} {'unreachable' if transient(e) else 'failed'} "
+            f"({_reason(e)}): this {kind} is NOT recorded in MLflow; it goes on, its results are in "
+            f"its output files (--no-mlflow silences this)")
+        return Run(None, None)
+
+    try:
+        with _store_creation_lock(uri):
+            # the first client on a fresh SQLite file creates and migrates the schema; two
+            # processes doing that at once leave it half-migrated, so it is serialised by a lock
+            client = retry(MlflowClient, uri)
+            retry(client.search_experiments, max_results=1)
+        found = None
+        if resume_run_id:
+            try:
+                found = retry(client.get_run, resume_run_id)
+            except Exception as e:
+                if transient(e):
+                    raise
+                # another store: start a new run below and record where it came from
+        if found is not None:
+            r = Run(client, found.info.run_id, uri, log)
+            r.unsent_file = Path(unsent_file) if unsent_file else None
+            r._submit(("update", "RUNNING"), "the status RUNNING")
             r.set_tags({"resumed": "true"})
             return r
-        except Exception:
-            pass  # different store: start a new run below and record where it came from
-    exp_id = get_experiment_id(client, params["id"], uri)
-    tags = {"smallbig.kind": kind, "mlflow.runName": run_name or f"{params['id']}-{kind}"}
-    tags.update(environment_tags())
-    tags.update(data_tags(params))
-    if resume_run_id:
-        tags["resumed_from_run"] = resume_run_id
-    tags.update(extra_tags or {})
-    run = retry(client.create_run, exp_id, run_name=tags["mlflow.runName"])
-    r = Run(client, run.info.run_id)
+        tags = {"smallbig.kind": kind, "mlflow.runName": run_name or f"{params['id']}-{kind}"}
+        tags.update(environment_tags())
+        tags.update(data_tags(params))
+        if resume_run_id:
+            tags["resumed_from_run"] = resume_run_id
+        tags.update(extra_tags or {})
+        exp_id = get_experiment_id(client, params["id"], uri)
+        run = retry(client.create_run, exp_id, run_name=tags["mlflow.runName"])
+    except Exception as e:
+        return untracked(e)
+    r = Run(client, run.info.run_id, uri, log)
+    r.unsent_file = Path(unsent_file) if unsent_file else None
     r.set_tags(tags)
     r.log_params(flatten(params))
     return r
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
+
+
+def fail_orphan_run(run_id: str, reason: str, log=None, statuses=("RUNNING", "KILLED")) -> str | None:
+    """A call that was to continue run `run_id` (a resume) failed before it got there: end the
+    run FAILED if it is still RUNNING (its process died) or KILLED (stopped, awaiting this
+    resume), with the tag smallbig.error = reason. -> the status it had, None if left alone.
+    Never raises. A later successful resume sets it RUNNING again."""
+    if not run_id or disabled():
+        return None
+    log = log or _default_log
+    disable_telemetry()
+    bound_http_retries()
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri())
+        before = retry(client.get_run, run_id).info.status
+        if before not in statuses:
+            return None
+        retry(client.log_batch, run_id, tags=[_tag("smallbig.error", reason[:5000])])
+        retry(client.set_terminated, run_id, "FAILED")
+        log(f"MLflow run {run_id} ({before}) marked FAILED: {reason.splitlines()[0][:300]}")
+        return before
+    except Exception as e:
+        log(f"WARNING: could not mark MLflow run {run_id} FAILED ({_reason(e)})")
+        return None

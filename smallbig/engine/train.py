@@ -7,8 +7,14 @@ Outputs in the run directory (docs/architecture.md):
   history.json         per epoch: loss, lr, val_top1, clips_per_s, peak_mem_mb
   train_metrics.json   summary: final loss/LR/val top-1, batch plan, AMP, device, MLflow run id
 
+  mlflow-run.json      the MLflow run of this directory (id, store), so that a resume which
+                       fails before it can read a checkpoint still ends that run FAILED
+  mlflow-unsent.json   only when the MLflow store was unreachable until the end: what it misses
+
 Exit code 3 (EXIT_REQUEUE): stopped by SIGTERM/SIGUSR1 after writing last.pt; rerun the same
 command with --resume (Slurm: `#SBATCH --signal=B:USR1@120` + `--requeue`, see docs/engine.md).
+The MLflow run then has the status KILLED; a failure ends it FAILED (a resume that fails, even
+before loading a checkpoint, ends the run it was to continue FAILED).
 """
 from __future__ import annotations
 
@@ -28,9 +34,9 @@ from torch.utils.data import DataLoader
 from smallbig import __version__
 from smallbig.config import dump_params, params_hash
 from smallbig.engine import distributed as D
-from smallbig.engine.checkpoint import (CheckpointError, load_checkpoint, prev_path, quarantine,
-                                        rng_state, save_rotating, set_rng_state, atomic_save,
-                                        unwrap)
+from smallbig.engine.checkpoint import (CheckpointError, OutputWriteError, load_checkpoint,
+                                        prev_path, quarantine, rng_state, save_rotating,
+                                        set_rng_state, atomic_save, unwrap, write_failure)
 from smallbig.engine.optim import build_optimizer, build_scheduler, plan_batch
 from smallbig.engine.seeding import EpochSampler, SeededDataset, WorkerInit, mix_seed, seed_everything
 # signals and the time-limit deadline; no torch there, so the CLI installs it before importing us
@@ -66,9 +72,52 @@ def _now_iso() -> str:
 
 
 def _write_json(path: Path, obj) -> None:
+    """Atomic (tmp + rename); a failed write leaves the old file and no tmp file, and raises
+    OutputWriteError naming the file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputWriteError(f"{path}: {write_failure(e, path.parent)} while writing it "
+                               f"([Errno {e.errno}] {e.strerror}); the previous version is intact") from None
+
+
+RUN_FILE = "mlflow-run.json"
+
+
+def _remove_dead_tmp(out_dir: Path) -> None:
+    """Temporary checkpoint files (.NAME.PID.tmp) of processes that no longer exist (killed while
+    writing): never valid, never read; removed on resume."""
+    for tmp in out_dir.glob(".*.pt.*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)
+            continue  # that process is alive
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _fail_resumed_run(out_dir: Path, state: dict, error: BaseException, log) -> None:
+    """A resume failed before its MLflow run was resumed: end the run of OUT (from the
+    checkpoint if it was read, else OUT/mlflow-run.json) FAILED instead of leaving it RUNNING."""
+    from smallbig.engine import tracking
+
+    run_id = state.get("ckpt_run_id")
+    try:
+        rec = json.loads((out_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        rec = {}
+    if not run_id and rec.get("tracking_uri") == tracking.tracking_uri():
+        run_id = rec.get("run_id")
+    if run_id:
+        tracking.fail_orphan_run(run_id, f"resume failed: {type(error).__name__}: {error}", log=log)
 
 
 def amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool, str]:
@@ -142,11 +191,23 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
     """Train per `params`; returns EXIT_OK or EXIT_REQUEUE (stopped by a signal or the time-limit
     deadline of `stop`, checkpointed). `stop`: an installed StopFlag (the CLI installs one at
     start); default: a new one with no deadline, installed here."""
-    out_dir = Path(out_dir)
+    state: dict = {}
+    try:
+        return _train(params, Path(out_dir), resume, device, track, progress, builders, log, stop,
+                      state)
+    except Exception as e:
+        if resume and track and state.get("is_main") and state.get("run") is None:
+            _fail_resumed_run(Path(out_dir), state, e, state.get("say") or log or print)
+        raise
+
+
+def _train(params: dict, out_dir: Path, resume: bool, device: str | None, track: bool,
+           progress: bool, builders, log, stop: StopFlag | None, state: dict) -> int:
     own_stop = stop is None
     stop = stop if stop is not None else StopFlag()
     stop.install()
     info, dev = D.setup(device)
+    state["is_main"] = info.is_main
     log = log or (lambda m: print(f"smallbig train: {m}", file=sys.stderr, flush=True))
 
     def say(m: str) -> None:
@@ -162,6 +223,7 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
         except OSError:
             pass
 
+    state["say"] = say
     if D.any_flag(stop.set, info, dev):
         say(f"stop ({stop.reason()}) before anything was loaded; exit {EXIT_REQUEUE}")
         if own_stop:
@@ -183,10 +245,14 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
                 f"{out_dir}: already holds a checkpoint (last.pt/checkpoint.pt); pass --resume to "
                 f"continue it, or choose another --out")
     if resume:
+        if info.is_main:
+            _remove_dead_tmp(out_dir)
         ckpt = find_resume_checkpoint(out_dir, say) if info.is_main else None
         ckpt = D.broadcast_object(ckpt, info) if info.distributed else ckpt
         if ckpt is None and (out_dir / "checkpoint.pt").exists():
             ckpt = load_checkpoint(out_dir / "checkpoint.pt")
+        if ckpt is not None:
+            state["ckpt_run_id"] = ckpt.get("mlflow_run_id")
         if ckpt is not None and ckpt["params_hash"] != phash:
             raise CheckpointError(
                 f"{out_dir / 'last.pt'}: made with different params (hash {ckpt['params_hash'][:12]} "
@@ -270,52 +336,58 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
     if info.is_main:
         dump_params(params, out_dir / "params.yaml")
     run = None
-    if info.is_main:
-        from smallbig.engine import tracking
-        run = tracking.start_run(params, "train", resume_run_id=run_id, enabled=track,
-                                 extra_tags={"out_dir": str(out_dir.resolve()), "amp_effective": amp_eff,
-                                             "device": str(dev)})
-        if run_id is None or run.run_id != run_id:
-            run.log_params({f"engine.{k}": v for k, v in plan.as_dict().items()}
-                           | {"engine.amp_effective": amp_eff, "engine.iters_per_epoch": ipe,
-                              "engine.device": dev.type})
-            run.log_artifact(out_dir / "params.yaml")
-        run_id = run.run_id
-    say(f"{params['id']}: {n} clips, {epochs} epochs x {ipe} iterations, batch {plan.total_batch} "
-        f"({plan.per_gpu_batch}/process x {plan.accum_steps} accumulation x {plan.world_size} "
-        f"process(es), policy {plan.policy}), lr {plan.lr:g}, amp {amp_eff}, device {dev}")
-
-    mean, std = data_cfg.get("mean", [0.485, 0.456, 0.406]), data_cfg.get("std", [0.229, 0.224, 0.225])
-    num_workers = int(data_cfg.get("num_workers", 0))
-    every = int(tr.get("checkpoint_every_iters", 1000))
-    val_every = int(tr.get("val_every_epochs", 1))
-    val_ds = None
-
-    def make_state(epoch: int, stats) -> dict:
-        rngs = D.all_gather_objects(rng_state(), info)
-        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rngs[0], "rng_per_rank": rngs, "epoch": epoch, "iteration": global_it,
-                "iters_per_epoch": ipe, "total_iters": total_iters, "history": history,
-                # where the data order resumes: this rank's samples of epoch `epoch` already used
-                "data_position": {"epoch": epoch, "iter_in_epoch": global_it - epoch * ipe,
-                                  "samples_done_per_rank": (global_it - epoch * ipe)
-                                  * plan.accum_steps * plan.per_gpu_batch, "seed": seed},
-                "epoch_stats": stats, "batch_plan": plan.as_dict(), "params": params,
-                "params_hash": phash, "smallbig_version": __version__, "mlflow_run_id": run_id,
-                "started": started, "elapsed_s": prior_elapsed + time.time() - t_start}
-
-    def save_last(epoch: int, stats) -> None:
-        state = make_state(epoch, stats)  # collective: every rank
-        if info.is_main:
-            save_rotating(state, out_dir / "last.pt")
-        D.barrier(info)
-
     status = "FAILED"
     pbar = None
     t_start = time.time()
     try:
+        if info.is_main:
+            from smallbig.engine import tracking
+            run = tracking.start_run(params, "train", resume_run_id=run_id, enabled=track, log=say,
+                                     unsent_file=out_dir / tracking.UNSENT_FILE,
+                                     extra_tags={"out_dir": str(out_dir.resolve()),
+                                                 "amp_effective": amp_eff, "device": str(dev)})
+            state["run"] = run
+            if run.run_id and (run_id is None or run.run_id != run_id):
+                run.log_params({f"engine.{k}": v for k, v in plan.as_dict().items()}
+                               | {"engine.amp_effective": amp_eff, "engine.iters_per_epoch": ipe,
+                                  "engine.device": dev.type})
+                run.log_artifact(out_dir / "params.yaml")
+            if run.run_id:
+                _write_json(out_dir / RUN_FILE, {"run_id": run.run_id,
+                                                 "tracking_uri": tracking.tracking_uri(),
+                                                 "experiment": params["id"]})
+            run_id = run.run_id
+        say(f"{params['id']}: {n} clips, {epochs} epochs x {ipe} iterations, batch {plan.total_batch} "
+            f"({plan.per_gpu_batch}/process x {plan.accum_steps} accumulation x {plan.world_size} "
+            f"process(es), policy {plan.policy}), lr {plan.lr:g}, amp {amp_eff}, device {dev}")
+
+        mean, std = data_cfg.get("mean", [0.485, 0.456, 0.406]), data_cfg.get("std", [0.229, 0.224, 0.225])
+        num_workers = int(data_cfg.get("num_workers", 0))
+        every = int(tr.get("checkpoint_every_iters", 1000))
+        val_every = int(tr.get("val_every_epochs", 1))
+        val_ds = None
+
+        def make_state(epoch: int, stats) -> dict:
+            rngs = D.all_gather_objects(rng_state(), info)
+            return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rngs[0], "rng_per_rank": rngs, "epoch": epoch, "iteration": global_it,
+                    "iters_per_epoch": ipe, "total_iters": total_iters, "history": history,
+                    # where the data order resumes: this rank's samples of epoch `epoch` already used
+                    "data_position": {"epoch": epoch, "iter_in_epoch": global_it - epoch * ipe,
+                                      "samples_done_per_rank": (global_it - epoch * ipe)
+                                      * plan.accum_steps * plan.per_gpu_batch, "seed": seed},
+                    "epoch_stats": stats, "batch_plan": plan.as_dict(), "params": params,
+                    "params_hash": phash, "smallbig_version": __version__, "mlflow_run_id": run_id,
+                    "started": started, "elapsed_s": prior_elapsed + time.time() - t_start}
+
+        def save_last(epoch: int, stats) -> None:
+            full = make_state(epoch, stats)  # collective: every rank
+            if info.is_main:
+                save_rotating(full, out_dir / "last.pt")
+            D.barrier(info)
+
         from tqdm import tqdm
 
         pbar = tqdm(total=total_iters, initial=global_it, disable=not (progress and info.is_main),
@@ -462,6 +534,12 @@ def train(params: dict, out_dir: str | Path, resume: bool = False, device: str |
         D.barrier(info)
         status = "FINISHED"
         return EXIT_OK
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            status = "KILLED"
+        if run is not None:
+            run.set_tags({"smallbig.error": f"{type(e).__name__}: {e}"})
+        raise
     finally:
         if own_stop:
             stop.restore()
