@@ -44,7 +44,7 @@ from smallbig.engine.checkpoint import load_checkpoint
 
 from tracking_server import TrackingServer
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.slow  # end to end: CLI subprocesses, MLflow servers, a tmpfs
 SMALLBIG = [sys.executable, "-m", "smallbig"]
 REPO = Path(__file__).resolve().parents[1]
 # MLflow skips telemetry by itself when it sees a CI or pytest variable: the telemetry test drops them
