@@ -202,11 +202,14 @@ def prev_path(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load and sanity-check a checkpoint; CheckpointError naming the file on any problem."""
+    from smallbig.files import not_regular
+
     path = Path(path)
-    if not path.exists():
+    kind = not_regular(path)
+    if kind and kind.startswith("missing"):
         raise CheckpointError(f"{path}: checkpoint not found")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if kind:  # a FIFO would block torch.load forever
+        raise CheckpointError(f"{path}: is {kind}, not a checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (truncated checkpoint)")
     try:

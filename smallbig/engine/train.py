@@ -262,6 +262,10 @@ def _train(params: dict, out_dir: Path, resume: bool, device: str | None, track:
     seed = int(tr.get("seed", 0))
     seed_everything(seed)
     torch.backends.cudnn.benchmark = dev.type == "cuda"
+    # the lists first: a bad train.txt/val.txt is refused (exit 2, FILE:LINE) before any model
+    # is built or weights are read
+    dataset = build_dataset(params, "train", "train")
+    val_ds = build_dataset(params, "val", "val")
     model = build_model(params["model"])
     if ckpt is None:  # a fresh run starts from model.pretrained (verified ImageNet file) or `none`
         from smallbig.models.weights import resolve_pretrained
@@ -280,7 +284,6 @@ def _train(params: dict, out_dir: Path, resume: bool, device: str | None, track:
     if tr.get("amp", "none") not in (None, "none") and amp_eff == "none":
         say(f"amp {tr.get('amp')} requested but running on {dev.type}: AMP disabled, training in fp32")
 
-    dataset = build_dataset(params, "train", "train")
     n = len(dataset)
     per_rank = -(-n // info.world_size)
     ipe = per_rank // plan.per_gpu_batch // plan.accum_steps
@@ -365,7 +368,6 @@ def _train(params: dict, out_dir: Path, resume: bool, device: str | None, track:
         num_workers = int(data_cfg.get("num_workers", 0))
         every = int(tr.get("checkpoint_every_iters", 1000))
         val_every = int(tr.get("val_every_epochs", 1))
-        val_ds = None
 
         def make_state(epoch: int, stats) -> dict:
             rngs = D.all_gather_objects(rng_state(), info)
@@ -470,8 +472,6 @@ def _train(params: dict, out_dir: Path, resume: bool, device: str | None, track:
             # ---- epoch end: validation, history, checkpoint
             val_top1 = None
             if (epoch + 1) % val_every == 0 or epoch + 1 == epochs:
-                if val_ds is None:
-                    val_ds = build_dataset(params, "val", "val")
                 val_top1 = validate(unwrap(model), val_ds, params, dev, info, collate, normalize,
                                     amp_dtype, channels_last)
             if info.distributed:  # loss over all processes' clips
