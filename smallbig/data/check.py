@@ -174,7 +174,7 @@ class _Worker:
         if not ready:
             self._kill()
             raise CheckError(f"the decoder worker ({' '.join(WORKER_CMD)}) did not start within "
-                             f"{STARTUP_TIMEOUT_S:g} s (got {line.strip()[:200]!r}); is PyAV/decord installed?")
+                             f"{STARTUP_TIMEOUT_S:g} s (got {(line or '').strip()[:200]!r}); is PyAV/decord installed?")
 
     def _kill(self) -> int | None:
         if self.proc.poll() is None:
@@ -191,7 +191,10 @@ class _Worker:
             self.proc.stdin.write(json.dumps(req) + "\n")
             self.proc.stdin.flush()
             line = _readline_timeout(self.proc, self.timeout)
-            timed_out = not line and self.proc.poll() is None
+            # None = no answer in time (hung); "" = the pipe closed (the worker died, perhaps
+            # not reaped yet, so poll() cannot tell the two apart)
+            timed_out = line is None
+            line = line or ""
         except (BrokenPipeError, OSError):
             line = ""
         if line:
@@ -220,12 +223,13 @@ class _Worker:
                 self.proc.wait()
 
 
-def _readline_timeout(proc, timeout: float) -> str:
+def _readline_timeout(proc, timeout: float) -> str | None:
+    """The next line; "" at end of output (the worker died); None when `timeout` passed first."""
     result = []
     t = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
     t.start()
     t.join(timeout)
-    return result[0] if result else ""
+    return result[0] if result else None
 
 
 def check_frames_entry(root: Path, e: Entry, template: str, decode_all: bool, min_frames: int | None) -> str | None:
