@@ -516,10 +516,8 @@ def _run_jobs(jobs: list, progress=None, workers: int | None = None) -> None:
             if progress:
                 progress.update(1)
         return
-    from smallbig.data.frames import _die_with_parent
-
     ctx = mp.get_context("fork")
-    with ctx.Pool(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+    with ctx.Pool(workers) as pool:
         for _ in pool.imap_unordered(_job, jobs, chunksize=4):
             if progress:
                 progress.update(1)
