@@ -6,7 +6,7 @@
   pretrained  fetch / list ImageNet initialisation files      (smallbig/models/weights.py)
   data ...    acquire, extract, check, embedded dataset      (smallbig/data/cli.py)
   train, evaluate, ensemble                                   (smallbig/engine/cli.py)
-  plan        jobs and GPU-hours of the workflow              (smallbig/plan.py)
+  plan        jobs and GPU-hours of the workflow              (smallbig/spec/plan.py)
   report ...  tables, figures, feature maps, HTML report     (smallbig/analysis/cli.py)
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 from smallbig import __version__
 from smallbig import config_cli
-from smallbig import plan
+from smallbig.spec import plan
 from smallbig.analysis import cli as analysis_cli
 from smallbig.data import cli as data_cli
 from smallbig.engine import cli as engine_cli

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "params.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent / "spec" / "schemas" / "params.schema.yaml"
 EXPERIMENTS_DIR = REPO_ROOT / "params" / "experiments"
 STAGES = ("res2", "res3", "res4", "res5")
 _REPLACE_CHILDREN = {("model", "stages")}  # each stage entry is replaced whole

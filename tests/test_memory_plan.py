@@ -329,7 +329,7 @@ def test_a_stale_entry_is_detected_and_never_used(tmp_path):
     assert sorted(measured) == sorted(params)
     assert all(r["status"] == "stale" for r in rows.values())
     assert rows["k400-r23-c2d"]["entry"] is not cache["experiments"]["k400-r23-c2d"]
-    from smallbig import plan
+    from smallbig.spec import plan
 
     text = "\n".join(plan.format_memory(plan.memory_section(params, None, cache_path)))
     assert "current for every experiment" in text

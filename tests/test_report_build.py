@@ -14,7 +14,7 @@ from smallbig.analysis.html import EMBEDDED_BANNER, write_index
 from smallbig.analysis.report_tables import (build_tables, render_csv, render_html_table,
                                              render_latex, render_markdown, tex_escape,
                                              write_tables)
-from smallbig.analysis.tables import load_tables
+from smallbig.spec.tables import load_tables
 from smallbig.cli import main
 
 K = 10  # classes

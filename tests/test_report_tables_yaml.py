@@ -4,7 +4,7 @@ import copy
 import pytest
 import yaml
 
-from smallbig.analysis.tables import (TABLES_PATH, TablesError, experiment_tables, load_tables,
+from smallbig.spec.tables import (TABLES_PATH, TablesError, experiment_tables, load_tables,
                                       required_ensembles, required_evaluations, validate_tables)
 from smallbig.config import experiment_ids, load_params, experiment_path
 

@@ -13,7 +13,7 @@ import pytest
 
 from slurm.workspace import snakemake
 from smallbig.analysis.browser import check_report
-from smallbig.analysis.tables import load_tables
+from smallbig.spec.tables import load_tables
 
 pytestmark = pytest.mark.slow
 

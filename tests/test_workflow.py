@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from smallbig import config
-from smallbig.analysis.tables import load_tables, required_ensembles
+from smallbig.spec.tables import load_tables, required_ensembles
 from slurm.cluster import make_test_profile
 from slurm.workspace import REPO, VENV_BIN, copy_repo, env, job_counts, jobs_of, snakemake
 

@@ -43,7 +43,7 @@ def mlflow_env(root: Path) -> dict:
 
 def test_embedded_workflow_makes_every_table_and_figure(embedded_run):
     root, _ = embedded_run
-    from smallbig.analysis.tables import load_tables
+    from smallbig.spec.tables import load_tables
 
     tables = load_tables(root / "params/tables.yaml")
     for t in tables:

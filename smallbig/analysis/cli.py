@@ -66,7 +66,7 @@ def _setup(args, numbers: list[int] | None = None, model_info_tables: list[int] 
     these tables (the figures need it for Table 10 only)."""
     from smallbig.analysis.html import EMBEDDED_BANNER, banner_for
     from smallbig.analysis.report_tables import build_tables
-    from smallbig.analysis.tables import TablesError, load_tables
+    from smallbig.spec.tables import TablesError, load_tables
 
     results = _results(args)
     banner = EMBEDDED_BANNER if args.embedded else banner_for(results.run, results)

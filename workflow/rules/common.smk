@@ -9,8 +9,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from smallbig import config as sbconfig
-from smallbig import plan as sbplan
-from smallbig.analysis.tables import (
+from smallbig.spec import plan as sbplan
+from smallbig.spec.tables import (
     TablesError,
     load_tables,
     required_ensembles,

@@ -47,7 +47,7 @@ def evaluations(params: dict[str, dict], tables: list[dict] | None) -> list[tupl
             if (exp, proto) not in pairs:
                 pairs.append((exp, proto))
     if tables:
-        from smallbig.analysis.tables import required_evaluations
+        from smallbig.spec.tables import required_evaluations
 
         for exp, proto in required_evaluations(tables):
             if exp not in params:
@@ -167,7 +167,7 @@ def memory_section(params: dict[str, dict], gpu_mem: float | None = None,
 
 def make_plan(overlay: str | None = None, tables_path: str | None = None,
               gpu_mem: float | None = None, memory: bool = True) -> dict:
-    from smallbig.analysis.tables import load_tables, required_ensembles
+    from smallbig.spec.tables import load_tables, required_ensembles
 
     params = load_all(overlay)
     tables = load_tables(tables_path)
