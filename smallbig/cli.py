@@ -35,20 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(args: argparse.Namespace) -> str:
+    """'train', 'data check', 'report tables', ... (for messages)."""
+    parts = [args.command]
+    parts += [v for k, v in sorted(vars(args).items()) if k.endswith("_command") and isinstance(v, str)]
+    return " ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from smallbig.config import ParamsError
-    from smallbig.data.lists import DataError
+    """The one place where errors become messages and exit codes (smallbig/errors.py)."""
+    from smallbig.errors import SmallbigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
         sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
-    except ParamsError as e:
-        print(f"smallbig: invalid params: {e}", file=sys.stderr)
-        return 2
-    except (DataError, FileNotFoundError) as e:
-        print(f"smallbig: {e}", file=sys.stderr)
+    except SmallbigError as e:
+        print(e.render(_command(args)), file=sys.stderr)
+        return e.exit_code
+    except FileNotFoundError as e:
+        print(f"smallbig {_command(args)}: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`smallbig params list | head -2`): nothing is wrong with us.

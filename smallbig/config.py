@@ -22,6 +22,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from smallbig.errors import InputError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = Path(__file__).resolve().parent / "spec" / "schemas" / "params.schema.yaml"
 EXPERIMENTS_DIR = REPO_ROOT / "params" / "experiments"
@@ -30,8 +32,13 @@ _REPLACE_CHILDREN = {("model", "stages")}  # each stage entry is replaced whole
 _REPLACE_WHOLE = {("data", "source")}  # a dataset's source is one description
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """A params file is missing, unreadable, or invalid. The message names file, key, problem."""
+
+    label = "invalid params"
+
+    def render(self, command: str) -> str:
+        return f"smallbig: invalid params: {self}"
 
 
 def _read_yaml(path: Path) -> dict:

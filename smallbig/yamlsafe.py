@@ -26,7 +26,7 @@ import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from smallbig.files import not_regular
+from smallbig.fsutil import not_regular
 
 MAX_BYTES = 1_000_000  # the largest params file in the repository is ~17 KB
 MAX_NODES = 100_000  # after alias expansion

@@ -202,7 +202,7 @@ def prev_path(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load and sanity-check a checkpoint; CheckpointError naming the file on any problem."""
-    from smallbig.files import not_regular
+    from smallbig.fsutil import not_regular
 
     path = Path(path)
     kind = not_regular(path)

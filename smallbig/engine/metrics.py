@@ -101,7 +101,7 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int | N
 
 def load_scores(path: str | Path) -> dict:
     """Load a scores.npz written by `smallbig evaluate`; clear error on a bad file."""
-    from smallbig.files import not_regular
+    from smallbig.fsutil import not_regular
 
     path = Path(path)
     kind = not_regular(path)

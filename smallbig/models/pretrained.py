@@ -37,7 +37,7 @@ __all__ = ["PretrainedError", "load_pretrained_2d", "source_depth"]
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from smallbig.files import not_regular
+    from smallbig.fsutil import not_regular
 
     kind = not_regular(path)
     if kind and kind.startswith("missing"):
