@@ -11,22 +11,19 @@ Row kinds:
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 
 from smallbig.config import REPO_ROOT, ParamsError, experiment_ids
+from smallbig.yamlsafe import YamlInputError, load_yaml_file
 
 TABLES_PATH = REPO_ROOT / "params" / "tables.yaml"
-PAPER_KEYS = ("top1", "top5", "params_m", "gflops", "views", "gflops_x_views", "views_text")
-ROW_KEYS = {"label", "paper", "experiment", "ensemble", "external", "protocol", "name",
-            "backbone", "input", "dataset", "section", "note"}
-TABLE_KEYS = {"number", "title", "dataset", "rows"}
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "tables.schema.yaml"
+_KINDS = ("experiment", "ensemble", "external")
 DATASETS = {"kinetics400", "sthv1", "sthv2"}
-SECTIONS = {"single-clip", "multi-view"}
-_PROTOCOL = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SCHEMA: dict | None = None
 
 
 class TablesError(ParamsError):
@@ -34,13 +31,60 @@ class TablesError(ParamsError):
     (A ParamsError, so the `smallbig` CLI reports it as one: exit code 2, no traceback.)"""
 
 
-def _num_or_none(v: Any) -> bool:
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+def _schema() -> dict:
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = load_yaml_file(SCHEMA_PATH)
+    return _SCHEMA
+
+
+def _key(path) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _message(e: jsonschema.ValidationError) -> tuple[str, str]:
+    """(key, problem) for the most useful error of a schema failure."""
+    key = _key(e.absolute_path)
+    inst = e.instance
+    if e.validator == "required":
+        missing = [k for k in e.validator_value if not (isinstance(inst, dict) and k in inst)]
+        return (f"{key}.{missing[0]}" if key != "(top level)" else missing[0]), "missing"
+    if e.validator == "additionalProperties" and isinstance(inst, dict):
+        allowed = set(e.schema.get("properties", {}))
+        return key, f"unknown key(s) {sorted(set(inst) - allowed)}; allowed {sorted(allowed)}"
+    if e.validator == "oneOf" and isinstance(inst, dict) and "paper" in e.schema.get("properties", {}):
+        kinds = [k for k in _KINDS if k in inst]
+        return key, f"needs exactly one of experiment / ensemble / external, has {kinds or 'none'}"
+    if e.validator == "not" and isinstance(inst, dict):
+        forbidden = [k for k in (e.validator_value or {}).get("required", []) if k in inst]
+        kind = next((k for k in _KINDS if k in inst), "this")
+        article = "an" if kind[0] in "ae" else "a"
+        return (f"{key}.{forbidden[0]}" if forbidden else key,
+                f"{article} {kind} row has no {'/'.join(forbidden) or 'such key'}")
+    if e.validator == "oneOf" and e.schema.get("oneOf", [{}])[0].get("type") == "number":
+        return key, f"must be a number or null, got {inst!r}"
+    text = e.message if len(e.message) <= 240 else e.message[:240] + "…"
+    return key, text
+
+
+_PRIORITY = {"oneOf": 0, "additionalProperties": 1, "required": 2, "not": 3}
+
+
+def _pick(errors: list[jsonschema.ValidationError]) -> jsonschema.ValidationError:
+    """The error to report: the first place (in document order) that fails; there, a row's
+    kind conflict first, then unknown keys, missing keys, keys its kind forbids, the rest."""
+    first = list(errors[0].absolute_path)
+    here = [e for e in errors if list(e.absolute_path) == first]
+    return min(here, key=lambda e: (_PRIORITY.get(str(e.validator), 9), -len(list(e.path))))
 
 
 def validate_tables(data: Any, source: str | Path = TABLES_PATH,
                     known_ids: set[str] | None = None) -> list[dict]:
-    """Check the structure of a tables document; return its list of tables."""
+    """Check a tables document (schema, then the paper's order, known experiment ids, one meaning
+    per ensemble name, a dataset for every row); return its list of tables."""
     src = str(source)
 
     def fail(key: str, problem: str):
@@ -48,101 +92,41 @@ def validate_tables(data: Any, source: str | Path = TABLES_PATH,
 
     if not isinstance(data, dict) or "tables" not in data:
         fail("(top level)", "must be a mapping with a `tables:` list")
-    tables = data["tables"]
-    if not isinstance(tables, list) or not tables:
-        fail("tables", "must be a non-empty list")
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        fail(*_message(_pick(errors)))
     known = set(experiment_ids()) if known_ids is None else set(known_ids)
-    numbers, names = [], {}
-    for ti, t in enumerate(tables):
+    numbers: list[int] = []
+    names: dict[str, tuple] = {}
+    for ti, t in enumerate(data["tables"]):
         tk = f"tables[{ti}]"
-        if not isinstance(t, dict):
-            fail(tk, "must be a mapping")
-        unknown = set(t) - TABLE_KEYS
-        if unknown:
-            fail(tk, f"unknown key(s) {sorted(unknown)}")
-        for k in ("number", "title", "rows"):
-            if k not in t:
-                fail(tk, f"missing `{k}`")
-        if not isinstance(t["number"], int) or isinstance(t["number"], bool):
-            fail(f"{tk}.number", f"must be an integer, got {t['number']!r}")
         if t["number"] in numbers:
             fail(f"{tk}.number", f"table {t['number']} appears twice")
         if numbers and t["number"] < numbers[-1]:
             fail(f"{tk}.number", "tables must be in the paper's order")
         numbers.append(t["number"])
-        if not isinstance(t["rows"], list) or not t["rows"]:
-            fail(f"{tk}.rows", "must be a non-empty list")
         for ri, r in enumerate(t["rows"]):
             rk = f"{tk}.rows[{ri}]"
-            if not isinstance(r, dict):
-                fail(rk, "must be a mapping")
-            unknown = set(r) - ROW_KEYS
-            if unknown:
-                fail(rk, f"unknown key(s) {sorted(unknown)}")
-            if not isinstance(r.get("label"), str) or not r["label"].strip():
-                fail(f"{rk}.label", "missing or empty")
-            paper = r.get("paper")
-            if not isinstance(paper, dict):
-                fail(f"{rk}.paper", "missing (the paper's numbers, as a mapping)")
-            bad = set(paper) - set(PAPER_KEYS)
-            if bad:
-                fail(f"{rk}.paper", f"unknown key(s) {sorted(bad)}; allowed {list(PAPER_KEYS)}")
-            if "top1" not in paper:
-                fail(f"{rk}.paper.top1", "missing")
-            for k, v in paper.items():
-                if k == "views_text":
-                    if not isinstance(v, str):
-                        fail(f"{rk}.paper.{k}", f"must be a string, got {v!r}")
-                elif not _num_or_none(v):
-                    fail(f"{rk}.paper.{k}", f"must be a number or null, got {v!r}")
-            kinds = [k for k in ("experiment", "ensemble", "external") if k in r]
-            if len(kinds) != 1:
-                fail(rk, f"needs exactly one of experiment / ensemble / external, has {kinds or 'none'}")
-            kind = kinds[0]
-            if kind == "external":
-                if r["external"] is not True:
-                    fail(f"{rk}.external", "must be `true`")
-                for k in ("protocol", "name"):
-                    if k in r:
-                        fail(f"{rk}.{k}", "an external row has no protocol/name")
-            else:
-                proto = r.get("protocol")
-                if not isinstance(proto, str) or not _PROTOCOL.match(proto):
-                    fail(f"{rk}.protocol", f"must be a string like \"10x3\", got {proto!r}")
+            kind = next(k for k in _KINDS if k in r)
+            if kind != "external":
                 ids = [r["experiment"]] if kind == "experiment" else r["ensemble"]
-                if kind == "ensemble":
-                    if not isinstance(ids, list) or len(ids) < 2:
-                        fail(f"{rk}.ensemble", "must be a list of at least two experiment ids")
-                    name = r.get("name")
-                    if not isinstance(name, str) or not _NAME.match(name):
-                        fail(f"{rk}.name", f"an ensemble row needs a directory-safe `name`, got {name!r}")
-                    prev = names.get(name)
-                    if prev is not None and prev != (tuple(ids), proto):
-                        fail(f"{rk}.name", f"`{name}` already names a different ensemble")
-                    names[name] = (tuple(ids), proto)
-                elif "name" in r:
-                    fail(f"{rk}.name", "only ensemble rows have a name")
                 for i in ids:
-                    if not isinstance(i, str) or i not in known:
+                    if i not in known:
                         fail(f"{rk}.{kind}", f"unknown experiment id {i!r} (no params/experiments/{i}.yaml)")
-            ds = r.get("dataset", t.get("dataset"))
-            if "dataset" in r and r["dataset"] not in DATASETS:
-                fail(f"{rk}.dataset", f"must be one of {sorted(DATASETS)}")
-            if ds not in DATASETS:
+            if kind == "ensemble":
+                prev = names.get(r["name"])
+                if prev is not None and prev != (tuple(r["ensemble"]), r["protocol"]):
+                    fail(f"{rk}.name", f"`{r['name']}` already names a different ensemble")
+                names[r["name"]] = (tuple(r["ensemble"]), r["protocol"])
+            if r.get("dataset", t.get("dataset")) not in DATASETS:
                 fail(f"{rk}.dataset", f"row needs a dataset (table says {t.get('dataset')!r})")
-            if "section" in r and r["section"] not in SECTIONS:
-                fail(f"{rk}.section", f"must be one of {sorted(SECTIONS)}")
-            for k in ("backbone", "input", "note"):
-                if k in r and not isinstance(r[k], str):
-                    fail(f"{rk}.{k}", f"must be a string, got {r[k]!r}")
-    return tables
+    return data["tables"]
 
 
 def load_tables(path: str | Path | None = None) -> list[dict]:
     """Read and validate params/tables.yaml; rows get `kind`, `dataset` and `members` filled in."""
     path = Path(path) if path is not None else TABLES_PATH
-    from smallbig.yamlsafe import YamlInputError, load_yaml_file
-
     try:
         data = load_yaml_file(path)
     except YamlInputError as e:
