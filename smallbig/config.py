@@ -18,11 +18,16 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
+import jsonschema
 import yaml
 
 from smallbig.errors import InputError
+from smallbig.fsutil import atomic_write_text
+from smallbig.spec.params import DataSpec, TestSpec, TrainSpec, defaults
+from smallbig.spec.protocol import ProtocolError
+from smallbig.yamlsafe import YamlInputError, load_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = Path(__file__).resolve().parent / "spec" / "schemas" / "params.schema.yaml"
@@ -45,8 +50,6 @@ def _read_yaml(path: Path) -> dict:
     """A params or overlay file as a mapping. Every problem (not a regular file, too large, not
     UTF-8, empty, invalid YAML, duplicate or non-string keys, alias bombs, NaN) is a ParamsError
     `PATH[:LINE]: problem` (smallbig/yamlsafe.py)."""
-    from smallbig.yamlsafe import YamlInputError, load_yaml_file
-
     try:
         data = load_yaml_file(path)
     except YamlInputError as e:
@@ -135,25 +138,53 @@ def _clip(text: str, limit: int = 240) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters cut)"
 
 
+# what an unknown key is, where the schema lists the allowed ones
+_UNKNOWN = {("model", "stages"): "unknown stage name(s)", "smallbig": "unknown conv(s)"}
+
+
+def _schema_check(instance: Any, sub_schema: dict, source: str | Path, prefix: tuple = ()) -> None:
+    """Validate against (part of) the params schema; ParamsError `SOURCE: KEY: problem` per
+    error (at most 10), keys written from the top of the params (`prefix` + the error's path)."""
+    validator = jsonschema.Draft202012Validator(sub_schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if not errors:
+        return
+    lines = []
+    for e in errors[:10]:
+        path = prefix + tuple(e.absolute_path)
+        msg = _clip(e.message)
+        if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+            allowed = sorted(e.schema.get("properties", {}))
+            extra = sorted(set(e.instance) - set(allowed))
+            what = _UNKNOWN.get(tuple(map(str, path[-2:])), _UNKNOWN.get(str(path[-1]) if path else "",
+                                                                          "unknown key(s)"))
+            msg = f"{what} {', '.join(map(repr, extra))} (allowed: {', '.join(allowed)})"
+        lines.append(f"{source}: {_key(path)}: {msg}")
+    more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
+    raise ParamsError("\n".join(lines) + more)
+
+
 def validate(params: dict, source: str | Path = "<params>") -> None:
     """Schema + semantic checks; raises ParamsError naming source, key and problem."""
-    import jsonschema
-
     _check_pretrained_set(params, str(source))
-    validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(params), key=lambda e: (len(e.path), list(map(str, e.path))))
-    if errors:
-        lines = []
-        for e in errors[:10]:
-            msg = _clip(e.message)
-            if e.validator == "additionalProperties" and isinstance(e.instance, dict):
-                allowed = sorted(e.schema.get("properties", {}))
-                extra = sorted(set(e.instance) - set(allowed))
-                msg = f"unknown key(s) {', '.join(map(repr, extra))} (allowed: {', '.join(allowed)})"
-            lines.append(f"{source}: {_key(e.absolute_path)}: {msg}")
-        more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise ParamsError("\n".join(lines) + more)
+    _schema_check(params, schema(), source)
     _semantic_checks(params, str(source))
+
+
+def validate_model(model: Mapping[str, Any], source: str = "model config") -> dict:
+    """The one check of a `model` section given on its own (a hand-built dict for `build_model`):
+    the same schema and stage rules as `validate`, on the section completed from
+    params/base.yaml (stages are never merged: a section without them is refused). `pretrained`
+    may be unset here (what a training starts from is the engine's business). Returns the
+    completed section; raises ParamsError (a ValueError) naming the key and the problem."""
+    if not isinstance(model, Mapping):
+        raise ParamsError(f"{source}: model: expected a mapping, got {_type_name(model)}")
+    full = deep_merge({"model": defaults().get("model") or {}}, {"model": dict(model)})["model"]
+    checked = {k: v for k, v in full.items() if not (k == "pretrained" and v is None)}
+    sub = {"$defs": schema()["$defs"], **schema()["properties"]["model"]}
+    _schema_check(checked, sub, source, ("model",))
+    _check_stages(full, source)
+    return full
 
 
 def feature_size(crop: int, stage: str) -> int:
@@ -205,15 +236,10 @@ def _check_pretrained(p: dict, source: str) -> None:
             f"blocks of each ResNet-50 stage)")
 
 
-def _semantic_checks(p: dict, source: str) -> None:
-    _check_pretrained(p, source)
-    model, data, test = p["model"], p["data"], p["test"]
-    T = data["num_frames"]
-    sizes = [data.get("crop_size", 224)]
-    for proto in test["protocols"]:
-        crops = int(proto.split("x")[1])
-        sizes.append(test.get("multi_crop_size", 256) if crops == 3 else test.get("single_crop_size", 224))
-    smallest = min(sizes)
+def _check_stages(model: dict, source: str, frames: int | None = None, crop: int | None = None) -> None:
+    """The stage rules the schema cannot say: `smallbig` exactly with block smallbig, odd pooling
+    sizes ('same' padding) and, with the input's `frames` and smallest `crop`, no window wider
+    than the input allows."""
     for name in STAGES:
         st = model["stages"][name]
         key = f"model.stages.{name}"
@@ -221,26 +247,37 @@ def _semantic_checks(p: dict, source: str) -> None:
             raise ParamsError(f"{source}: {key}.smallbig: given, but the stage's block is {st['block']!r} (needs 'smallbig')")
         if st["block"] == "smallbig" and not st.get("smallbig"):
             raise ParamsError(f"{source}: {key}.smallbig: block 'smallbig' needs at least one of conv1/conv2/conv3 with its pooling")
-        feat = feature_size(smallest, name)
         for conv, pool in (st.get("smallbig") or {}).items():
             kt, kh, kw = pool
             # A window wider than 2*size-1 covers the whole axis from every position: it is the
             # same as a smaller one, so it is a configuration mistake (use T for global time).
-            if kt != "T" and kt > 2 * T - 1:
+            if frames is not None and kt != "T" and kt > 2 * frames - 1:
                 raise ParamsError(
                     f"{source}: {key}.smallbig.{conv}: temporal pooling {kt} is larger than the "
-                    f"input's {T} frames allow (at most {2 * T - 1}; use T for global pooling)")
-            if max(kh, kw) > 2 * feat - 1:
-                raise ParamsError(
-                    f"{source}: {key}.smallbig.{conv}: pooling {kh}x{kw} is larger than the {name} "
-                    f"feature map ({feat}x{feat} at crop {smallest}; at most {2 * feat - 1})")
+                    f"input's {frames} frames allow (at most {2 * frames - 1}; use T for global pooling)")
+            if crop is not None:
+                feat = feature_size(crop, name)
+                if max(kh, kw) > 2 * feat - 1:
+                    raise ParamsError(
+                        f"{source}: {key}.smallbig.{conv}: pooling {kh}x{kw} is larger than the {name} "
+                        f"feature map ({feat}x{feat} at crop {crop}; at most {2 * feat - 1})")
             if (kt != "T" and kt % 2 == 0) or kh % 2 == 0 or kw % 2 == 0:
                 raise ParamsError(
                     f"{source}: {key}.smallbig.{conv}: pooling sizes must be odd ('same' padding), got {pool}")
-    if data["sampling"] == "dense" and "frame_stride" not in data:
+
+
+def _semantic_checks(p: dict, source: str) -> None:
+    _check_pretrained(p, source)
+    try:
+        test = TestSpec.from_dict(p["test"])
+    except ProtocolError as e:
+        raise ParamsError(f"{source}: test.protocols: {e}") from None
+    data, train = DataSpec.from_dict(p["data"]), TrainSpec.from_dict(p["train"])
+    sizes = [data.crop_size] + [proto.crop_size(test) for proto in test.protocols]
+    _check_stages(p["model"], source, data.num_frames, min(sizes))
+    if data.sampling == "dense" and "frame_stride" not in p["data"]:
         raise ParamsError(f"{source}: data.frame_stride: required for dense sampling")
-    tr = p["train"]
-    if tr.get("schedule") == "step" and not tr.get("lr_steps"):
+    if train.schedule == "step" and not train.lr_steps:
         raise ParamsError(f"{source}: train.lr_steps: step schedule needs at least one epoch")
 
 
@@ -287,11 +324,7 @@ def params_hash(params: dict) -> str:
 
 
 def dump_params(params: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(params, sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(params, sort_keys=False))
 
 
 def experiment_ids() -> list[str]:

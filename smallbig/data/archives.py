@@ -6,9 +6,11 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from smallbig.errors import InputError
 
-class ArchiveError(RuntimeError):
-    """An archive is corrupt or unsafe (names the archive and the problem)."""
+
+class ArchiveError(InputError):
+    """An archive is corrupt or unsafe (names the archive and the problem). Bad input: exit 2."""
 
 
 class JoinedParts(io.RawIOBase):

@@ -26,7 +26,9 @@ import sys
 import threading
 from pathlib import Path
 
-from smallbig.data.lists import Entry, scan_list
+from smallbig.data.lists import Entry, label_bounds, scan_list
+from smallbig.errors import InputError, RunError
+from smallbig.fsutil import atomic_write_json
 from smallbig.data.readers import (DecordVideo, VideoError, file_problem, magic, short_error,
                                    stream_info)
 
@@ -119,8 +121,18 @@ def probe(path: str, decode_all: bool = False, min_frames: int | None = None) ->
     return {"reason": None, "frames": n}
 
 
-class CheckError(RuntimeError):
-    """The check itself cannot run (its decoder workers do not start)."""
+class CheckError(RunError):
+    """The check itself cannot run (its decoder workers do not start): the environment, not
+    the data. Exit 1, printed as `smallbig data ...: cannot run: ...`."""
+
+    label = "cannot run"
+
+
+class CheckInputError(InputError):
+    """`smallbig data check` cannot run on these arguments (a missing root, an unreadable list,
+    a report that cannot be written). Exit 2."""
+
+    label = "cannot run"
 
 
 def _worker_main() -> None:
@@ -317,8 +329,6 @@ def check_list(list_path: Path, root: Path, out: Path | None = None, decode_all:
                num_classes=None, file_timeout: float | None = None) -> dict:
     """Check a list and its videos. Labels are checked against ROOT/classes.json (if present) and
     `num_classes`; invalid lines go to report["list_problems"] (as `FILE:LINE: problem`)."""
-    from smallbig.data.lists import label_bounds
-
     bounds = label_bounds(root) + ([] if num_classes is None else [num_classes])
     entries, problems = scan_list(list_path, None, bounds)
     report = check_entries(root, entries, decode_all, min_frames, workers, frame_template, progress,
@@ -331,11 +341,7 @@ def check_list(list_path: Path, root: Path, out: Path | None = None, decode_all:
 
 
 def write_json(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, obj, indent=1)
 
 
 if __name__ == "__main__":

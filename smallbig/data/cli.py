@@ -7,6 +7,11 @@
   smallbig data check PARAMS --out REPORT.json   (train.txt + val.txt of data.root)
   smallbig data frames --list LIST --root DIR --out-list LIST [--short-side N] [--subdir frames]
   smallbig data resize --list LIST --root DIR --out-list LIST --short-side N [--subdir videos320]
+
+Errors become messages and exit codes in `smallbig.cli.main` (smallbig/errors.py): a bad list,
+dataset directory, source or archive exits 2, a check whose decoder workers do not start exits 1.
+Only torch-free modules are imported at the top (the CLI's start-up stays light); the commands
+import what they run.
 """
 from __future__ import annotations
 
@@ -15,6 +20,11 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from smallbig.config import load_params
+from smallbig.data.lists import (DataError, LabelBound, label_bounds, load_manifest, read_list, scan_list,
+                                 write_list)
+from smallbig.errors import SmallbigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -125,28 +135,17 @@ def _toy(args) -> int:
 
 def _load(path: str, overlay: str | None) -> dict:
     """An experiment file (with `extends`) or a resolved one; validated either way."""
-    from smallbig.config import load_params
-
     return load_params(path, overlay)
 
 
 def _prepare(args) -> int:
-    from smallbig.data.archives import ArchiveError
-    from smallbig.data.check import CheckError
-    from smallbig.data.dataset import DataError
-    from smallbig.data.download import DownloadError
+    """DataError, DownloadError, ArchiveError: exit 2; CheckError (the check's decoder workers do
+    not start: the environment, not the data): exit 1."""
     from smallbig.data.prepare import prepare
 
     _logging()
     params = _load(args.params, args.overlay)
-    try:
-        m = prepare(params, progress=not args.quiet, workers=args.workers, force_check=args.recheck)
-    except (DataError, DownloadError, ArchiveError) as e:
-        print(f"smallbig data prepare: {e}", file=sys.stderr)
-        return 2
-    except CheckError as e:  # the check's decoder workers do not start (environment, not data)
-        print(f"smallbig data prepare: {e}", file=sys.stderr)
-        return 1
+    m = prepare(params, progress=not args.quiet, workers=args.workers, force_check=args.recheck)
     counts = {s: {k: v[k] for k in ("count", "usable", "quarantined", "num_missing")} for s, v in m["splits"].items()}
     print(json.dumps({"root": params["data"]["root"], "dataset": m["dataset"], "format": m["format"],
                       "num_classes": m["num_classes"], "splits": counts}, indent=1))
@@ -158,9 +157,7 @@ def _check(args) -> int:
     line reported as FILE:LINE: problem, on stderr and under "list_problems" in the report; the
     other lines are still checked) or the check cannot run on these arguments; 1: the decoder
     workers do not start."""
-    from smallbig.data.check import CheckError, check_entries, resolve_file_timeout, write_json
-    from smallbig.data.dataset import DataError, load_manifest
-    from smallbig.data.lists import LabelBound, label_bounds, scan_list
+    from smallbig.data.check import CheckInputError, check_entries, resolve_file_timeout, write_json
 
     try:
         timeout = resolve_file_timeout(args.file_timeout)
@@ -196,12 +193,12 @@ def _check(args) -> int:
         if problems:
             report["list_problems"] = problems
         write_json(Path(args.out), report)
-    except (DataError, OSError, ValueError) as e:
-        print(f"smallbig data check: cannot run: {e}", file=sys.stderr)
-        return 2
-    except CheckError as e:
-        print(f"smallbig data check: cannot run: {e}", file=sys.stderr)
-        return 1
+    except SmallbigError as e:
+        if not isinstance(e, DataError):  # invalid params, CheckError (exit 1), a full disk, ...
+            raise
+        raise CheckInputError(str(e)) from None
+    except (OSError, ValueError) as e:  # a bad --out directory, an unreadable list, ...
+        raise CheckInputError(str(e)) from None
     print(f"{report['ok']} ok, {len(report['bad'])} bad -> {args.out}")
     for b in report["bad"][:20]:
         print(f"  {b['path']}: {b['reason']}")
@@ -217,15 +214,10 @@ def _check(args) -> int:
 
 
 def _frames(args) -> int:
-    from smallbig.data.dataset import DataError, read_list, write_list
     from smallbig.data.frames import extract_frames
 
     _logging()
-    try:
-        entries = read_list(args.list, "video")
-    except DataError as e:
-        print(f"smallbig data frames: {e}", file=sys.stderr)
-        return 2
+    entries = read_list(args.list, "video")
     out, failed = extract_frames(Path(args.root), entries, args.subdir, args.short_side or None,
                                  args.workers, not args.quiet)
     write_list(args.out_list, out, "frames")
@@ -236,14 +228,9 @@ def _frames(args) -> int:
 
 
 def _resize(args) -> int:
-    from smallbig.data.dataset import DataError, read_list, write_list
     from smallbig.data.frames import resize_videos
 
-    try:
-        entries = read_list(args.list, "video")
-    except DataError as e:
-        print(f"smallbig data resize: {e}", file=sys.stderr)
-        return 2
+    entries = read_list(args.list, "video")
     out, failed = resize_videos(Path(args.root), entries, args.subdir, args.short_side, not args.quiet)
     write_list(args.out_list, out, "video")
     print(f"{len(out)} videos re-encoded, {len(failed)} failed -> {args.out_list}")

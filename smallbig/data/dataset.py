@@ -26,17 +26,20 @@ runs `smallbig data check`, which decodes every file under a deadline and writes
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from smallbig.data import sampling
-from smallbig.data.lists import DataError, Entry, label_bounds, read_list, write_list  # noqa: F401 (re-exported)
+from smallbig.data.lists import (DataError, Entry, label_bounds, load_manifest,  # noqa: F401 (re-exported)
+                                 load_quarantine, read_list, write_list)
 from smallbig.data.readers import VideoError, open_frames, open_video
+from smallbig.spec.params import DataSpec, Params, TestSpec
+from smallbig.spec.protocol import Protocol
 
 log = logging.getLogger("smallbig.data")
 
@@ -52,31 +55,6 @@ class BadSample:
 
     def __bool__(self) -> bool:
         return False
-
-
-def load_quarantine(root: Path) -> dict[str, str]:
-    q = root / "quarantine.json"
-    if not q.exists():
-        return {}
-    if not q.is_file():  # a FIFO would block the read below
-        raise DataError(f"{q}: not a regular file")
-    try:
-        report = json.loads(q.read_text())
-        return {b["path"]: b["reason"] for b in report.get("bad", [])}
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{q}: not a `smallbig data check` report: {e}") from None
-
-
-def load_manifest(root: Path) -> dict:
-    m = root / "manifest.json"
-    if not m.exists():
-        return {}
-    if not m.is_file():  # a FIFO would block the read below
-        raise DataError(f"{m}: not a regular file")
-    try:
-        return json.loads(m.read_text())
-    except ValueError as e:
-        raise DataError(f"{m}: not valid JSON: {e}") from None
 
 
 def balanced_subset(entries: list[Entry], limit: int | None) -> list[Entry]:
@@ -96,17 +74,29 @@ def balanced_subset(entries: list[Entry], limit: int | None) -> list[Entry]:
 
 
 # --------------------------------------------------------------------------- dataset
+def _data_spec(data: "DataSpec | Mapping[str, Any]") -> DataSpec:
+    return data if isinstance(data, DataSpec) else DataSpec.from_dict(data)
+
+
+def _test_spec(test: "TestSpec | Mapping[str, Any]") -> TestSpec:
+    return test if isinstance(test, TestSpec) else TestSpec.from_dict(test)
+
+
 class VideoDataset(torch.utils.data.Dataset):
-    def __init__(self, root, entries: list[Entry], fmt: str, mode: str, data: dict, test: dict,
-                 protocol: str | None = None, frame_template: str = "img_{:05d}.jpg",
+    """`data`, `test`: the params' sections, typed (a mapping, even a partial one, is completed
+    from params/base.yaml)."""
+
+    def __init__(self, root, entries: list[Entry], fmt: str, mode: str,
+                 data: "DataSpec | Mapping[str, Any]", test: "TestSpec | Mapping[str, Any]",
+                 protocol: "str | Protocol | None" = None, frame_template: str = "img_{:05d}.jpg",
                  quarantine: dict[str, str] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.root = Path(root)
         self.fmt = fmt
         self.mode = mode
-        self.data = data
-        self.test = test
+        self.data = _data_spec(data)
+        self.test = _test_spec(test)
         self.frame_template = frame_template
         quarantine = quarantine or {}
         self.quarantined = [e.path for e in entries if e.path in quarantine]
@@ -116,15 +106,15 @@ class VideoDataset(torch.utils.data.Dataset):
                 log.warning("%s: %d quarantined videos left out of training", self.root, len(self.quarantined))
         self.quarantine = quarantine
         self.entries = entries
-        self.num_clips, self.num_crops = (1, 1)
+        views = Protocol(1, 1)  # train and val: one clip, one (centre) crop
         if mode == "test":
             if protocol is None:
                 raise ValueError("mode 'test' needs a protocol such as '10x3'")
-            self.num_clips, self.num_crops = sampling.parse_protocol(protocol)
-        self.protocol = protocol
-        self.short_side = int(test.get("short_side", 256))
-        self.crop_size = (int(test.get("multi_crop_size", 256)) if self.num_crops == 3
-                          else int(test.get("single_crop_size", 224)))
+            views = Protocol.parse(protocol)
+        self.protocol = views if mode == "test" else None
+        self.num_clips, self.num_crops = views.clips, views.crops
+        self.short_side = self.test.short_side
+        self.crop_size = views.crop_size(self.test)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -160,8 +150,7 @@ class VideoDataset(torch.utils.data.Dataset):
         if self.mode == "train":
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
             idx = sampling.train_indices(n, d, rng)
-            video = sampling.train_view(reader.get(idx), d.get("train_short_side", [256, 320]),
-                                        int(d.get("crop_size", 224)), bool(d.get("flip", False)), rng)
+            video = sampling.train_view(reader.get(idx), d.train_short_side, d.crop_size, d.flip, rng)
             return {"video": video, "label": e.label, "video_id": e.video_id}
         clips = sampling.test_indices(n, d, self.num_clips)
         if self.mode == "val":
@@ -176,19 +165,25 @@ class VideoDataset(torch.utils.data.Dataset):
                 "clip_idx": clip_idx, "crop_idx": crop_idx}
 
 
-def build_dataset(params: dict, split: str, mode: str, protocol: str | None = None) -> VideoDataset:
-    """The dataset of `split` (train/val) of the prepared directory `params.data.root`."""
+def build_dataset(params: "Params | Mapping[str, Any]", split: str, mode: str,
+                  protocol: "str | Protocol | None" = None) -> VideoDataset:
+    """The dataset of `split` (train/val) of the prepared directory `params.data.root`. `params`:
+    `Params` or a params mapping (sections or keys it leaves out come from params/base.yaml)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    data, test = params["data"], params.get("test", {})
-    root = Path(data["root"])
+    if isinstance(params, Params):
+        data, test, raw = params.data, params.test, params.raw
+    else:  # a mapping, perhaps partial (no model section): only its data and test sections
+        data, test, raw = DataSpec.from_dict(params["data"]), TestSpec.from_dict(params.get("test") or {}), params
+    root = Path(data.root)
     manifest = load_manifest(root)
-    fmt = data.get("format", manifest.get("format", "video"))
+    fmt = data.format
     if manifest and manifest.get("format") and manifest["format"] != fmt:
         raise DataError(f"{root / 'manifest.json'}: prepared as format {manifest['format']!r} but "
                         f"params data.format is {fmt!r}; run `smallbig data prepare` with these params")
-    entries = read_list(root / f"{split}.txt", fmt, label_bounds(root, params))
-    limit = data.get("limit_train") if split == "train" else data.get("limit_val")
+    # the labels are bounded by model.num_classes only where the params give one
+    entries = read_list(root / f"{split}.txt", fmt, label_bounds(root, raw))
+    limit = data.limit_train if split == "train" else data.limit_val
     entries = balanced_subset(entries, limit)
     template = manifest.get("frame_template", "img_{:05d}.jpg")
     return VideoDataset(root, entries, fmt, mode, data, test, protocol, template, load_quarantine(root))

@@ -17,11 +17,15 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from smallbig.errors import InputError
+
 CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
-    """A file could not be fetched or failed verification (names the URL and the problem)."""
+class DownloadError(InputError):
+    """A file could not be fetched or failed verification (names the URL and the problem).
+    Exit 2 (the source is missing, unreachable or wrong: `smallbig data prepare`); `smallbig
+    pretrained fetch` tells a missing file (exit 2) from a failed transfer (exit 1) itself."""
 
 
 def join_url(base: str, *parts: str) -> str:

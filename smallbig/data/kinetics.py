@@ -19,6 +19,7 @@ from pathlib import Path
 
 from smallbig.data import archives, download
 from smallbig.data.lists import DataError, Entry, write_list
+from smallbig.spec.params import DataSpec
 
 log = logging.getLogger("smallbig.data")
 REPLACEMENT = "replacement_for_corrupted_k400.tgz"
@@ -70,11 +71,14 @@ def parse_checksums(text: str) -> dict[str, str]:
     return out
 
 
-def acquire(data: dict, root: Path, progress: bool = True) -> dict:
+def acquire(data: DataSpec, root: Path, progress: bool = True) -> dict:
     """Download, verify, extract and apply replacements; write lists and classes.json.
 
+    `data.source` keys: base_url (required), download_dir, splits, retries, keep_archives,
+    checksums, replacement (dataset-specific; the defaults below are this dataset's, not params
+    defaults: the source is replaced whole, never merged with params/base.yaml's).
     Returns the per-split summary (counts, missing) for the manifest."""
-    src = data.get("source") or {}
+    src = data.source
     if "base_url" not in src:
         raise DataError("data.source.base_url: required for kinetics400 (the CVD mirror URL, a "
                         "file:// URL or a local path)")

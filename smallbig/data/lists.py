@@ -12,6 +12,7 @@ given), a frame count that is not a positive integer, and the same path listed t
     read_list(path, fmt=None, num_classes=None)   entries; DataError naming every problem
     scan_list(path, fmt=None, num_classes=None)   (entries of the good lines, problems)
     label_bounds(root, params=None)               limits on labels: classes.json, model.num_classes
+    load_manifest(root), load_quarantine(root)    manifest.json / quarantine.json of a prepared root
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from smallbig.errors import InputError
 
-class DataError(ValueError):
-    """A prepared dataset directory or list is missing or malformed (names file and problem)."""
+
+class DataError(InputError):
+    """A prepared dataset directory or list is missing or malformed (names file and problem).
+    Bad input: exit 2 (smallbig/errors.py)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,32 @@ def label_bounds(root: str | Path, params: dict | None = None) -> list[LabelBoun
     if n is not None:
         out.append(LabelBound(int(n), f"model.num_classes is {int(n)}"))
     return out
+
+
+# --------------------------------------------------------------------------- a prepared directory
+def load_quarantine(root: Path) -> dict[str, str]:
+    q = root / "quarantine.json"
+    if not q.exists():
+        return {}
+    if not q.is_file():  # a FIFO would block the read below
+        raise DataError(f"{q}: not a regular file")
+    try:
+        report = json.loads(q.read_text())
+        return {b["path"]: b["reason"] for b in report.get("bad", [])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{q}: not a `smallbig data check` report: {e}") from None
+
+
+def load_manifest(root: Path) -> dict:
+    m = root / "manifest.json"
+    if not m.exists():
+        return {}
+    if not m.is_file():  # a FIFO would block the read below
+        raise DataError(f"{m}: not a regular file")
+    try:
+        return json.loads(m.read_text())
+    except ValueError as e:
+        raise DataError(f"{m}: not valid JSON: {e}") from None
 
 
 def write_list(path: str | Path, entries: list[Entry], fmt: str) -> None:

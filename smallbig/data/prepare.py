@@ -8,6 +8,7 @@ check is skipped when the lists and check settings are unchanged since the last 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from smallbig.data import check as checkmod
 from smallbig.data import frames as framesmod
 from smallbig.data import kinetics, something
 from smallbig.data.lists import DataError, Entry, write_list
+from smallbig.spec.params import DataSpec
 
 log = logging.getLogger("smallbig.data")
 DATASETS = ("kinetics400", "sthv1", "sthv2")
@@ -36,8 +38,6 @@ DEFAULT_MIN_FRAMES = 8  # the paper's shortest clip; dataset-level, not per expe
 
 def prepare(params: dict, progress: bool = True, workers: int | None = None, force_check: bool = False) -> dict:
     """Prepare `params.data.root` (one process at a time per root: a lock file guards it)."""
-    import fcntl
-
     root = Path(params["data"]["root"])
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".prepare.lock", "w") as lock:
@@ -46,13 +46,13 @@ def prepare(params: dict, progress: bool = True, workers: int | None = None, for
 
 
 def _prepare(params: dict, progress: bool, workers: int | None, force_check: bool) -> dict:
-    data = params["data"]
-    ds = data["dataset"]
+    data = DataSpec.from_dict(params["data"])
+    ds = data.dataset
     if ds not in DATASETS:
         raise DataError(f"data.dataset: unknown dataset {ds!r} (known: {', '.join(DATASETS)})")
-    root = Path(data["root"])
-    fmt = data.get("format", "video")
-    src = data.get("source") or {}
+    root = Path(data.root)
+    fmt = data.format
+    src = dict(data.source)  # dataset-specific keys (smallbig/data/kinetics.py, something.py)
     if ds == "sthv1" and fmt != "frames":
         raise DataError("data.format: Something-Something V1 is distributed as JPEG frames; use `frames`")
     root.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def _prepare(params: dict, progress: bool, workers: int | None, force_check: boo
         entries = info["entries"]
         if fmt == "frames" and ds != "sthv1":
             entries, failed = framesmod.extract_frames(root, entries, f"frames/{split}",
-                                                       data.get("frame_short_side"), workers, progress)
+                                                       data.frame_short_side, workers, progress)
             write_list(root / f"{split}_frames.txt", entries, "frames")
             failures.update({f["path"]: f for f in failed})
         write_list(root / f"{split}.txt", entries, fmt)

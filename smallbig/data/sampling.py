@@ -25,9 +25,14 @@ Views are clip-major: view v = clip v // crops, crop v % crops.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from smallbig.spec.params import DataSpec
+from smallbig.spec.protocol import Protocol
 
 
 # --------------------------------------------------------------------------- temporal
@@ -96,23 +101,37 @@ def _check_n(n: int) -> None:
         raise ValueError(f"cannot sample frames from a video with {n} frames")
 
 
-def train_indices(n: int, data: dict, rng: np.random.Generator) -> np.ndarray:
-    if data["sampling"] == "dense":
-        return dense_train(n, data["num_frames"], data["frame_stride"], rng)
-    return segment_train(n, data["num_frames"], rng)
+def _spec(data: DataSpec | Mapping[str, Any]) -> DataSpec:
+    """The params' data section, typed (a mapping is completed from params/base.yaml)."""
+    return data if isinstance(data, DataSpec) else DataSpec.from_dict(data)
 
 
-def test_indices(n: int, data: dict, num_clips: int) -> list[np.ndarray]:
-    if data["sampling"] == "dense":
-        return dense_test(n, data["num_frames"], data["frame_stride"], num_clips)
-    return segment_test(n, data["num_frames"], num_clips)
+def _stride(d: DataSpec) -> int:
+    if d.frame_stride is None:  # the params validation requires it for dense sampling
+        raise ValueError("data.frame_stride: required for dense sampling")
+    return d.frame_stride
 
 
-def min_frames_needed(data: dict) -> int:
+def train_indices(n: int, data: DataSpec | Mapping[str, Any], rng: np.random.Generator) -> np.ndarray:
+    d = _spec(data)
+    if d.sampling == "dense":
+        return dense_train(n, d.num_frames, _stride(d), rng)
+    return segment_train(n, d.num_frames, rng)
+
+
+def test_indices(n: int, data: DataSpec | Mapping[str, Any], num_clips: int) -> list[np.ndarray]:
+    d = _spec(data)
+    if d.sampling == "dense":
+        return dense_test(n, d.num_frames, _stride(d), num_clips)
+    return segment_test(n, d.num_frames, num_clips)
+
+
+def min_frames_needed(data: DataSpec | Mapping[str, Any]) -> int:
     """Frames a video needs to be sampled without the short-video rule (for `data check`)."""
-    if data.get("sampling") == "dense":
-        return data["num_frames"] * data["frame_stride"]
-    return data["num_frames"]
+    d = _spec(data)
+    if d.sampling == "dense":
+        return d.num_frames * _stride(d)
+    return d.num_frames
 
 
 # --------------------------------------------------------------------------- spatial
@@ -207,11 +226,8 @@ def test_views(frames, clips: list, short: int, size: int, num_crops: int):
             torch.tensor(crop_idx, dtype=torch.long))
 
 
-def parse_protocol(protocol: str) -> tuple[int, int]:
-    try:
-        clips, crops = (int(v) for v in str(protocol).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"protocol {protocol!r}: expected CLIPSxCROPS, e.g. 10x3") from None
-    if clips < 1 or crops not in (1, 3):
-        raise ValueError(f"protocol {protocol!r}: clips >= 1 and crops 1 or 3")
-    return clips, crops
+def parse_protocol(protocol: str | Protocol) -> tuple[int, int]:
+    """(clips, crops) of a protocol such as '10x3' (`Protocol.parse`; ProtocolError is a
+    ValueError)."""
+    p = Protocol.parse(protocol)
+    return p.clips, p.crops

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from smallbig.data import archives
 from smallbig.data.lists import DataError, Entry, write_list
+from smallbig.spec.params import DataSpec
 
 V1_TEMPLATE = "{:05d}.jpg"
 
@@ -167,8 +168,9 @@ def verify_parts(parts: list[Path], checksums: dict | None) -> None:
 
 
 # --------------------------------------------------------------------------- acquisition
-def acquire(data: dict, root: Path, version: int, progress: bool = True) -> dict:
-    src = data.get("source") or {}
+def acquire(data: DataSpec, root: Path, version: int, progress: bool = True) -> dict:
+    """`data.source` keys: archive_dir (required), checksums, extract_dir."""
+    src = data.source
     if "archive_dir" not in src:
         raise DataError(f"data.source.archive_dir: required for sthv{version} (the folder with the "
                         f"downloaded 20bn-something-something-v{version}-?? parts and label files)")
