@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from smallbig.analysis import synthetic as S
+import synthetic_results as S
 from smallbig.analysis.browser import _check_links, check_report, find_chromium
 from smallbig.cli import main
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from smallbig.analysis import synthetic as S
+import synthetic_results as S
 from smallbig.analysis.collect import Results
 from smallbig.analysis.figures import views_curve, write_figures
 from smallbig.analysis.html import EMBEDDED_BANNER, write_index

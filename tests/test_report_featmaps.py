@@ -1,5 +1,5 @@
 """Feature-map figures (paper Fig. 3) from real (tiny) SmallBig and NonLocal models saved as
-checkpoints in the documented format, on frame-folder validation videos."""
+checkpoints in the engine's format, on frame-folder validation videos."""
 import json
 
 import numpy as np
@@ -40,7 +40,7 @@ def _frames_dataset(root, n_videos=2, n_frames=8):
     (root / "val.txt").write_text("\n".join(lines) + "\n")
 
 
-def _checkpoint(params, path, minimal=False):
+def _checkpoint(params, path):
     torch.manual_seed(0)
     model = build_model(params["model"])
     # move the zero-initialised big-view BNs off zero so the big view is visible
@@ -49,10 +49,9 @@ def _checkpoint(params, path, minimal=False):
             with torch.no_grad():
                 p.add_(0.5)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {"model": model.state_dict(), "params": params}
-    if not minimal:  # the engine's training checkpoint keys (docs/architecture.md)
-        ckpt.update(epoch=1, iteration=1, params_hash=params_hash(params))
-    torch.save(ckpt, path)
+    # the engine's checkpoint keys (docs/architecture.md)
+    torch.save({"model": model.state_dict(), "params": params, "epoch": 1, "iteration": 1,
+                "params_hash": params_hash(params)}, path)
     return model
 
 
@@ -66,7 +65,7 @@ def setup(tmp_path_factory):
     sb = _params("k400-r23-sb-full", root, tmp)
     nl = _params("k400-r23-nonlocal", root, tmp)
     sb_model = _checkpoint(sb, run / "k400-r23-sb-full" / "train" / "checkpoint.pt")
-    _checkpoint(nl, run / "k400-r23-nonlocal" / "train" / "checkpoint.pt", minimal=True)
+    _checkpoint(nl, run / "k400-r23-nonlocal" / "train" / "checkpoint.pt")
     return tmp, run, sb, sb_model
 
 

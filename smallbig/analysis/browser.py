@@ -23,12 +23,16 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import aiohttp
+
+from smallbig.errors import RunError
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio"]
 
 
-class BrowserError(RuntimeError):
+class BrowserError(RunError):
     """Chromium is missing or did not start / answer."""
 
 
@@ -104,8 +108,6 @@ _PAGE_FACTS_JS = r"""
 
 
 async def _inspect(ws_url: str, url: str, screenshot: Path | None, timeout: float) -> dict:
-    import aiohttp
-
     errors: list[str] = []
     failed: list[str] = []
     async with aiohttp.ClientSession() as session:
@@ -254,11 +256,3 @@ def check_report(index_html: str | Path, screenshot: str | Path | None = None, s
     out.update(ok=not problems, problems=problems,
                screenshot=str(screenshot) if screenshot else None)
     return out
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    r = check_report(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
-    print(json.dumps({k: v for k, v in r.items() if k != "text"}, indent=1))
-    sys.exit(0 if r["ok"] else 1)

@@ -17,7 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from smallbig.config import REPO_ROOT
+from smallbig.spec.tables import TablesError, load_tables
+
+# `smallbig` imports this module for every command: the report's modules are imported by the
+# subcommands that use them (pandas, jinja2; figures: matplotlib; featmaps, model info: torch;
+# MLflow; check: aiohttp).
 
 DEFAULT_RESULTS = "results/full"
 
@@ -55,10 +59,37 @@ def run_dir(results: str | Path, run: str | None) -> Path:
     return results / run
 
 
+def _mlflow_run_state(record: dict) -> str | None:
+    """The MLflow status of a training's `train/mlflow-run.json` record; None when its store
+    is not there or does not answer (asked only for trainings without a final checkpoint)."""
+    uri, run_id = record.get("tracking_uri"), record.get("run_id")
+    if not uri or not run_id or (uri.startswith("sqlite:///") and not Path(uri[10:]).is_file()):
+        return None  # never create a store by asking it
+    from smallbig.engine import tracking
+
+    tracking.bound_http_retries()
+    tracking.disable_telemetry()
+    if not tracking.probe(uri):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri=uri).get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 — a report never dies on the tracking store
+        return None
+
+
+def _model_info(params: dict) -> dict:
+    from smallbig.models import model_info
+
+    return model_info(params)
+
+
 def _results(args):
     from smallbig.analysis.collect import Results
 
-    return Results(run_dir(args.results, args.run), args.run, args.logs)
+    return Results(run_dir(args.results, args.run), args.run, args.logs,
+                   run_state=_mlflow_run_state, model_info=_model_info)
 
 
 def _setup(args, numbers: list[int] | None = None, model_info_tables: list[int] | None = None):
@@ -66,7 +97,6 @@ def _setup(args, numbers: list[int] | None = None, model_info_tables: list[int] 
     these tables (the figures need it for Table 10 only)."""
     from smallbig.analysis.html import EMBEDDED_BANNER, banner_for
     from smallbig.analysis.report_tables import build_tables
-    from smallbig.spec.tables import TablesError, load_tables
 
     results = _results(args)
     banner = EMBEDDED_BANNER if args.embedded else banner_for(results.run, results)
@@ -96,7 +126,7 @@ def cmd_tables(args) -> int:
 
 
 def cmd_figures(args) -> int:
-    from smallbig.analysis.figures import write_figures
+    from smallbig.analysis.figures import write_figures  # matplotlib
 
     results, banner, built = _setup(args, model_info_tables=[10])
     manifest = write_figures(built, results, args.out, banner)
@@ -105,7 +135,7 @@ def cmd_figures(args) -> int:
 
 
 def cmd_featmaps(args) -> int:
-    from smallbig.analysis.featmaps import write_featmaps
+    from smallbig.analysis.featmaps import write_featmaps  # torch
 
     m = write_featmaps(run_dir(args.results, args.run), args.out, args.smallbig, args.nonlocal_id, args.videos,
                        args.video_id or None, args.smallbig_checkpoint, args.nonlocal_checkpoint)
@@ -132,16 +162,17 @@ def cmd_html(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from smallbig.analysis.featmaps import write_featmaps
-    from smallbig.analysis.figures import write_figures
+    from smallbig.analysis.figures import write_figures  # matplotlib
     from smallbig.analysis.html import write_index
-    from smallbig.analysis.report_tables import table_files, write_tables
+    from smallbig.analysis.report_tables import write_tables
 
     results, banner, built = _setup(args)
     out = Path(args.out)
     write_tables(built, out / "tables", banner)
     write_figures(built, results, out / "figures", banner)
     if args.featmaps:
+        from smallbig.analysis.featmaps import write_featmaps  # torch
+
         m = write_featmaps(results.dir, out / "figures", num_videos=args.videos)
         for line in m["missing"]:
             print(f"feature maps: {line}", file=sys.stderr)
@@ -152,7 +183,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from smallbig.analysis.browser import check_report
+    from smallbig.analysis.browser import check_report  # aiohttp
 
     r = check_report(args.index, args.screenshot, serve=not args.no_serve)
     print(json.dumps({k: v for k, v in r.items() if k != "text"}, indent=1))

@@ -2,41 +2,52 @@
 evaluation and ensemble. Never raises on a missing or broken result: a problem becomes a
 `failed` status whose detail names the file.
 
-Status of an evaluation `(experiment id, protocol)`:
+The status comes from the workflow's outputs (the files its rules declare) and MLflow:
   done      `<id>/eval-<protocol>/metrics.json` is readable (or, failing that, `scores.npz` is:
-            the metrics are then computed here with smallbig.engine.metrics)
-  failed    a marker file `FAILED` in `<id>/`, `<id>/train/` or `<id>/eval-<protocol>/` (its first
-            line is shown as the reason), or an unreadable metrics.json / scores.npz, or, while
-            no final checkpoint / metrics exist, a log containing a Python traceback (the
-            workflow's `logs/<run>/train/<id>.log`, `logs/<run>/evaluate/<id>-<protocol>.log`,
-            or any `*.log` in `<id>/`, `<id>/logs/`, `<id>/train/`, `<id>/eval-<protocol>/`)
+            the metrics are then computed with smallbig.engine.metrics)
+  failed    a `FAILED` marker file in `<id>/`, `<id>/train/` or `<id>/eval-<protocol>/` (its first
+            line is the reason); an unreadable metrics.json / scores.npz; or, while no final
+            checkpoint / metrics exist, the training's MLflow run (`train/mlflow-run.json`)
+            ended FAILED, or the rule's own log (`logs/<run>/train/<id>.log`,
+            `logs/<run>/evaluate/<id>-<protocol>.log`) ends in a Python traceback
   running   `<id>/train/` or `<id>/eval-<protocol>/` exists but no metrics yet (detail says how far:
             last epoch in history.json, or "trained, not evaluated")
-  not run   none of the above (no outputs)
-An ensemble row is done when `ensembles/<name>/metrics.json` exists or when every member's
-`eval-<protocol>/scores.npz` does (fused here); otherwise failed if a member failed, running if a
-member is running or done, else not run (a traceback in `logs/<run>/ensemble/<name>.log`
-while the members are done: failed).
+  not run   none of the above
+An ensemble row is done when the engine's `ensembles/<name>/metrics.json` exists, or when every
+member's `eval-<protocol>/scores.npz` does (fused with the engine's `ensemble_scores`, detail
+"fused here"); otherwise failed if a member failed (or the rule's log
+`logs/<run>/ensemble/<name>.log` ends in a traceback), running if a member is running or done,
+else not run.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
 
+from smallbig.config import ParamsError, experiment_path, load_params, load_resolved
 from smallbig.engine import metrics as M
+from smallbig.errors import InputError
+from smallbig.spec.params import DataSpec, TrainSpec
+from smallbig.spec.protocol import Protocol
 
 NOT_RUN, RUNNING, DONE, FAILED = "not run", "running", "done", "failed"
 STATUSES = (NOT_RUN, RUNNING, DONE, FAILED)
 FAILED_MARKER = "FAILED"
+MLFLOW_RUN_FILE = "mlflow-run.json"  # written by `smallbig train` (smallbig/engine/train.py)
 _TRACEBACK = "Traceback (most recent call last)"
 
+# (mlflow-run.json record) -> the run's MLflow status ("RUNNING", "FAILED", ...) or None
+RunStateLookup = Callable[[dict], "str | None"]
+# (params mapping) -> `smallbig model-info` JSON (smallbig.models.model_info; torch)
+ModelInfo = Callable[[dict], dict]
 
-class ReportInputError(ValueError):
+
+class ReportInputError(InputError):
     """A result file exists but cannot be used; the message names the file and the problem."""
 
 
@@ -49,11 +60,6 @@ def read_json(path: Path) -> Any:
         raise ReportInputError(f"{path}: not readable JSON ({e})") from None
 
 
-def parse_protocol(protocol: str) -> tuple[int, int]:
-    clips, crops = protocol.lower().split("x")
-    return int(clips), int(crops)
-
-
 def normalize_history(data: Any, source: Path | str = "history.json") -> list[dict]:
     """history.json as a list of per-epoch dicts (accepts a list, {"epochs": [...]}, or a dict
     of equal-length lists). Each entry gets an `epoch` (1-based) if it has none."""
@@ -64,12 +70,7 @@ def normalize_history(data: Any, source: Path | str = "history.json") -> list[di
         data = [{k: (v[i] if i < len(v) else None) for k, v in data.items()} for i in range(n)]
     if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
         raise ReportInputError(f"{source}: expected a list of per-epoch records")
-    out = []
-    for i, e in enumerate(data):
-        e = dict(e)
-        e.setdefault("epoch", i + 1)
-        out.append(e)
-    return out
+    return [{"epoch": i + 1, **e} for i, e in enumerate(data)]
 
 
 def _marker(*dirs: Path) -> str | None:
@@ -84,21 +85,16 @@ def _marker(*dirs: Path) -> str | None:
     return None
 
 
-def _log_error(*dirs: Path, files: list[Path] | tuple = ()) -> str | None:
-    """First log (given files, then *.log in dirs) that holds a Python traceback: "file: last line"."""
-    logs = list(files)
-    for d in dirs:
-        if d.is_dir():
-            logs += sorted(d.glob("*.log"))
-    for log in logs:
-        try:
-            text = log.read_text(errors="replace")
-        except OSError:
-            continue
-        if _TRACEBACK in text:
-            last = [line for line in text.strip().splitlines() if line.strip()][-1]
-            return f"{log}: {last.strip()[:200]}"
-    return None
+def _log_error(log: Path) -> str | None:
+    """"log: last line" when the rule's log holds a Python traceback."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    if _TRACEBACK not in text:
+        return None
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return f"{log}: {last.strip()[:200]}"
 
 
 def _finite(x) -> float | None:
@@ -109,70 +105,91 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _section(params: Any, name: str, spec):
+    """A typed section (TrainSpec, DataSpec) of a run's params.yaml, defaults from base.yaml;
+    None when the file or the section is unusable."""
+    if not isinstance(params, dict):
+        return None
+    try:
+        return spec.from_dict(params.get(name) or {})
+    except (ParamsError, KeyError, TypeError, ValueError):
+        return None
+
+
 class Results:
     """Cached view of `results/<run>/` (any part of it may be missing)."""
 
     def __init__(self, run_dir: str | Path, run: str | None = None,
-                 logs_dir: str | Path | None = None):
-        """`run_dir` = results/<run> (any part of it may be missing); `logs_dir` = the workflow's
-        logs/<run> (default: <run_dir>/../../logs/<run>, used when it exists)."""
+                 logs_dir: str | Path | None = None, run_state: RunStateLookup | None = None,
+                 model_info: ModelInfo | None = None):
+        """`run_dir` = results/<run>; `logs_dir` = the workflow's logs/<run> (default:
+        <run_dir>/../../logs/<run>); `run_state`: MLflow status of a training's
+        `mlflow-run.json` record; `model_info`: computes model info no file gives (the CLI
+        passes both; None: MLflow is not asked, model info only read from files)."""
         self.dir = Path(run_dir)
         self.run = run or self.dir.name
         self.logs = Path(logs_dir) if logs_dir else self.dir.parent.parent / "logs" / self.dir.name
+        self.run_state = run_state
+        self.compute_info = model_info
         self._exp: dict[str, dict] = {}
         self._eval: dict[tuple[str, str], dict] = {}
         self._scores: dict[tuple[str, str], dict] = {}
         self._info: dict[str, dict | None] = {}
 
-    def _logs(self, *parts: str) -> list[Path]:
-        """Workflow log files logs/<run>/<parts> (existing ones only)."""
-        p = self.logs.joinpath(*parts)
-        return [p] if p.is_file() else []
+    def _rule_log_error(self, *parts: str) -> str | None:
+        return _log_error(self.logs.joinpath(*parts))
 
     # ------------------------------------------------------------------ experiments
     def experiment(self, exp_id: str) -> dict:
-        """Training-side facts: params, history, checkpoint, train metrics, problems."""
+        """Training-side facts: params (raw + typed `train`/`data`), history, checkpoint, train
+        metrics, problems, `failed` (why the training failed, or None)."""
         if exp_id in self._exp:
             return self._exp[exp_id]
         d = self.dir / exp_id
         train = d / "train"
         info: dict[str, Any] = {"id": exp_id, "dir": d, "exists": d.is_dir(), "params": None,
-                                "history": None, "train_metrics": None, "checkpoint": None,
-                                "problems": []}
+                                "history": None, "train_metrics": None, "problems": []}
         pfile = d / "params.yaml"
         if pfile.is_file():
             try:
                 info["params"] = yaml.safe_load(pfile.read_text())
             except (OSError, yaml.YAMLError) as e:
                 info["problems"].append(f"{pfile}: not readable YAML ({e})")
-        hfile = train / "history.json"
-        if hfile.is_file():
-            try:
-                info["history"] = normalize_history(read_json(hfile), hfile)
-            except ReportInputError as e:
-                info["problems"].append(str(e))
-        tm = train / "train_metrics.json"
-        if tm.is_file():
-            try:
-                info["train_metrics"] = read_json(tm)
-            except ReportInputError as e:
-                info["problems"].append(str(e))
+        info["train"] = _section(info["params"], "train", TrainSpec)
+        info["data"] = _section(info["params"], "data", DataSpec)
+        for key, name in (("history", "history.json"), ("train_metrics", "train_metrics.json")):
+            f = train / name
+            if f.is_file():
+                try:
+                    data = read_json(f)
+                    info[key] = normalize_history(data, f) if key == "history" else data
+                except ReportInputError as e:
+                    info["problems"].append(str(e))
         ck = train / "checkpoint.pt"
         info["checkpoint"] = ck if ck.is_file() else None
         info["train_started"] = train.is_dir()
-        info["failed"] = _marker(d, train) or (None if info["checkpoint"] else _log_error(
-            d, d / "logs", train, files=self._logs("train", f"{exp_id}.log")))
+        info["failed"] = _marker(d, train) or (None if info["checkpoint"] else (
+            self._mlflow_failed(train) or self._rule_log_error("train", f"{exp_id}.log")))
         self._exp[exp_id] = info
         return info
 
+    def _mlflow_failed(self, train: Path) -> str | None:
+        """The training's MLflow run ended FAILED (an unfinished training only)."""
+        f = train / MLFLOW_RUN_FILE
+        if self.run_state is None or not f.is_file():
+            return None
+        try:
+            record = read_json(f)
+        except ReportInputError:
+            return None
+        state = self.run_state(record) if isinstance(record, dict) else None
+        return f"{f}: MLflow run {record.get('run_id')} is {state}" if state == "FAILED" else None
+
     def progress(self, exp_id: str) -> str:
         e = self.experiment(exp_id)
-        hist = e["history"] or []
-        total = None
-        if isinstance(e["params"], dict):
-            total = e["params"].get("train", {}).get("epochs")
-        if hist:
-            last = hist[-1].get("epoch", len(hist))
+        total = e["train"].epochs if e["train"] is not None and "train" in e["params"] else None
+        if e["history"]:
+            last = e["history"][-1].get("epoch", len(e["history"]))
             return f"epoch {last}/{total}" if total else f"epoch {last}"
         return "started"
 
@@ -188,49 +205,46 @@ class Results:
         out: dict[str, Any] = {"status": NOT_RUN, "detail": "", "top1": None, "top5": None,
                                "views": None, "num_videos": None, "skipped": None,
                                "metrics": None, "scores_path": None, "eval_dir": ev}
-        clips, crops = parse_protocol(protocol)
+        self._eval[key] = out
+        proto = Protocol.parse(protocol)
         mfile, sfile = ev / "metrics.json", ev / "scores.npz"
         if sfile.is_file():
             out["scores_path"] = sfile
-        marker = _marker(e["dir"], e["dir"] / "train", ev)
         try:
+            marker = _marker(e["dir"], e["dir"] / "train", ev)
             if marker:
                 raise ReportInputError(marker)
             if mfile.is_file():
-                m = read_json(mfile)
-                if not isinstance(m, dict) or _finite(m.get("top1")) is None:
-                    raise ReportInputError(f"{mfile}: no numeric `top1`")
+                m = _checked_metrics(mfile)
             elif sfile.is_file():
                 m = self._metrics_from_scores(exp_id, protocol)
             else:
                 m = None
         except ReportInputError as err:
             out.update(status=FAILED, detail=str(err))
-            self._eval[key] = out
             return out
         if m is not None:
-            n_clips = int(m.get("num_clips") or clips)
-            n_crops = int(m.get("num_crops") or crops)
             skipped = m.get("skipped")
             out.update(status=DONE, metrics=m, top1=_finite(m.get("top1")),
-                       top5=_finite(m.get("top5")), views=n_clips * n_crops,
+                       top5=_finite(m.get("top5")),
+                       views=int(m.get("num_clips") or proto.clips) * int(m.get("num_crops") or proto.crops),
                        num_videos=m.get("num_videos"),
-                       skipped=len(skipped) if isinstance(skipped, list) else skipped)
-            out["detail"] = "" if mfile.is_file() else f"metrics computed from {sfile}"
-        else:
-            log_err = _log_error(ev, files=self._logs("evaluate", f"{exp_id}-{protocol}.log")) \
-                or e["failed"]
-            if log_err:
-                out.update(status=FAILED, detail=log_err)
-            elif e["train_started"] or ev.is_dir():
-                detail = (f"trained, not evaluated at {protocol}" if e["checkpoint"]
-                          else f"training ({self.progress(exp_id)})")
-                if ev.is_dir() and e["checkpoint"]:
-                    detail = f"evaluating at {protocol}"
-                out.update(status=RUNNING, detail=detail)
-            elif e["problems"]:
-                out.update(status=FAILED, detail="; ".join(e["problems"]))
-        self._eval[key] = out
+                       skipped=len(skipped) if isinstance(skipped, list) else skipped,
+                       detail="" if mfile.is_file() else f"metrics computed from {sfile}")
+            return out
+        failed = self._rule_log_error("evaluate", f"{exp_id}-{protocol}.log") or e["failed"]
+        if failed:
+            out.update(status=FAILED, detail=failed)
+        elif e["train_started"] or ev.is_dir():
+            if ev.is_dir() and e["checkpoint"]:
+                detail = f"evaluating at {protocol}"
+            elif e["checkpoint"]:
+                detail = f"trained, not evaluated at {protocol}"
+            else:
+                detail = f"training ({self.progress(exp_id)})"
+            out.update(status=RUNNING, detail=detail)
+        elif e["problems"]:
+            out.update(status=FAILED, detail="; ".join(e["problems"]))
         return out
 
     def scores(self, exp_id: str, protocol: str) -> dict:
@@ -255,25 +269,21 @@ class Results:
     # ------------------------------------------------------------------ ensembles
     def ensemble(self, name: str, members: list[str], protocol: str) -> dict:
         out: dict[str, Any] = {"status": NOT_RUN, "detail": "", "top1": None, "top5": None,
-                               "views": None, "num_videos": None, "skipped": None,
-                               "metrics": None}
-        clips, crops = parse_protocol(protocol)
+                               "views": Protocol.parse(protocol).views, "num_videos": None,
+                               "skipped": None, "metrics": None}
         mfile = self.dir / "ensembles" / name / "metrics.json"
         marker = _marker(mfile.parent)
         if marker:
             out.update(status=FAILED, detail=marker)
             return out
-        if mfile.is_file():
+        if mfile.is_file():  # the engine's ensemble (the workflow's `ensemble` rule)
             try:
-                m = read_json(mfile)
-                if not isinstance(m, dict) or _finite(m.get("top1")) is None:
-                    raise ReportInputError(f"{mfile}: no numeric `top1`")
+                m = _checked_metrics(mfile)
             except ReportInputError as err:
                 out.update(status=FAILED, detail=str(err))
                 return out
             out.update(status=DONE, metrics=m, top1=_finite(m.get("top1")),
-                       top5=_finite(m.get("top5")), views=clips * crops,
-                       num_videos=m.get("num_videos"))
+                       top5=_finite(m.get("top5")), num_videos=m.get("num_videos"))
             return out
         evals = {i: self.evaluation(i, protocol) for i in members}
         if all(ev["status"] == DONE and ev["scores_path"] for ev in evals.values()):
@@ -284,12 +294,12 @@ class Results:
                 return out
             labels = fused["labels"]
             out.update(status=DONE, top1=M.topk_accuracy(fused["scores"], labels, 1),
-                       top5=M.topk_accuracy(fused["scores"], labels, 5), views=clips * crops,
+                       top5=M.topk_accuracy(fused["scores"], labels, 5),
                        num_videos=int(len(labels)),
                        detail=f"fused here from the members' eval-{protocol}/scores.npz")
             return out
         bad = [f"{i}: {ev['detail']}" for i, ev in evals.items() if ev["status"] == FAILED]
-        log_err = _log_error(files=self._logs("ensemble", f"{name}.log"))
+        log_err = self._rule_log_error("ensemble", f"{name}.log")
         if log_err and all(ev["status"] == DONE for ev in evals.values()):
             out.update(status=FAILED, detail=log_err)
         elif bad:
@@ -302,10 +312,10 @@ class Results:
     # ------------------------------------------------------------------ model info
     def model_info(self, exp_id: str, info_dirs: list[Path] | None = None,
                    compute: bool = False, paper_size: bool = True) -> dict | None:
-        """`smallbig model-info` JSON of the experiment's paper-size configuration, read from
-        (in order) `<dir>/<id>.json` for each of info_dirs, `results/<run>/model-info/<id>.json`,
+        """`smallbig model-info` JSON of the experiment's configuration, read from (in order)
+        `<dir>/<id>.json` for each of info_dirs, `results/<run>/model-info/<id>.json`,
         `results/<run>/model-info.json` (the list `smallbig model-info --all --json` prints);
-        computed with smallbig.models.model_info when `compute` is set (from the run's resolved
+        computed with `self.compute_info` when `compute` is set (from the run's resolved
         `<id>/params.yaml`, else, when `paper_size`, the paper-size params/experiments/<id>.yaml);
         else None."""
         if exp_id in self._info:
@@ -327,14 +337,20 @@ class Results:
                 found = data
                 break
         resolved = self.dir / exp_id / "params.yaml"
-        if found is None and compute and (paper_size or resolved.is_file()):
+        if found is None and compute and self.compute_info and (paper_size or resolved.is_file()):
             try:
-                from smallbig.config import experiment_path, load_params, load_resolved
-                from smallbig.models import model_info
                 params = (load_resolved(resolved) if resolved.is_file()
                           else load_params(experiment_path(exp_id)))
-                found = model_info(params)
+                found = self.compute_info(params)
             except Exception as e:  # noqa: BLE001 — a report never dies on model info
                 found = {"error": f"model_info({exp_id}): {e}"}
         self._info[exp_id] = found
         return found
+
+
+
+def _checked_metrics(path: Path) -> dict:
+    m = read_json(path)
+    if not isinstance(m, dict) or _finite(m.get("top1")) is None:
+        raise ReportInputError(f"{path}: no numeric `top1`")
+    return m

@@ -4,8 +4,8 @@ For chosen validation videos: the input frames; the channel-averaged output of r
 shows res3.2, 8×28×28 for a 224 input) of the SmallBig model and of the NonLocal model, each
 overlaid on the frames; and the small-view vs big-view maps (the two BN outputs before their sum)
 of the first SmallBig unit. Uses `smallbig.models.feature_maps(model, x)`, the engine's
-`load_model_from_checkpoint(path)` and the data layer's `build_dataset(params, "val", "val")`
-(a plain decord / JPEG reader when the data layer cannot be imported).
+`load_model_from_checkpoint(path)` (any smallbig checkpoint) and the data layer's
+`build_dataset(params, "val", "val")` and `normalize` (docs/architecture.md).
 
 Default models: the Table 7 pair, `k400-r23-sb-full` (SmallBig) and `k400-r23-nonlocal`, from
 `results/<run>/<id>/train/checkpoint.pt`. Whatever is missing is said in the figure and in
@@ -13,7 +13,6 @@ Default models: the Table 7 pair, `k400-r23-sb-full` (SmallBig) and `k400-r23-no
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,143 +21,45 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from smallbig.analysis.io import atomic_write_text, save_figure  # noqa: E402
+from smallbig.analysis.figures import save_figure  # noqa: E402
+from smallbig.data import build_dataset, normalize  # noqa: E402
+from smallbig.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
+from smallbig.fsutil import atomic_write_json  # noqa: E402
+from smallbig.models import feature_maps  # noqa: E402
+from smallbig.spec.params import DataSpec  # noqa: E402
 
 DEFAULT_SMALLBIG = "k400-r23-sb-full"
 DEFAULT_NONLOCAL = "k400-r23-nonlocal"
 
 
-# ---------------------------------------------------------------------------- model loading
-def load_checkpoint_model(path: str | Path):
-    """(model in eval mode, params) from a checkpoint: the engine's `load_model_from_checkpoint`
-    (a full training checkpoint), else the minimal documented format {"model": state_dict,
-    "params": params} built with smallbig.models.build_model. Bad file -> ValueError naming it."""
-    import torch
-
-    from smallbig.models import build_model
-
-    path = Path(path)
-    engine_error = None
-    try:
-        from smallbig.engine.checkpoint import load_model_from_checkpoint
-    except ImportError:
-        load_model_from_checkpoint = None
-    if load_model_from_checkpoint is not None:
-        try:
-            model, params = load_model_from_checkpoint(path)
-            return model.eval(), params
-        except Exception as e:  # noqa: BLE001 — try the minimal format before giving up
-            engine_error = e
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: not a readable checkpoint ({engine_error or e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "params" not in ckpt:
-        raise ValueError(f"{path}: checkpoint lacks `model`/`params` ({engine_error})")
-    model = build_model(ckpt["params"]["model"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the model its params describe: {e}") from None
-    return model.eval(), ckpt["params"]
-
-
-# ---------------------------------------------------------------------------- video input
-def _fallback_clips(params: dict, n: int) -> list[dict]:
-    """Centre clips of the first n val videos without the data layer: uint8 [3,T,S,S]."""
-    from PIL import Image
-
-    data = params["data"]
-    root = Path(data["root"])
-    T, size = int(data["num_frames"]), int(data.get("crop_size", 224))
-    lst = root / "val.txt"
-    if not lst.is_file():
-        raise FileNotFoundError(f"{lst}: validation list not found")
-    out = []
-    for line in lst.read_text().splitlines():
-        if len(out) >= n:
-            break
-        parts = line.split()
-        if not parts:
-            continue
-        target = root / parts[0]
-        try:
-            if target.is_dir():
-                files = sorted(p for p in target.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-                idx = np.linspace(0, len(files) - 1, T).round().astype(int)
-                frames = [np.asarray(Image.open(files[i]).convert("RGB")) for i in idx]
-            else:
-                import decord
-
-                vr = decord.VideoReader(str(target))
-                idx = np.linspace(0, len(vr) - 1, T).round().astype(int)
-                frames = list(vr.get_batch(list(idx)).asnumpy())
-        except Exception:  # noqa: BLE001 — an undecodable video is skipped, as the data layer does
-            continue
-        clip = []
-        for f in frames:
-            im = Image.fromarray(f)
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-            w, h = im.size
-            l, t = (w - size) // 2, (h - size) // 2
-            clip.append(np.asarray(im.crop((l, t, l + size, t + size))))
-        arr = np.stack(clip).transpose(3, 0, 1, 2)  # [3,T,H,W]
-        out.append({"video": arr, "video_id": parts[0], "label": int(parts[-1])})
-    return out
-
-
+# ---------------------------------------------------------------------------- input
 def val_clips(params: dict, n: int, video_ids: list[str] | None = None) -> list[dict]:
-    """Up to n validation clips {"video": uint8 [3,T,H,W], "video_id", "label"}."""
-    try:
-        from smallbig.data import build_dataset  # type: ignore[attr-defined]
-    except ImportError:
-        build_dataset = None
-    if build_dataset is None:
-        clips = _fallback_clips(params, n if not video_ids else 10 ** 9)
-    else:
-        ds = build_dataset(params, "val", "val")
-        clips = []
-        for i in range(len(ds)):
-            if len(clips) >= (n if not video_ids else len(video_ids)):
-                break
-            item = ds[i]
-            if not item:  # None / BadSample: could not be decoded (logged by the data layer)
-                continue
-            if video_ids and str(item["video_id"]) not in video_ids:
-                continue
-            v = item["video"]
-            v = v.numpy() if hasattr(v, "numpy") else np.asarray(v)
-            clips.append({"video": v, "video_id": str(item["video_id"]), "label": int(item["label"])})
-    if video_ids:
-        clips = [c for c in clips if c["video_id"] in video_ids]
+    """Up to n validation clips {"video": uint8 [3,T,H,W], "video_id", "label"} (the data
+    layer's val dataset; undecodable videos are skipped)."""
+    ds = build_dataset(params, "val", "val")
+    want = len(video_ids) if video_ids else n
+    clips = []
+    for i in range(len(ds)):
+        if len(clips) >= want:
+            break
+        item = ds[i]
+        if not item or (video_ids and str(item["video_id"]) not in video_ids):
+            continue  # None / BadSample: could not be decoded (logged by the data layer)
+        clips.append({"video": np.asarray(item["video"]), "video_id": str(item["video_id"]),
+                      "label": int(item["label"])})
     return clips[:n]
 
 
-def _normalize(video_u8: np.ndarray, params: dict):
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(video_u8))[None]  # [1,3,T,H,W]
-    mean = params["data"].get("mean", [0.485, 0.456, 0.406])
-    std = params["data"].get("std", [0.229, 0.224, 0.225])
-    try:
-        from smallbig.data import normalize  # type: ignore[attr-defined]
-
-        return normalize(x, mean, std)
-    except ImportError:
-        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1)
-        return (x.float() / 255.0 - m) / s
+def _normalize(video_u8: np.ndarray, params: dict) -> torch.Tensor:
+    data = DataSpec.from_dict(params["data"])
+    return normalize(torch.from_numpy(np.ascontiguousarray(video_u8))[None], data.mean, data.std)
 
 
 def channel_mean_maps(model, x) -> dict[str, np.ndarray]:
     """{"res3"|"small_view"|"big_view": float [T,H,W]} channel-averaged maps of one clip."""
-    import torch
-
-    from smallbig.models import feature_maps
-
     with torch.no_grad():
         fm = feature_maps(model, x)
     out = {}
@@ -235,8 +136,6 @@ def write_featmaps(results_dir: str | Path, out_dir: str | Path, smallbig: str =
                    nonlocal_ckpt: str | Path | None = None) -> dict:
     """Figures `featmaps/<video>.{png,svg}` for the chosen val videos; returns the manifest
     {"figures": [...], "missing": [...]} (also written to <out_dir>/featmaps.json)."""
-    import torch
-
     results_dir = Path(results_dir)
     out = Path(out_dir)
     (out / "featmaps").mkdir(parents=True, exist_ok=True)  # always there (a directory() output)
@@ -251,13 +150,13 @@ def write_featmaps(results_dir: str | Path, out_dir: str | Path, smallbig: str =
             missing.append(f"{name}: no checkpoint at {path}")
             continue
         try:
-            models[name] = load_checkpoint_model(path)
-        except Exception as e:  # noqa: BLE001
+            models[name] = load_model_from_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 — CheckpointError, a model that cannot be built: said, not fatal
             missing.append(f"{name}: {e}")
     manifest: dict[str, Any] = {"figures": [], "missing": missing,
                                 "checkpoints": {k: str(v) for k, v in ckpts.items()}}
     if not models:
-        atomic_write_text(out / "featmaps.json", json.dumps(manifest, indent=1))
+        atomic_write_json(out / "featmaps.json", manifest, indent=1)
         return manifest
     params = (models.get("SmallBig") or next(iter(models.values())))[1]
     try:
@@ -270,8 +169,6 @@ def write_featmaps(results_dir: str | Path, out_dir: str | Path, smallbig: str =
     grad_was = torch.is_grad_enabled()
     torch.set_grad_enabled(False)  # inference only; the caller's setting is restored
     try:
-        from tqdm import tqdm
-
         for clip in tqdm(clips, desc="feature maps", unit="video", leave=False):
             rows: list[tuple[str, Any]] = []
             maps = {}
@@ -302,5 +199,5 @@ def write_featmaps(results_dir: str | Path, out_dir: str | Path, smallbig: str =
                            "first SmallBig unit."})
     finally:
         torch.set_grad_enabled(grad_was)
-    atomic_write_text(out / "featmaps.json", json.dumps(manifest, indent=1))
+    atomic_write_json(out / "featmaps.json", manifest, indent=1)
     return manifest

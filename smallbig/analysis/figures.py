@@ -20,14 +20,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from smallbig.analysis.collect import DONE, Results, ReportInputError  # noqa: E402
-from smallbig.analysis.io import atomic_write_text, save_figure  # noqa: E402
+from smallbig.analysis.report_tables import experiment_ids_in  # noqa: E402
 from smallbig.engine import metrics as M  # noqa: E402
+from smallbig.fsutil import atomic_write, atomic_write_text  # noqa: E402
 
 ABLATION_TABLES = (3, 4, 5, 6, 9)
 PAPER_COLOR, OURS_COLOR, SOTA_COLOR = "#d62728", "#1f77b4", "#7f7f7f"
 plt.rcParams.update({"svg.hashsalt": "smallbig", "font.size": 9})
+
+
+def save_figure(fig, stem: str | Path, dpi: int = 110) -> list[Path]:
+    """Save a matplotlib figure as <stem>.png and <stem>.svg (atomically); closes it."""
+    stem = Path(stem)
+    out = []
+    for ext in ("png", "svg"):
+        out.append(atomic_write(stem.with_name(f"{stem.name}.{ext}"), lambda tmp, ext=ext: fig.savefig(
+            tmp, format=ext, dpi=dpi, bbox_inches="tight",
+            metadata={"Date": None} if ext == "svg" else None), what=f"the {ext.upper()} figure"))
+    plt.close(fig)
+    return out
 
 
 def _short(banner: str | None) -> str:
@@ -204,16 +218,6 @@ def views_vs_accuracy(results: Results, exp_id: str, protocol: str, out_dir: Pat
 
 
 # ---------------------------------------------------------------------------- all
-def experiment_ids_in(built: list[dict]) -> list[str]:
-    ids: list[str] = []
-    for t in built:
-        for r in t["rows"]:
-            for i in r["row"].get("members", []):
-                if i not in ids:
-                    ids.append(i)
-    return ids
-
-
 def _eval_protocols(results: Results, exp_id: str) -> list[str]:
     d = results.dir / exp_id
     if not d.is_dir():
@@ -224,8 +228,6 @@ def _eval_protocols(results: Results, exp_id: str) -> list[str]:
 def write_figures(built: list[dict], results: Results, out_dir: str | Path,
                   banner: str | None = None) -> list[dict]:
     """All figures; returns the manifest (also written to <out_dir>/figures.json)."""
-    from tqdm import tqdm
-
     out = Path(out_dir)
     for sub in ("summary", "training", "views"):  # always there (Snakemake directory() outputs)
         (out / sub).mkdir(parents=True, exist_ok=True)

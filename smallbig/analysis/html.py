@@ -5,18 +5,17 @@ default (not comparable to the paper)."""
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from smallbig.analysis.collect import DONE, FAILED, NOT_RUN, RUNNING, Results, read_json
-from smallbig.analysis.io import atomic_write_text
-from smallbig.analysis.report_tables import CSS, render_html_table, table_files
-from smallbig.config import REPO_ROOT
+from smallbig.analysis.collect import DONE, FAILED, NOT_RUN, RUNNING, ReportInputError, Results, read_json
+from smallbig.analysis.report_tables import experiment_ids_in, render_html_fragment, table_files
+from smallbig.analysis.templates import render
+from smallbig.fsutil import atomic_write_text
+from smallbig.gitinfo import git_info
 
 EMBEDDED_BANNER = ("Embedded default: these results come from the scaled-down embedded run "
                    "(generated videos, small models, CPU). They exercise the pipeline end to end "
@@ -30,34 +29,13 @@ def banner_for(run: str, results: Results | None = None) -> str | None:
         return EMBEDDED_BANNER
     if results is not None and results.dir.is_dir():
         for p in sorted(results.dir.glob("*/params.yaml")):
-            params = results.experiment(p.parent.name)["params"]
-            root = str((params or {}).get("data", {}).get("root", ""))
-            if "embedded" in Path(root).parts:
+            data = results.experiment(p.parent.name)["data"]
+            if data is not None and "embedded" in Path(data.root).parts:
                 return EMBEDDED_BANNER
     return None
 
 
 # ---------------------------------------------------------------------------- metadata
-def git_info(repo: Path | None = None) -> dict:
-    """Commit of the working directory's repository (where the workflow runs), else of the
-    installed package's repository."""
-    def git(where, *args):
-        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True,
-                              timeout=20).stdout.strip()
-
-    for where in ([repo] if repo else [Path.cwd(), REPO_ROOT]):
-        try:
-            commit = git(where, "rev-parse", "HEAD")
-            if not commit:
-                continue
-            dirty = bool(git(where, "status", "--porcelain", "--untracked-files=no"))
-            return {"commit": commit, "dirty": dirty, "commit_date": git(where, "log", "-1", "--format=%cI"),
-                    "repository": str(Path(where).resolve())}
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return {"commit": "unknown (no git repository)"}
-
-
 def manifest_summary(m: dict) -> str:
     """'train: 95 videos (95 usable, 0 quarantined, 1 missing, list sha256 09c44f9c5aee); ...'"""
     if not isinstance(m, dict):
@@ -76,6 +54,10 @@ def manifest_summary(m: dict) -> str:
         parts.append(f"{name}: {sp.get('count', '?')} videos ({', '.join(bits)})")
     head = ", ".join(f"{k} {m[k]}" for k in ("format", "num_classes") if m.get(k) is not None)
     return "; ".join(([head] if head else []) + parts) or json.dumps(m, sort_keys=True)[:300]
+
+
+def _mtime(path: Path) -> str:
+    return _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _first(d: dict, *keys):
@@ -98,23 +80,18 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
     trained = 0
     for exp_id in exp_ids:
         e = results.experiment(exp_id)
-        p = e["params"]
-        if isinstance(p, dict):
-            root = p.get("data", {}).get("root")
-            if root and root not in datasets:
-                # data roots are relative to the working directory (the workflow runs from the
-                # repository it was started in, which may be a copy)
-                rp = Path(root)
-                entry: dict[str, Any] = {"dataset": p["data"].get("dataset"), "root": root}
-                mf = rp / "manifest.json"
-                if mf.is_file():
-                    try:
-                        entry["manifest"] = manifest_summary(read_json(mf))
-                    except Exception as err:  # noqa: BLE001
-                        entry["manifest"] = f"unreadable: {err}"
-                else:
-                    entry["manifest"] = f"not found ({mf})"
-                datasets[root] = entry
+        data = e["data"] if isinstance(e["params"], dict) and "data" in e["params"] else None
+        if data is not None and data.root not in datasets:
+            # data roots are relative to the working directory (the workflow runs from the
+            # repository it was started in, which may be a copy)
+            mf = Path(data.root) / "manifest.json"
+            try:
+                manifest = manifest_summary(read_json(mf))
+            except FileNotFoundError:
+                manifest = f"not found ({mf})"
+            except ReportInputError as err:
+                manifest = f"unreadable: {err}"
+            datasets[data.root] = {"dataset": data.dataset, "root": data.root, "manifest": manifest}
         tm = e["train_metrics"]
         if isinstance(tm, dict):
             trained += 1
@@ -145,10 +122,6 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
             if f:
                 ends.append(str(f))
         # without recorded dates: params.yaml written = started, last training file = finished
-        def _mtime(path: Path) -> str:
-            return _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc).isoformat(
-                timespec="seconds")
-
         if not (isinstance(tm, dict) and _first(tm, "started", "start_time", "started_at")):
             if (e["dir"] / "params.yaml").is_file() and e["train_started"]:
                 starts.append(_mtime(e["dir"] / "params.yaml"))
@@ -172,14 +145,15 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
 # ---------------------------------------------------------------------------- page
 def _meta_rows(meta: dict) -> list[tuple[str, str]]:
     g = meta["git"]
-    commit = g.get("commit", "unknown") + (" (uncommitted changes)" if g.get("dirty") else "")
+    commit = (g.get("commit") or "unknown (no git repository)") + (
+        " (uncommitted changes)" if g.get("dirty") else "")
     ds = " | ".join(f"{d.get('dataset')} at {d['root']}: {d.get('manifest')}"
                     for d in meta["datasets"]) or "no run params found"
     gh = (f"{meta['gpu_hours']} (from {meta['gpu_hours_runs']} run(s))"
           if meta["gpu_hours"] is not None else "none recorded") + (
         f"; CPU-only training: {meta['cpu_process_hours']} process-hours" if meta.get("cpu_process_hours") else "")
     return [("Run", f"{meta['run']} ({meta['results_dir']})"), ("Git commit", commit),
-            ("Commit date", g.get("commit_date", "")), ("Datasets (manifests)", ds),
+            ("Commit date", g.get("commit_date") or ""), ("Datasets (manifests)", ds),
             ("Hardware", ", ".join(meta["hardware"])), ("GPU-hours used", gh),
             ("Trained runs", str(meta["trained_runs"])),
             ("First start", meta["first_start"] or "–"), ("Last finish", meta["last_finish"] or "–"),
@@ -187,7 +161,7 @@ def _meta_rows(meta: dict) -> list[tuple[str, str]]:
 
 
 def _status_summary(built: list[dict]) -> dict[str, dict]:
-    """Distinct (row source) statuses: experiment id@protocol / ensemble name -> status."""
+    """Distinct row sources: experiment id@protocol / ensemble name -> status, detail, tables."""
     seen: dict[str, dict] = {}
     for t in built:
         for r in t["rows"]:
@@ -195,109 +169,51 @@ def _status_summary(built: list[dict]) -> dict[str, dict]:
             if r["kind"] == "external":
                 continue
             key = (row.get("experiment") or row.get("name")) + "@" + row["protocol"]
-            seen.setdefault(key, {"status": r["status"], "detail": r["detail"],
-                                  "tables": []})["tables"].append(t["number"])
+            entry = seen.setdefault(key, {"status": r["status"], "detail": r["detail"], "tables": []})
+            if t["number"] not in entry["tables"]:
+                entry["tables"].append(t["number"])
     return seen
 
 
 def render_index(built: list[dict], figures: list[dict], featmaps: dict | None, meta: dict,
                  banner: str | None, tables_rel: str = "tables") -> str:
-    e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             '<link rel="icon" href="data:,">',
-             "<title>SmallBigNet reproduction report</title>", f"<style>{CSS}</style></head><body>",
-             "<h1>SmallBigNet (CVPR 2020): reproduction report</h1>"]
-    if banner:
-        parts.append(f'<p class="banner" id="embedded-banner">{e(banner)}</p>')
-    nav = ['<a href="#summary">Summary</a>', '<a href="#metadata">Run metadata</a>']
-    nav += [f'<a href="#table{t["number"]}">Table {t["number"]}</a>' for t in built]
-    nav += ['<a href="#figures">Figures</a>', '<a href="#featmaps">Feature maps</a>']
-    parts.append("<nav>" + " ".join(nav) + "</nav>")
-
-    summary = _status_summary(built)
-    counts = {s: sum(v["status"] == s for v in summary.values()) for s in (DONE, RUNNING, NOT_RUN, FAILED)}
-    parts.append('<h2 id="summary">Summary</h2>')
-    parts.append("<p>" + ", ".join(f"{n} {e(s)}" for s, n in counts.items())
-                 + f" of {len(summary)} evaluations/ensembles the tables need.</p>")
-    parts.append('<table class="results" id="status"><thead><tr><th>evaluation</th><th>status</th>'
-                 "<th>tables</th><th>detail</th></tr></thead><tbody>")
-    for key, v in summary.items():
-        parts.append(f'<tr class="status-{v["status"].replace(" ", "-")}"><td>{e(key)}</td>'
-                     f'<td class="status"><span class="badge">{e(v["status"])}</span></td>'
-                     f'<td>{", ".join(map(str, sorted(set(v["tables"]))))}</td><td>{e(v["detail"])}</td></tr>')
-    parts.append("</tbody></table>")
-
-    parts.append('<h2 id="metadata">Run metadata</h2><table class="meta"><tbody>')
-    for k, v in _meta_rows(meta):
-        parts.append(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>")
-    parts.append("</tbody></table>")
-
-    for t in built:
-        files = table_files(t["number"])
-        links = " · ".join(f'<a href="{tables_rel}/{f}">{ext.upper() if ext != "tex" else "LaTeX"}</a>'
-                           for ext, f in files.items())
-        parts.append(f'<h2 id="table{t["number"]}-section">Table {t["number"]}</h2>')
-        parts.append(f'<p class="links">Download: {links}</p>')
-        parts.append(render_html_table(t))
-    parts.append(f'<p class="links">All tables: <a href="{tables_rel}/all.md">all.md</a> · '
-                 f'<a href="{tables_rel}/summary.json">summary.json</a></p>')
-
-    parts.append('<h2 id="figures">Figures</h2>')
-    cats: dict[str, list[dict]] = {}
+    statuses = _status_summary(built)
+    groups: dict[str, list[dict]] = {}
     for f in figures:
-        cats.setdefault(f["category"], []).append(f)
-    if not cats:
-        parts.append("<p>No figures were generated.</p>")
-    for cat, items in cats.items():
-        parts.append(f"<h3>{e(cat)}</h3><div class=\"figs\">")
-        for f in items:
-            parts.append(_figure_html(f, "figures"))
-        parts.append("</div>")
-
-    parts.append('<h2 id="featmaps">Feature maps (paper Fig. 3)</h2>')
-    if featmaps and featmaps.get("figures"):
-        parts.append('<div class="figs">')
-        for f in featmaps["figures"]:
-            parts.append(_figure_html(f, "figures"))
-        parts.append("</div>")
-    else:
-        parts.append("<p>No feature-map figures.</p>")
-    if featmaps and featmaps.get("missing"):
-        parts.append("<ul>" + "".join(f"<li>{e(m)}</li>" for m in featmaps["missing"]) + "</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+        groups.setdefault(f["category"], []).append(f)
+    return render(
+        "index.html", banner=banner, statuses=statuses, meta_rows=_meta_rows(meta),
+        counts={s: sum(v["status"] == s for v in statuses.values()) for s in (DONE, RUNNING, NOT_RUN, FAILED)},
+        tables=[{"number": t["number"], "files": table_files(t["number"]),
+                 "html": render_html_fragment(t)} for t in built],
+        tables_rel=tables_rel, figure_groups=list(groups.items()),
+        featmaps={"figures": [], "missing": [], **(featmaps or {})})
 
 
-def _figure_html(f: dict, rel: str) -> str:
-    e = html.escape
-    png, svg = f"{rel}/{f['png']}", f"{rel}/{f['svg']}"
-    return (f'<figure><a href="{e(png)}"><img src="{e(png)}" alt="{e(f["caption"])}"></a>'
-            f'<figcaption>{e(f["caption"])} (<a href="{e(svg)}">SVG</a>)</figcaption></figure>')
+def _manifest(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except (FileNotFoundError, ReportInputError):
+        return None
 
 
 def write_index(reports_dir: str | Path, built: list[dict], results: Results,
                 banner: str | None) -> Path:
-    """reports/index.html from built tables and whatever figures.json / featmaps.json exist."""
-    from smallbig.analysis.figures import experiment_ids_in
-
+    """reports/index.html (+ metadata.json) from built tables and whatever figures.json /
+    featmaps.json exist (figures whose PNG is missing are left out)."""
     reports = Path(reports_dir)
     figs_dir = reports / "figures"
-    figures: list[dict] = []
-    featmaps = None
-    for name in ("figures.json", "featmaps.json"):
-        p = figs_dir / name
-        if not p.is_file():
-            continue
-        try:
-            data = read_json(p)
-        except Exception:  # noqa: BLE001
-            continue
-        if name == "figures.json" and isinstance(data, list):
-            figures = [f for f in data if (figs_dir / f["png"]).is_file()]
-        elif isinstance(data, dict):
-            featmaps = dict(data)
-            featmaps["figures"] = [f for f in data.get("figures", []) if (figs_dir / f["png"]).is_file()]
+
+    def present(items) -> list[dict]:
+        return [f for f in items if isinstance(f, dict) and (figs_dir / str(f.get("png"))).is_file()]
+
+    figures = _manifest(figs_dir / "figures.json")
+    figures = present(figures) if isinstance(figures, list) else []
+    featmaps = _manifest(figs_dir / "featmaps.json")
+    if isinstance(featmaps, dict):
+        featmaps = {**featmaps, "figures": present(featmaps.get("figures", []))}
+    else:
+        featmaps = None
     meta = run_metadata(results, experiment_ids_in(built))
     atomic_write_text(reports / "metadata.json", json.dumps(meta, indent=1, default=str))
     return atomic_write_text(reports / "index.html",

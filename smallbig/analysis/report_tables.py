@@ -13,18 +13,21 @@ paper counts them; GFLOPs × views = that × the views of the row's protocol.
 """
 from __future__ import annotations
 
-import csv
-import html
-import io
+import functools
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-import yaml
+import pandas as pd
+from tqdm import tqdm
 
-from smallbig.analysis.collect import DONE, Results, parse_protocol
-from smallbig.config import EXPERIMENTS_DIR
+from smallbig.analysis.collect import DONE, Results
+from smallbig.analysis.templates import markup, render, tex_escape  # noqa: F401 (tex_escape: API)
+from smallbig.config import ParamsError, experiment_path
+from smallbig.fsutil import atomic_write_text
+from smallbig.spec import params as spec_params
+from smallbig.spec.protocol import Protocol
 
 EXTERNAL_MARK = "†"
 REPORTED = "reported"
@@ -82,14 +85,13 @@ def fmt_gxv(total: float | None, per_view: float | None, views: int | None) -> s
     return ""
 
 
-def _experiment_notes(exp_id: str) -> list[str]:
-    path = EXPERIMENTS_DIR / f"{exp_id}.yaml"
+@functools.cache
+def _experiment_notes(exp_id: str) -> tuple[str, ...]:
+    """The `notes:` of params/experiments/<id>.yaml (typed params)."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    notes = data.get("notes") or []
-    return [str(n) for n in (notes if isinstance(notes, list) else [notes])]
+        return spec_params.load(experiment_path(exp_id)).notes
+    except (ParamsError, OSError):
+        return ()
 
 
 def _differs(ours: float, paper: float) -> bool:
@@ -118,8 +120,7 @@ def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_i
         source = "reported"
     else:
         proto = row["protocol"]
-        clips, crops = parse_protocol(proto)
-        ours["views"] = clips * crops
+        ours["views"] = Protocol.parse(proto).views
         if kind == "experiment":
             ev = results.evaluation(row["experiment"], proto)
             source = row["experiment"]
@@ -165,8 +166,8 @@ def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_i
     views = ours["views"] if kind != "external" else paper.get("views")
     views_txt = ""
     if kind != "external":
-        c, k = parse_protocol(row["protocol"])
-        views_txt = f"{views} ({c}×{k})"
+        p = Protocol.parse(row["protocol"])
+        views_txt = f"{views} ({p.clips}×{p.crops})"
     elif paper.get("views_text"):
         views_txt = paper["views_text"]
     elif views:
@@ -224,8 +225,6 @@ def build_table(table: dict, results: Results, model_info_dirs=None,
 
 def build_tables(tables: list[dict], results: Results, model_info_dirs=None,
                  compute_model_info=False, size_notes: bool = True) -> list[dict]:
-    from tqdm import tqdm
-
     return [build_table(t, results, model_info_dirs, compute_model_info, size_notes)
             for t in tqdm(tables, desc="tables", unit="table", leave=False,
                           disable=len(tables) < 2)]
@@ -238,6 +237,7 @@ COLUMN_FOOTNOTE = ("Δ = ours − paper. Our Params/GFLOPs: `smallbig model-info
                    "224² view (the paper's convention; the 256² three-crop views cost ≈1.31×); "
                    "GFLOPs×views = per view × the views of the row's test protocol. "
                    f"{EXTERNAL_MARK} = another paper's result, as reported.")
+LEFT_ALIGNED = {"label", "backbone", "input", "dataset", "section", "source", "status", "notes", "views"}
 
 
 def _caption(t: dict) -> str:
@@ -245,22 +245,9 @@ def _caption(t: dict) -> str:
 
 
 def render_markdown(t: dict, banner: str | None = None) -> str:
-    cols = t["columns"]
-    out = [f"## {_caption(t)}", ""]
-    if banner:
-        out += [f"> **{banner}**", ""]
-
-    def esc(s: str) -> str:
-        return str(s).replace("|", "\\|").replace("\n", " ")
-
-    out.append("| " + " | ".join(h for _, h in cols) + " |")
-    out.append("|" + "|".join("---" for _ in cols) + "|")
-    for r in t["rows"]:
-        out.append("| " + " | ".join(esc(r["cells"].get(k, "")) for k, _ in cols) + " |")
-    out += ["", COLUMN_FOOTNOTE, ""]
-    for i, n in enumerate(t["footnotes"], 1):
-        out.append(f"{i}. {esc(n)}")
-    return "\n".join(out) + "\n"
+    return render("table.md", caption=_caption(t), banner=banner, colnote=COLUMN_FOOTNOTE,
+                  headers=[h for _, h in t["columns"]], footnotes=t["footnotes"],
+                  rows=[[r["cells"].get(k, "") for k, _ in t["columns"]] for r in t["rows"]])
 
 
 CSV_FIELDS = ["table", "row", "label", "kind", "experiment", "ensemble", "protocol", "dataset",
@@ -271,9 +258,8 @@ CSV_FIELDS = ["table", "row", "label", "kind", "experiment", "ensemble", "protoc
 
 
 def render_csv(t: dict) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
+    """One line per row, raw numbers (empty where there is none)."""
+    records = []
     for i, r in enumerate(t["rows"], 1):
         row = r["row"]
         rec = {"table": t["number"], "row": i, "label": row["label"], "kind": r["kind"],
@@ -282,158 +268,74 @@ def render_csv(t: dict) -> str:
                "dataset": row.get("dataset", ""), "section": row.get("section", ""),
                "backbone": row.get("backbone", ""), "input": row.get("input", ""),
                "status": r["status"], "detail": r["detail"], "notes": " | ".join(r["notes"])}
-        for k, v in r["raw"].items():
-            if k in CSV_FIELDS:
-                rec[k] = "" if v is None else v
-        w.writerow(rec)
-    return buf.getvalue()
-
-
-_TEX = [("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-        ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"),
-        ("^", r"\textasciicircum{}")]
-_TEX_UNICODE = {"×": r"$\times$", "Δ": r"$\Delta$", "−": "$-$", "–": "--", "±": r"$\pm$",
-                "²": r"\textsuperscript{2}", "†": r"$^\dagger$", "≈": r"$\approx$",
-                "’": "'", "“": "``", "”": "''", "—": "---"}
-
-
-def tex_escape(s: Any) -> str:
-    s = str(s)
-    out = []
-    for ch in s:
-        rep = next((r for c, r in _TEX if c == ch), None)
-        if rep is None:
-            rep = _TEX_UNICODE.get(ch)
-        if rep is None and ord(ch) > 127:
-            rep = "?"
-        out.append(rep if rep is not None else ch)
-    return "".join(out).replace("`", "")
+        rec.update({k: ("" if v is None else v) for k, v in r["raw"].items() if k in CSV_FIELDS})
+        records.append(rec)
+    return pd.DataFrame.from_records(records, columns=CSV_FIELDS).fillna("").to_csv(
+        index=False, lineterminator="\n")
 
 
 def render_latex(t: dict, banner: str | None = None) -> str:
-    """A booktabs table (needs \\usepackage{booktabs}); notes as numbered lines below."""
+    """A booktabs table (needs \\usepackage{booktabs}); notes as numbered lines below, a
+    \\midrule between the table's sections."""
     cols = [(k, h) for k, h in t["columns"] if k != "notes"] + [("notes", "Notes")]
-    align = "".join("l" if k in ("label", "backbone", "input", "dataset", "section", "source",
-                                 "status", "notes", "views") else "r" for k, _ in cols)
-    lines = [f"% Table {t['number']} -- generated by `smallbig report tables`; needs \\usepackage{{booktabs}}",
-             r"\begin{table*}[t]", r"\centering", r"\scriptsize",
-             f"\\caption{{{tex_escape(_caption(t))}}}", f"\\label{{tab:smallbig-{t['number']}}}",
-             f"\\begin{{tabular}}{{{align}}}", r"\toprule",
-             " & ".join(tex_escape(h) for _, h in cols) + r" \\", r"\midrule"]
-    prev_section = None
-    for r in t["rows"]:
-        sec = r["row"].get("section")
-        if prev_section is not None and sec != prev_section:
-            lines.append(r"\midrule")
-        prev_section = sec
-        lines.append(" & ".join(tex_escape(r["cells"].get(k, "")) for k, _ in cols) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", "", r"\smallskip", ""]
-    if banner:
-        lines.append(r"\textbf{" + tex_escape(banner) + r"}\\")
-    lines.append(tex_escape(COLUMN_FOOTNOTE) + r"\\")
-    for i, n in enumerate(t["footnotes"], 1):
-        lines.append(f"[{i}] {tex_escape(n)}" + r"\\")
-    lines.append(r"\end{table*}")
-    return "\n".join(lines) + "\n"
+    sections = [r["row"].get("section") for r in t["rows"]]
+    rows = [{"cells": [r["cells"].get(k, "") for k, _ in cols],
+             "new_section": i > 0 and sections[i] != sections[i - 1]}
+            for i, r in enumerate(t["rows"])]
+    return render("table.tex", number=t["number"], caption=_caption(t), banner=banner,
+                  align="".join("l" if k in LEFT_ALIGNED else "r" for k, _ in cols),
+                  headers=[h for _, h in cols], rows=rows, colnote=COLUMN_FOOTNOTE,
+                  footnotes=t["footnotes"])
 
 
 def render_html_table(t: dict) -> str:
-    """An HTML fragment: caption, table, notes (class names used by reports' CSS)."""
-    e = html.escape
-    cols = t["columns"]
-    out = [f'<table class="results" id="table{t["number"]}">',
-           f"<caption>{e(_caption(t))}</caption>", "<thead><tr>"]
-    out += [f'<th class="col-{k}">{e(h)}</th>' for k, h in cols]
-    out.append("</tr></thead><tbody>")
-    for r in t["rows"]:
-        cls = f"status-{r['status'].replace(' ', '-')} kind-{r['kind']}"
-        out.append(f'<tr class="{cls}">')
-        for k, _ in cols:
-            v = r["cells"].get(k, "")
-            if k == "status":
-                title = f' title="{e(r["detail"])}"' if r["detail"] else ""
-                out.append(f'<td class="status"{title}><span class="badge">{e(v)}</span></td>')
-            elif k.startswith("delta") and v:
-                sign = "pos" if v.startswith("+") else ("neg" if v.startswith("-") else "zero")
-                out.append(f'<td class="num delta {sign}">{e(v)}</td>')
-            else:
-                num = " class=\"num\"" if k.startswith(("paper_", "ours_")) else ""
-                out.append(f"<td{num}>{e(v)}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    out.append(f'<p class="colnote">{e(COLUMN_FOOTNOTE)}</p>')
-    if t["footnotes"]:
-        out.append('<ol class="notes">' + "".join(f"<li>{e(n)}</li>" for n in t["footnotes"]) + "</ol>")
-    return "\n".join(out)
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em;color:#222;line-height:1.4}
-h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}
-.banner{background:#fff3cd;border:1px solid #e0b100;padding:.7em 1em;border-radius:4px;font-weight:600}
-table.results,table.meta{border-collapse:collapse;font-size:.82em;margin:.5em 0}
-table.results caption{text-align:left;font-weight:600;padding:.3em 0}
-table.results th,table.results td,table.meta th,table.meta td{border-bottom:1px solid #e3e3e3;padding:.25em .5em;vertical-align:top}
-table.results th{background:#f4f4f4;text-align:left}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.delta.pos{color:#1a7f37}td.delta.neg{color:#b42318}
-.badge{border-radius:3px;padding:0 .4em;white-space:nowrap}
-tr.status-done .badge{background:#d1f7d6}tr.status-running .badge{background:#dbeafe}
-tr.status-failed .badge{background:#fde2e1}tr.status-not-run .badge{background:#eee;color:#666}
-tr.kind-external{color:#666;font-style:italic}
-ol.notes,p.colnote{font-size:.78em;color:#444}
-.figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0;max-width:48%}
-.figs img{max-width:100%;border:1px solid #eee}
-figcaption{font-size:.8em;color:#444}
-nav a{margin-right:.8em}
-"""
+    """An HTML fragment: caption, table, notes (class names used by the report's CSS)."""
+    return render("table.html", t=t, caption=_caption(t), colnote=COLUMN_FOOTNOTE)
 
 
 def render_html_page(t: dict, banner: str | None = None) -> str:
-    b = f'<p class="banner">{html.escape(banner)}</p>' if banner else ""
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(_caption(t))}</title><style>{CSS}</style></head><body>"
-            f'<p><a href="../index.html">← report</a></p>{b}\n{render_html_table(t)}\n</body></html>\n')
+    return render("table-page.html", t=t, caption=_caption(t), colnote=COLUMN_FOOTNOTE,
+                  banner=banner)
+
+
+def render_html_fragment(t: dict):
+    """The table fragment, marked safe for embedding in index.html."""
+    return markup(render_html_table(t))
 
 
 def table_files(number: int) -> dict[str, str]:
     return {ext: f"table{number}.{ext}" for ext in ("md", "csv", "tex", "html")}
 
 
-def write_tables(built: list[dict], out_dir: str | Path, banner: str | None = None,
-                 index: bool = True, only_index: bool = False) -> list[Path]:
-    """reports/tables/table<N>.{md,csv,tex,html} for each built table, plus (when `index`)
-    all.md and summary.json of all of them; `only_index` writes just those two. Returns paths."""
-    from smallbig.analysis.io import atomic_write_text
+def experiment_ids_in(built: list[dict]) -> list[str]:
+    """Experiment ids of the built tables' rows (ensemble members too), in order of first use."""
+    return list(dict.fromkeys(i for t in built for r in t["rows"] for i in r["row"].get("members", [])))
 
+
+def write_tables(built: list[dict], out_dir: str | Path, banner: str | None = None,
+                 index: bool = True) -> list[Path]:
+    """reports/tables/table<N>.{md,csv,tex,html} for each built table, plus (when `index`)
+    all.md and summary.json of all of them. Returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    md_all = ["# SmallBigNet reproduction: Tables 2–11, paper vs ours", ""]
-    if banner:
-        md_all += [f"> **{banner}**", ""]
-    summary = []
     for t in built:
         files = table_files(t["number"])
-        if not only_index:
-            for ext, text in (("md", render_markdown(t, banner)), ("csv", render_csv(t)),
-                              ("tex", render_latex(t, banner)), ("html", render_html_page(t, banner))):
-                p = out / files[ext]
-                atomic_write_text(p, text)
-                written.append(p)
-        md_all += [render_markdown(t), ""]
-        summary.append({"number": t["number"], "title": t["title"], "counts": t["counts"],
-                        "files": files,
-                        "rows": [{"label": r["row"]["label"], "kind": r["kind"],
-                                  "status": r["status"], "detail": r["detail"], **r["raw"],
-                                  "cells": r["cells"]} for r in t["rows"]],
-                        "footnotes": t["footnotes"]})
-    if index or only_index:
-        p = out / "all.md"
-        atomic_write_text(p, "\n".join(md_all))
-        written.append(p)
-        p = out / "summary.json"
-        atomic_write_text(p, json.dumps({"banner": banner, "tables": summary}, indent=1,
-                                        ensure_ascii=False, default=str))
-        written.append(p)
+        for ext, text in (("md", render_markdown(t, banner)), ("csv", render_csv(t)),
+                          ("tex", render_latex(t, banner)), ("html", render_html_page(t, banner))):
+            written.append(atomic_write_text(out / files[ext], text))
+    if index:
+        head = ["# SmallBigNet reproduction: Tables 2–11, paper vs ours", ""]
+        if banner:
+            head += [f"> **{banner}**", ""]
+        md = [part for t in built for part in (render_markdown(t), "")]
+        written.append(atomic_write_text(out / "all.md", "\n".join(head + md)))
+        summary = [{"number": t["number"], "title": t["title"], "counts": t["counts"],
+                    "files": table_files(t["number"]),
+                    "rows": [{"label": r["row"]["label"], "kind": r["kind"], "status": r["status"],
+                              "detail": r["detail"], **r["raw"], "cells": r["cells"]}
+                             for r in t["rows"]],
+                    "footnotes": t["footnotes"]} for t in built]
+        written.append(atomic_write_text(out / "summary.json", json.dumps(
+            {"banner": banner, "tables": summary}, indent=1, ensure_ascii=False, default=str)))
     return written

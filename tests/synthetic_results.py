@@ -2,8 +2,7 @@
 without training anything): known logits -> known accuracies.
 
 Written in the real formats: scores.npz as `smallbig/engine/metrics.py` documents it, and
-metrics.json with the engine's own `build_metrics` (falling back to
-`smallbig.engine.metrics.compute_metrics` when the engine cannot be imported).
+metrics.json with the engine's own `build_metrics`.
 """
 from __future__ import annotations
 
@@ -11,9 +10,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from smallbig.analysis.collect import parse_protocol
 from smallbig.engine import metrics as M
+from smallbig.engine.evaluate import build_metrics
+from smallbig.spec.protocol import Protocol
 
 
 def view_index(clips: int, crops: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,19 +60,11 @@ def write_scores(path: Path, logits: np.ndarray, labels, clips: int, crops: int,
 def write_evaluation(run_dir: Path, exp_id: str, protocol: str, logits: np.ndarray, labels,
                      with_metrics: bool = True, video_ids=None, skipped=()) -> Path:
     """results/<run>/<id>/eval-<protocol>/{scores.npz, metrics.json}; returns the eval dir."""
-    clips, crops = parse_protocol(protocol)
+    clips, crops = Protocol.parse(protocol).clips, Protocol.parse(protocol).crops
     ev = Path(run_dir) / exp_id / f"eval-{protocol}"
     write_scores(ev / "scores.npz", logits, labels, clips, crops, video_ids, skipped)
     if with_metrics:
-        scores = M.load_scores(ev / "scores.npz")
-        try:
-            from smallbig.engine.evaluate import build_metrics
-
-            m = build_metrics(scores, exp_id, protocol, None)
-        except ImportError:
-            m = M.compute_metrics(scores["logits"], scores["labels"])
-            m.update(experiment=exp_id, protocol=protocol, num_clips=clips, num_crops=crops,
-                     skipped=len(skipped))
+        m = build_metrics(M.load_scores(ev / "scores.npz"), exp_id, protocol, None)
         (ev / "metrics.json").write_text(json.dumps(m, indent=1))
     return ev
 
@@ -80,8 +73,6 @@ def write_training(run_dir: Path, exp_id: str, epochs: int, total_epochs: int | 
                    finished: bool = True, params: dict | None = None) -> Path:
     """train/history.json (loss falling, cosine LR, val Top-1 every epoch), and when finished
     a checkpoint.pt placeholder and train_metrics.json; `params` -> results/<run>/<id>/params.yaml."""
-    import yaml
-
     d = Path(run_dir) / exp_id
     train = d / "train"
     train.mkdir(parents=True, exist_ok=True)
