@@ -1,6 +1,12 @@
 # Tables 2-11, figures, feature maps and the HTML report (reports/), the per-table targets
 # table2 ... table11 and one target per experiment id.
 #
+# Two views of the same files: reports/index.html (`smallbig report html`, checked in Chromium by
+# `smallbig report check`) is the report users open; `snakemake --report` collects the tables
+# and figures through the report() annotations below (captions in workflow/report/, relative to
+# this file). index.html itself is not in the Snakemake report: its relative links would not
+# resolve there.
+#
 # `smallbig report tables` renders every table from whatever results exist (rows without results
 # say so). The per-table rule runs it once table N's evaluations exist, into its own directory
 # results/<run>/tables/table<N>/ (table<N>.* there is complete); `all` renders into reports/.
@@ -37,7 +43,8 @@ rule tables:
         params=[f"{RES}/{e}/params.yaml" for e in EXPERIMENTS],
     output:
         [
-            report(f"{REPORTS}/tables/{f}", category="Tables", subcategory=f.split(".")[0])
+            report(f"{REPORTS}/tables/{f}", caption="../report/table.rst", category="Tables",
+                   subcategory=f.split(".")[0])
             if f.endswith((".html", ".csv"))
             else f"{REPORTS}/tables/{f}"
             for f in report_table_files()
