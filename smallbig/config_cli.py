@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+import yaml
 
 from smallbig import config
 
@@ -50,6 +51,5 @@ def _resolve(args) -> int:
     if args.out:
         config.dump_params(params, args.out)
     else:
-        import yaml
         print(yaml.safe_dump(params, sort_keys=False), end="")
     return 0

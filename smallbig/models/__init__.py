@@ -1,13 +1,14 @@
 """smallbig.models: the video ResNets of the paper (C2D, 3x1x1, SmallBig, NonLocal, SlowOnly).
 
-Contract (docs/architecture.md, section Models): ``build_model(params["model"])``,
+Contract (docs/architecture.md, section Models): ``build_model(spec)`` (a ModelSpec or the
+params' ``model`` mapping),
 ``feature_maps(model, x)``, ``model_info(params)``, ``load_pretrained_2d(model, path)``.
 Imported lazily (PEP 562), so the `smallbig` CLI does not load torch for light subcommands.
 """
 from __future__ import annotations
 
-_RESNET = {"VideoResNet", "build_model", "feature_maps", "normalize_model_cfg",
-           "set_channels_last", "set_formulation"}
+_RESNET = {"VideoResNet", "build_model", "feature_maps", "model_spec", "set_channels_last",
+           "set_formulation"}
 __all__ = sorted(_RESNET | {"model_info", "load_pretrained_2d"})
 
 

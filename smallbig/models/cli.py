@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from smallbig import config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the `smallbig` parser."""
@@ -18,19 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_info(args) -> int:
-    from smallbig import config
-    from smallbig.models.info import info_table, model_info
+    from tqdm import tqdm
+
+    from smallbig.models.info import info_table, model_info  # torch: only when the command runs
 
     if bool(args.params) == bool(args.all):
         raise SystemExit("smallbig model-info: give one params file (or id), or --all")
     if args.all:
         ids = config.experiment_ids()
-        try:
-            from tqdm import tqdm
-            it = tqdm(ids, desc="model-info", leave=False)
-        except ImportError:  # pragma: no cover
-            it = ids
-        infos = [model_info(config.load_params(config.experiment_path(e), overlay=args.overlay)) for e in it]
+        infos = [model_info(config.load_params(config.experiment_path(e), overlay=args.overlay))
+                 for e in tqdm(ids, desc="model-info", leave=False)]
         if args.json:
             print(json.dumps(infos, indent=2))
         else:

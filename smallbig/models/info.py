@@ -8,13 +8,16 @@ device, so no memory is allocated and no weights are initialised for real.
 """
 from __future__ import annotations
 
-import copy
-from typing import Optional
+import dataclasses
+from typing import Any, Mapping, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from smallbig.models.resnet import build_model
+from smallbig.config import ParamsError, experiment_path, load_params
+from smallbig.models.resnet import build_model, model_spec
+from smallbig.spec.params import ModelSpec, Params
+from smallbig.spec.protocol import Protocol
 
 # The paper's figures (params in millions, GFlops = GMACs per view, × views), with their source.
 PAPER: dict[str, dict] = {
@@ -68,21 +71,17 @@ def count_macs(model: torch.nn.Module, num_frames: int, crop: int, batch: int = 
     return counter.get_total_flops() // 2
 
 
-def build_meta_model(model_cfg: dict) -> torch.nn.Module:
-    """The configured model on the meta device (no memory, no pretrained weights)."""
-    cfg = copy.deepcopy(model_cfg)
-    cfg["pretrained"] = None
+def build_meta_model(model: "ModelSpec | Mapping[str, Any]") -> torch.nn.Module:
+    """The configured model on the meta device (no memory; `build_model` never loads weights)."""
+    spec = model_spec(model)
     with torch.device("meta"):
-        return build_model(cfg)
+        return build_model(spec)
 
 
-def primary_protocol(params: dict) -> tuple[str, int, int, int]:
-    """(protocol, clips, crops, crop size) of the params' first test protocol."""
-    test = params["test"]
-    proto = test["protocols"][0]
-    clips, crops = (int(v) for v in proto.split("x"))
-    size = test.get("multi_crop_size", 256) if crops == 3 else test.get("single_crop_size", 224)
-    return proto, clips, crops, size
+def primary_protocol(params: "Params | Mapping[str, Any]") -> tuple[Protocol, int]:
+    """The params' first test protocol and its crop size."""
+    p = Params.from_dict(params)
+    return p.primary_protocol, p.primary_protocol.crop_size(p.test)
 
 
 def _pct(ours: float, ref: float) -> float:
@@ -92,24 +91,22 @@ def _pct(ours: float, ref: float) -> float:
 _IGNORED_MODEL_KEYS = ("pretrained", "formulation", "dropout")
 
 
-def is_paper_configuration(params: dict) -> bool:
+def is_paper_configuration(params: "Params | Mapping[str, Any]") -> bool:
     """True when the params' model and frame count are those of the experiment's own file
     (not scaled down by an overlay), so that the paper's figures apply."""
-    from smallbig.config import ParamsError, experiment_path, load_params
-
+    p = Params.from_dict(params)
     try:
-        own = load_params(experiment_path(params.get("id", "")))
+        own = Params.from_dict(load_params(experiment_path(p.id)))
     except ParamsError:
         return False
 
-    def strip(m: dict) -> dict:
-        return {k: v for k, v in m.items() if k not in _IGNORED_MODEL_KEYS}
+    def strip(m: ModelSpec) -> ModelSpec:
+        return dataclasses.replace(m, **{k: None for k in _IGNORED_MODEL_KEYS})
 
-    return (strip(own["model"]) == strip(params["model"])
-            and own["data"]["num_frames"] == params["data"]["num_frames"])
+    return strip(own.model) == strip(p.model) and own.data.num_frames == p.data.num_frames
 
 
-def model_info(params: dict, model: Optional[torch.nn.Module] = None) -> dict:
+def model_info(params: "Params | Mapping[str, Any]", model: Optional[torch.nn.Module] = None) -> dict:
     """Size and compute of the params' model.
 
     Keys: ``id``, ``params`` (int), ``params_m``, ``num_frames``, ``gmacs_224`` (per view, T
@@ -119,15 +116,16 @@ def model_info(params: dict, model: Optional[torch.nn.Module] = None) -> dict:
     ``paper`` / ``authors_code`` (figures or None; None too when an overlay scaled the model
     down, ``paper_comparable`` False), ``diff_pct`` and ``flags`` (differences from the paper
     above 2 %)."""
-    model = model if model is not None else build_meta_model(params["model"])
-    T = int(params["data"]["num_frames"])
-    proto, clips, crops, crop = primary_protocol(params)
+    p = Params.from_dict(params)
+    model = model if model is not None else build_meta_model(p.model)
+    T = p.data.num_frames
+    proto, crop = primary_protocol(p)
     n_params = count_params(model)
     gmacs_224 = count_macs(model, T, 224) / 1e9
     gmacs_crop = gmacs_224 if crop == 224 else count_macs(model, T, crop) / 1e9
-    views = clips * crops
-    exp_id = params.get("id", "")
-    comparable = is_paper_configuration(params)
+    views = proto.views
+    exp_id = p.id
+    comparable = is_paper_configuration(p)
     paper = PAPER.get(exp_id) if comparable else None
     authors = AUTHORS_CODE.get(exp_id) if comparable else None
     diff: dict[str, float] = {}
@@ -152,7 +150,7 @@ def model_info(params: dict, model: Optional[torch.nn.Module] = None) -> dict:
         "gmacs_224": round(gmacs_224, 3),
         "test_crop": crop,
         "gmacs_test_crop": round(gmacs_crop, 3),
-        "protocol": proto,
+        "protocol": proto.name,
         "views": views,
         "gflops_x_views": round(gmacs_224 * views, 1),
         "gflops_x_views_test_crop": round(gmacs_crop * views, 1),

@@ -70,19 +70,7 @@ def _fold(module: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# big-view pooling
-def _check_pool(pool: Sequence[PoolDim]) -> tuple[PoolDim, int, int]:
-    if not isinstance(pool, (list, tuple)) or len(pool) != 3:
-        raise ValueError(f"big-view pooling must be [kt, kh, kw], got {pool!r}")
-    kt, kh, kw = pool
-    if not (kt == "T" or (isinstance(kt, int) and not isinstance(kt, bool) and kt >= 1 and kt % 2 == 1)):
-        raise ValueError(f"big-view pooling {list(pool)}: kt must be an odd integer >= 1 or 'T', got {kt!r}")
-    for k in (kh, kw):
-        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1):
-            raise ValueError(f"big-view pooling {list(pool)}: kh, kw must be odd integers >= 1, got {k!r}")
-    return kt, kh, kw
-
-
+# big-view pooling (sizes checked with the params: smallbig.config, odd and within the input)
 def pool_reference(x: torch.Tensor, pool: Sequence[PoolDim], mode: str) -> torch.Tensor:
     """P(x) on [N,C,T,H,W]: stride 1, 'same' padding; kt='T' -> whole time axis, output T=1.
     Average pooling counts the zero padding (PyTorch's default ``count_include_pad=True``)."""
@@ -178,14 +166,10 @@ class SmallBigUnit(nn.Module):
                  pool: Sequence[PoolDim], pool_mode: str = "max", share: bool = True,
                  bn: str = "individual", efficient: bool = True) -> None:
         super().__init__()
-        if pool_mode not in ("max", "avg"):
-            raise ValueError(f"SmallBig unit: pool must be 'max' or 'avg', got {pool_mode!r}")
-        if bn not in ("individual", "single"):
-            raise ValueError(f"SmallBig unit: bn must be 'individual' or 'single', got {bn!r}")
         kt, kh, kw = kernel
         if kt != 1:
             raise ValueError("SmallBig unit: the conv must be 1×k×k (time comes from the pooling)")
-        self.pool = tuple(_check_pool(pool))
+        self.pool = tuple(pool)  # [kt|'T', kh, kw], validated with the params (smallbig.config)
         self.pool_mode = pool_mode
         self.share = share
         self.single_bn = bn == "single"

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from smallbig.fsutil import not_regular
 from smallbig.models.resnet import VideoResNet
 from smallbig.models.weights import SOURCE_DEPTH, PretrainedError
 
@@ -37,8 +38,6 @@ __all__ = ["PretrainedError", "load_pretrained_2d", "source_depth"]
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from smallbig.fsutil import not_regular
-
     kind = not_regular(path)
     if kind and kind.startswith("missing"):
         raise PretrainedError(f"{path}: pretrained weights file not found")
@@ -114,7 +113,7 @@ def load_pretrained_2d(model: VideoResNet, path: str | Path, strict_depth: bool 
     """
     path = Path(path)
     sd = _read_state_dict(path)
-    depth = model.cfg["depth"]
+    depth = model.depth
     src_depth = source_depth(sd, path)
     if strict_depth and src_depth != _REQUIRED_SOURCE[depth]:
         raise PretrainedError(

@@ -1,29 +1,29 @@
 """Video ResNets (C2D, 3×1×1, SlowOnly, SmallBig, NonLocal) built from the params' model section.
 
-``build_model(params["model"])`` returns a :class:`VideoResNet`: ``stem`` -> ``res2`` .. ``res5``
+``build_model(spec)`` returns a :class:`VideoResNet`: ``stem`` -> ``res2`` .. ``res5``
 (``nn.Sequential`` of :class:`Bottleneck` blocks) -> ``head``. No temporal stride anywhere; the
 global temporal pooling of ``T×k×k`` units is computed from the input, so any T works.
+
+``spec`` is a :class:`~smallbig.spec.params.ModelSpec` (validated with the params) or the
+``model`` mapping of a params file, which is checked once, by the params validation
+(``smallbig.config.validate_model``), and completed from params/base.yaml.
 """
 from __future__ import annotations
 
-import copy
-from typing import Any, Optional
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from smallbig.config import validate_model
 from smallbig.models.layers import (BatchNorm, ConvBN, ExtraUnit, NonLocal, SimpleExtraUnit,
-                                    SmallBigUnit, _check_pool, to_frames, from_frames)
+                                    SmallBigUnit, fold_bn, from_frames, to_frames)
+from smallbig.spec.params import ModelSpec, StageSpec, UnitSpec
 
 STAGES = ("res2", "res3", "res4", "res5")
 DEPTHS: dict[int, tuple[int, int, int, int]] = {23: (1, 2, 3, 1), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
-BLOCK_KINDS = ("2d", "3d", "smallbig")
-EXTRA_KINDS = ("none", "default", "simple")
-CONVS = ("conv1", "conv2", "conv3")
-MODEL_KEYS = {"depth", "base_width", "num_classes", "dropout", "pretrained", "formulation", "unit", "stages"}
-UNIT_DEFAULTS = {"pool": "max", "share": True, "bn": "individual"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,7 +47,6 @@ class Stem(nn.Module):
             f = f.contiguous(memory_format=torch.channels_last)
         w = self.conv.weight[:, :, 0]
         if not self.training:
-            from smallbig.models.layers import fold_bn
             wf, bf = fold_bn(w, self.bn)
             f = F.conv2d(f, wf, bf, 2, 3)
         else:
@@ -84,15 +83,13 @@ class Bottleneck(nn.Module):
     adds a NonLocal block after the block's output.
     """
 
-    def __init__(self, cin: int, planes: int, stride: int, kind: str = "2d",
-                 smallbig: Optional[dict] = None, extra: str = "none", nonlocal_: bool = False,
-                 unit: Optional[dict] = None, efficient: bool = True) -> None:
+    def __init__(self, cin: int, planes: int, stride: int, stage: StageSpec, unit: UnitSpec,
+                 efficient: bool = True) -> None:
         super().__init__()
-        unit = {**UNIT_DEFAULTS, **(unit or {})}
-        smallbig = smallbig or {}
+        kind, smallbig, extra = stage.block, stage.smallbig, stage.extra
         cout = planes * EXPANSION
         if extra == "default":
-            self.extra = ExtraUnit(cin, efficient, share=unit["share"])
+            self.extra = ExtraUnit(cin, efficient, share=unit.share)
         elif extra == "simple":
             self.extra = SimpleExtraUnit(cin, efficient)
         specs = {  # name: (cin, cout, kernel, stride)
@@ -102,14 +99,14 @@ class Bottleneck(nn.Module):
         }
         for name, (ci, co, kernel, s) in specs.items():
             if name in smallbig:
-                layer: nn.Module = SmallBigUnit(ci, co, kernel, s, smallbig[name], unit["pool"],
-                                                unit["share"], unit["bn"], efficient)
+                layer: nn.Module = SmallBigUnit(ci, co, kernel, s, smallbig[name], unit.pool,
+                                                unit.share, unit.bn, efficient)
             else:
                 layer = ConvBN(ci, co, kernel, s, efficient)
             setattr(self, name, layer)
         if stride != 1 or cin != cout:
             self.downsample = ConvBN(cin, cout, (1, 1, 1), stride, efficient)
-        if nonlocal_:
+        if stage.nonlocal_:
             self.nonlocal_block = NonLocal(cout, efficient)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,25 +125,23 @@ class Bottleneck(nn.Module):
 class VideoResNet(nn.Module):
     """Input [N, 3, T, H, W] float -> logits [N, num_classes]."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.cfg = copy.deepcopy(cfg)
-        efficient = cfg["formulation"] == "efficient"
-        base = cfg["base_width"]
+        # plain values only: the spec's mapping proxies cannot be deep-copied or pickled
+        self.depth = spec.depth
+        efficient = spec.formulation == "efficient"
+        base = spec.base_width
         self.stem = Stem(base, efficient)
         cin = base
         for i, name in enumerate(STAGES):
-            st = cfg["stages"][name]
             planes = base * 2 ** i
             blocks = []
-            for j in range(DEPTHS[cfg["depth"]][i]):
+            for j in range(DEPTHS[spec.depth][i]):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(Bottleneck(cin, planes, stride, st["block"], st.get("smallbig"),
-                                         st.get("extra", "none"), bool(st.get("nonlocal", False)),
-                                         cfg["unit"], efficient))
+                blocks.append(Bottleneck(cin, planes, stride, spec.stages[name], spec.unit, efficient))
                 cin = planes * EXPANSION
             setattr(self, name, nn.Sequential(*blocks))
-        self.head = Head(cin, cfg["num_classes"], cfg["dropout"], efficient)
+        self.head = Head(cin, spec.num_classes, spec.dropout, efficient)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -187,8 +182,6 @@ def set_formulation(model: nn.Module, formulation: str) -> nn.Module:
     for m in model.modules():
         if hasattr(m, "efficient"):
             m.efficient = formulation == "efficient"
-    if isinstance(model, VideoResNet):
-        model.cfg["formulation"] = formulation
     return model
 
 
@@ -198,99 +191,22 @@ def set_channels_last(model: VideoResNet, on: bool = True) -> VideoResNet:
     return model
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def model_spec(model: "ModelSpec | Mapping[str, Any]") -> ModelSpec:
+    """A params file's ``model`` section, typed: a ModelSpec as it is; a mapping (even a partial
+    one) is checked by the params validation (ParamsError, a ValueError, naming the key) and
+    completed from params/base.yaml."""
+    if isinstance(model, ModelSpec):
+        return model
+    return ModelSpec.from_dict(validate_model(model))
 
 
-def normalize_model_cfg(cfg: Any) -> dict:
-    """Check a model config dict (the params' ``model`` section) and fill in defaults.
-    Raises ValueError naming the key and the problem."""
-    if not isinstance(cfg, dict):
-        raise ValueError(f"model config: expected a mapping, got {type(cfg).__name__}")
-    unknown = set(cfg) - MODEL_KEYS
-    if unknown:
-        raise ValueError(f"model config: unknown key(s) {sorted(unknown)} (known: {sorted(MODEL_KEYS)})")
-    out = copy.deepcopy(cfg)
-    for key in ("depth", "stages"):
-        if key not in out:
-            raise ValueError(f"model config: missing required key {key!r}")
-    if out["depth"] not in DEPTHS or not _is_int(out["depth"]):
-        raise ValueError(f"model.depth: must be one of {sorted(DEPTHS)}, got {out['depth']!r}")
-    out.setdefault("base_width", 64)
-    out.setdefault("num_classes", 400)
-    out.setdefault("dropout", 0.0)
-    out.setdefault("pretrained", None)
-    out.setdefault("formulation", "efficient")
-    for key in ("base_width", "num_classes"):
-        if not _is_int(out[key]) or out[key] < 1:
-            raise ValueError(f"model.{key}: must be an integer >= 1, got {out[key]!r}")
-    d = out["dropout"]
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
-        raise ValueError(f"model.dropout: must be a number in [0, 1), got {d!r}")
-    if out["formulation"] not in ("efficient", "reference"):
-        raise ValueError(f"model.formulation: must be 'efficient' or 'reference', got {out['formulation']!r}")
-    if out["pretrained"] is not None and not isinstance(out["pretrained"], str):
-        raise ValueError(f"model.pretrained: must be a declared name, a path or 'none', got {out['pretrained']!r}")
-    unit = out.get("unit") or {}
-    if not isinstance(unit, dict):
-        raise ValueError(f"model.unit: expected a mapping, got {unit!r}")
-    bad = set(unit) - set(UNIT_DEFAULTS)
-    if bad:
-        raise ValueError(f"model.unit: unknown key(s) {sorted(bad)} (known: pool, share, bn)")
-    unit = {**UNIT_DEFAULTS, **unit}
-    if unit["pool"] not in ("max", "avg"):
-        raise ValueError(f"model.unit.pool: must be 'max' or 'avg', got {unit['pool']!r}")
-    if not isinstance(unit["share"], bool):
-        raise ValueError(f"model.unit.share: must be true or false, got {unit['share']!r}")
-    if unit["bn"] not in ("individual", "single"):
-        raise ValueError(f"model.unit.bn: must be 'individual' or 'single', got {unit['bn']!r}")
-    out["unit"] = unit
-    stages = out["stages"]
-    if not isinstance(stages, dict):
-        raise ValueError(f"model.stages: expected a mapping of res2..res5, got {stages!r}")
-    bad = set(stages) - set(STAGES)
-    if bad:
-        raise ValueError(f"model.stages: unknown stage name(s) {sorted(bad)} (stages are {', '.join(STAGES)})")
-    for name in STAGES:
-        if name not in stages:
-            raise ValueError(f"model.stages: missing stage {name!r}")
-        st = stages[name]
-        key = f"model.stages.{name}"
-        if not isinstance(st, dict):
-            raise ValueError(f"{key}: expected a mapping with 'block', got {st!r}")
-        bad = set(st) - {"block", "smallbig", "extra", "nonlocal"}
-        if bad:
-            raise ValueError(f"{key}: unknown key(s) {sorted(bad)} (known: block, smallbig, extra, nonlocal)")
-        if st.get("block") not in BLOCK_KINDS:
-            raise ValueError(f"{key}.block: must be one of {list(BLOCK_KINDS)}, got {st.get('block')!r}")
-        sb = st.get("smallbig")
-        if st["block"] == "smallbig":
-            if not isinstance(sb, dict) or not sb:
-                raise ValueError(f"{key}.smallbig: block 'smallbig' needs a mapping of conv1/conv2/conv3 to pooling [kt, kh, kw]")
-            bad = set(sb) - set(CONVS)
-            if bad:
-                raise ValueError(f"{key}.smallbig: unknown conv(s) {sorted(bad)} (known: conv1, conv2, conv3)")
-            for conv, pool in sb.items():
-                try:
-                    _check_pool(pool)
-                except ValueError as e:
-                    raise ValueError(f"{key}.smallbig.{conv}: {e}") from None
-        elif sb:
-            raise ValueError(f"{key}.smallbig: given, but the stage's block is {st['block']!r} (needs 'smallbig')")
-        if st.get("extra", "none") not in EXTRA_KINDS:
-            raise ValueError(f"{key}.extra: must be one of {list(EXTRA_KINDS)}, got {st.get('extra')!r}")
-        if not isinstance(st.get("nonlocal", False), bool):
-            raise ValueError(f"{key}.nonlocal: must be true or false, got {st.get('nonlocal')!r}")
-    return out
-
-
-def build_model(model_cfg: dict) -> VideoResNet:
+def build_model(model: "ModelSpec | Mapping[str, Any]") -> VideoResNet:
     """Build the network of a params file's ``model`` section (see docs/models.md), freshly
     initialised. It never loads weights: ``pretrained`` (an ImageNet name, path or ``none``) is
     the engine's business, which loads it for a fresh training only
     (``smallbig.models.weights.resolve_pretrained`` + ``load_pretrained_2d``); evaluation and
     feature maps load trained checkpoints and need no ImageNet file."""
-    return VideoResNet(normalize_model_cfg(model_cfg))
+    return VideoResNet(model_spec(model))
 
 
 def smallbig_units(model: nn.Module) -> list[SmallBigUnit]:

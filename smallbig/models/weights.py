@@ -25,12 +25,15 @@ and ``model.pretrained`` is one of those names, the path of a local torchvision-
   state dict with seeded random weights (same key names and shapes as torchvision's, written
   without torchvision), for tests and full-shape rehearsals.
 
-Nothing here imports torch at module level (the CLI path stays light).
+Nothing here imports torch at module level (the CLI path stays light). Errors become messages
+and exit codes in `smallbig.cli.main`: a missing, undeclared or mismatching file exits 2, a
+failed transfer 1.
 """
 from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import json
 import os
 import re
@@ -39,6 +42,12 @@ import time
 import urllib.error
 from pathlib import Path
 from typing import Any
+
+import jsonschema
+
+from smallbig import config
+from smallbig.data import download as dl
+from smallbig.errors import InputError, SmallbigError
 
 NONE = "none"
 # which torchvision ResNet depth a video net of each depth loads (R23 = first blocks of R50)
@@ -49,12 +58,24 @@ _PATH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".tar", ".bin", ".pkl")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-class PretrainedError(ValueError):
-    """The pretrained file is missing, unreadable, fails verification or does not fit the model."""
+class PretrainedError(InputError):
+    """The pretrained file is missing, unreadable, fails verification or does not fit the model.
+    Bad input: exit 2."""
 
 
 class ChecksumError(PretrainedError):
     """A downloaded (or present) file's SHA-256 differs from the declared one."""
+
+
+class FetchError(SmallbigError):
+    """`smallbig pretrained fetch` could not fetch some of the names asked for (each fetched in
+    turn; this names every failure). Exit 2 when one is a bad input (a file not found at its url,
+    a hash that differs from the declaration), else 1 (a failed transfer: run again to resume)."""
+
+    def __init__(self, failures: list[Exception]) -> None:
+        super().__init__("\n".join(str(e) for e in failures))
+        bad_input = any(isinstance(e, ChecksumError) or "not found" in str(e) for e in failures)
+        self.exit_code = EXIT_BAD_INPUT if bad_input else EXIT_FAILED
 
 
 # ----------------------------------------------------------------------------- declarations
@@ -84,18 +105,12 @@ def hash_matches(expected: str, actual: str) -> bool:
 
 
 def default_params_file() -> Path:
-    from smallbig.config import REPO_ROOT
-
-    return REPO_ROOT / "params" / "base.yaml"
+    return config.REPO_ROOT / "params" / "base.yaml"
 
 
 def declared_weights(params_file: str | Path | None = None, overlay: str | Path | None = None) -> dict:
     """The `pretrained_weights` section of a params file (following `extends`, plus an overlay),
     validated against its part of the schema. Default: params/base.yaml."""
-    import jsonschema
-
-    from smallbig import config
-
     path = Path(params_file) if params_file else default_params_file()
     if params_file and not str(params_file).endswith((".yaml", ".yml")) and not path.exists():
         path = config.experiment_path(str(params_file))
@@ -140,8 +155,6 @@ def _write_stamp(path: Path, digest: str) -> None:
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file, cached: in this process and in `<file>.verified.json` next to it (valid
     while size, mtime and inode are unchanged), so every training start does not re-hash 170 MB."""
-    from smallbig.data.download import sha256_file
-
     path = Path(path)
     key = _stat_key(path)
     memo_key = (str(path.resolve()), key["size"], key["mtime_ns"], key["inode"])
@@ -154,7 +167,7 @@ def file_sha256(path: str | Path) -> str:
             return cached["sha256"]
     except (OSError, ValueError):
         pass
-    digest = sha256_file(path)
+    digest = dl.sha256_file(path)
     _write_stamp(path, digest)
     return digest
 
@@ -280,8 +293,6 @@ def fetch(name: str, entry: dict, root: str | Path = ".", url: str | None = None
     rename. An existing file with the right hash is kept (nothing downloaded); one with a wrong
     hash is moved aside and fetched again. Raises ChecksumError (kept aside as
     `<file>.bad-sha256`) or DownloadError."""
-    from smallbig.data import download as dl
-
     url = url or entry["url"]
     dest = Path(root) / entry["file"]
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -404,11 +415,7 @@ def write_test_file(out: str | Path, depth: int, width: int = 64, num_classes: i
     `deterministic=True`: zip format serialised in memory (records under `archive/`), whose bytes
     depend only on the seed, the shapes and the torch version (the full-scale rehearsal pins
     their SHA-256 in params/rehearsal.yaml; a test checks it)."""
-    import io
-
-    import torch
-
-    from smallbig.data.download import sha256_file
+    import torch  # only here: the CLI path stays light
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +428,7 @@ def write_test_file(out: str | Path, depth: int, width: int = 64, num_classes: i
     else:
         torch.save(sd, tmp, _use_new_zipfile_serialization=zip_format)
     os.replace(tmp, out)
-    return sha256_file(out)
+    return dl.sha256_file(out)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -466,38 +473,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_make_test_file)
 
 
-def _err(msg: str) -> None:
-    print(f"smallbig pretrained: error: {msg}", file=sys.stderr, flush=True)
-
-
 def _fetch(args) -> int:
-    from smallbig.data.download import DownloadError
-
     declared = declared_weights(args.params, args.overlay)
     names = sorted(declared) if args.all else list(args.names)
     if not names:
-        _err("give one or more NAMEs or --all (declared: " + (", ".join(sorted(declared)) or "none") + ")")
-        return EXIT_BAD_INPUT
+        raise PretrainedError("give one or more NAMEs or --all (declared: "
+                              + (", ".join(sorted(declared)) or "none") + ")")
     unknown = [n for n in names if n not in declared]
     if unknown:
-        _err(f"not declared under pretrained_weights in {args.params or default_params_file()}: "
-             f"{', '.join(unknown)} (declared: {', '.join(sorted(declared)) or 'none'})")
-        return EXIT_BAD_INPUT
+        raise PretrainedError(f"not declared under pretrained_weights in {args.params or default_params_file()}: "
+                              f"{', '.join(unknown)} (declared: {', '.join(sorted(declared)) or 'none'})")
     if args.source and len(names) != 1:
-        _err("--from takes exactly one NAME")
-        return EXIT_BAD_INPUT
-    rc = EXIT_OK
-    for name in names:
+        raise PretrainedError("--from takes exactly one NAME")
+    failures: list[Exception] = []
+    for name in names:  # one failure does not stop the others
         try:
             fetch(name, declared[name], root=args.root, url=args.source, retries=args.retries,
                   progress=not args.no_progress)
-        except ChecksumError as e:
-            _err(str(e))
-            rc = EXIT_BAD_INPUT
-        except DownloadError as e:
-            _err(str(e))
-            rc = max(rc, EXIT_BAD_INPUT if "not found" in str(e) else EXIT_FAILED)
-    return rc
+        except (ChecksumError, dl.DownloadError) as e:
+            failures.append(e)
+    if failures:
+        raise FetchError(failures)
+    return EXIT_OK
 
 
 def _list(args) -> int:
