@@ -13,7 +13,6 @@ import base64
 import functools
 import http.server
 import json
-import os
 import shutil
 import subprocess
 import tempfile
