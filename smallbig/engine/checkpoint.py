@@ -14,61 +14,38 @@ either the old file or the new one, never half of one. :func:`save_rotating` add
 keeps the previous good checkpoint as ``last.prev.pt``. A write that fails (disk full, quota, file
 size limit, I/O error) removes its temporary file, leaves the previous checkpoint untouched and
 raises :class:`CheckpointWriteError` ("<path>: disk full while writing checkpoint ...").
+
+Resuming a training: :func:`find_resume_checkpoint` (last.pt, else the previous good one),
+:func:`remove_dead_tmp`, :func:`training_state` (what a checkpoint holds) and
+:func:`restore_training_state` (its inverse on a freshly built model/optimizer/scheduler).
 """
 from __future__ import annotations
 
-import errno
 import os
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from smallbig.errors import InputError, OutputWriteError
+from smallbig.fsutil import atomic_write, not_regular, write_failure  # noqa: F401 (re-exported)
+from smallbig.models import build_model
+
 REQUIRED_KEYS = ("model", "epoch", "iteration", "params", "params_hash")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, truncated, or does not fit the run. Names the file."""
+class CheckpointError(InputError):
+    """A checkpoint is missing, unreadable, truncated, or does not fit the run. Names the file.
+    Exit 2 (`smallbig COMMAND: checkpoint error: ...`)."""
+
+    label = "checkpoint error"
 
 
-class OutputWriteError(RuntimeError):
-    """Writing an output file failed (disk full, quota, file size limit, I/O error). Names the
-    file; the file it was to replace is untouched and no partial file is left behind."""
-
-
-class CheckpointWriteError(OutputWriteError, CheckpointError):
-    """A checkpoint could not be written (see OutputWriteError)."""
-
-
-_WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-                 errno.EFBIG: "file size limit exceeded", errno.EIO: "I/O error",
-                 errno.EROFS: "read-only file system"}
-
-
-def write_failure(e: BaseException, directory: str | Path) -> str | None:
-    """What made a write fail, in words ('disk full', ...), from the exception and its causes
-    (torch.save reports ENOSPC as a RuntimeError whose context is the OSError); a bare
-    serializer error on a file system with (almost) no free space left is 'disk full' too.
-    None: not a write failure (a bug, a bad object, ...)."""
-    seen, x = set(), e
-    while x is not None and id(x) not in seen:
-        seen.add(id(x))
-        if isinstance(x, OSError) and x.errno is not None:
-            return _WRITE_ERRNOS.get(x.errno, x.strerror or os.strerror(x.errno))
-        x = x.__cause__ or x.__context__
-    text = str(e).lower()
-    if isinstance(e, RuntimeError) and any(p in text for p in (
-            "unexpected pos", "file write failed", "iostream error", "write failed")):
-        try:
-            st = os.statvfs(directory)
-            if st.f_bavail * st.f_frsize < (1 << 20):
-                return "disk full"
-        except OSError:
-            pass
-        return "write failed"
-    return None
+class CheckpointWriteError(OutputWriteError):
+    """A checkpoint could not be written (see smallbig.errors.OutputWriteError). Exit 1."""
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -128,66 +105,27 @@ def clean_state_dict(state: dict) -> dict:
 
 # --------------------------------------------------------------------------- save / load
 def atomic_save(obj, path: str | Path, keep_previous: bool = False) -> Path:
-    """torch.save to ``path`` atomically (tmp file in the same directory + fsync + os.replace).
+    """torch.save to ``path`` atomically (smallbig.fsutil.atomic_write: tmp file in the same
+    directory + fsync + os.replace).
 
     ``keep_previous``: the file it replaces becomes ``<stem>.prev.pt``. The new file is complete
     on disk (tmp) before anything is renamed, so at every instant at least one complete
     checkpoint exists under ``path`` or its ``.prev.pt``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except Exception as e:
-            why = write_failure(e, path.parent)
-            if why is None:
-                raise
-            intact = sorted(p.name for p in path.parent.glob("*.pt"))
-            raise CheckpointWriteError(
-                f"{path}: {why} while writing checkpoint ({_first_line(e)}); nothing was "
-                f"replaced, no partial file left"
-                + (f"; the checkpoint(s) already there are intact: {', '.join(intact)}"
-                   if intact else "") + "; free space (or raise the limit) and rerun"
-            ) from None
-        if keep_previous and path.exists():
-            os.replace(path, prev_path(path))
-        os.replace(tmp, path)
-    finally:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-    _fsync_dir(path.parent)
-    return path
+        return atomic_write(path, partial(_torch_save, obj), what="checkpoint",
+                            keep_previous=prev_path(path) if keep_previous else None)
+    except OutputWriteError as e:
+        intact = sorted(p.name for p in path.parent.glob("*.pt"))
+        raise CheckpointWriteError(
+            f"{e}" + (f"; the checkpoint(s) already there are intact: {', '.join(intact)}"
+                      if intact else "") + "; free space (or raise the limit) and rerun") from None
 
 
-def _first_line(e: BaseException) -> str:
-    seen, x = set(), e
-    while x is not None and id(x) not in seen:  # the OSError says more than torch's wrapper
-        seen.add(id(x))
-        if isinstance(x, OSError) and x.errno is not None:
-            return f"{type(x).__name__}: [Errno {x.errno}] {x.strerror}"
-        x = x.__cause__ or x.__context__
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _torch_save(obj, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_rotating(obj, path: str | Path) -> Path:
@@ -202,8 +140,6 @@ def prev_path(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load and sanity-check a checkpoint; CheckpointError naming the file on any problem."""
-    from smallbig.fsutil import not_regular
-
     path = Path(path)
     kind = not_regular(path)
     if kind and kind.startswith("missing"):
@@ -229,8 +165,6 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 def load_model_from_checkpoint(path: str | Path, map_location="cpu"):
     """-> (model in eval mode, params) from any smallbig checkpoint (last.pt or checkpoint.pt)."""
-    from smallbig.models import build_model
-
     ckpt = load_checkpoint(path, map_location)
     params = ckpt["params"]
     model = build_model(params["model"])
@@ -248,3 +182,81 @@ def quarantine(path: str | Path) -> Path:
     dest = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
     os.replace(path, dest)
     return dest
+
+
+# --------------------------------------------------------------------------- resuming a training
+def remove_dead_tmp(out_dir: Path) -> None:
+    """Temporary checkpoint files (.NAME.PID.tmp) of processes that no longer exist (killed while
+    writing): never valid, never read; removed on resume."""
+    for tmp in out_dir.glob(".*.pt.*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)
+            continue  # that process is alive
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def find_resume_checkpoint(out_dir: Path, log) -> dict | None:
+    """Load DIR/last.pt; if it is unreadable, keep it aside (renamed) and use last.prev.pt."""
+    last = out_dir / "last.pt"
+    if not last.exists():
+        return None
+    try:
+        return load_checkpoint(last)
+    except CheckpointError as e:
+        prev = prev_path(last)
+        if not prev.exists():
+            raise
+        try:
+            ckpt = load_checkpoint(prev)
+        except CheckpointError as e2:
+            raise CheckpointError(f"{e}; and the previous one is bad too: {e2}") from None
+        kept = quarantine(last)
+        os.replace(prev, last)
+        log(f"WARNING: {e}. Kept it as {kept.name}; resuming from the previous good checkpoint "
+            f"{prev.name} (iteration {ckpt['iteration']}).")
+        return ckpt
+
+
+def training_state(*, model, optimizer, scheduler, scaler, rngs: list, epoch: int, iteration: int,
+                   iters_per_epoch: int, total_iters: int, history: list, epoch_stats, plan,
+                   seed: int, params: dict, params_hash: str, version: str, run_id, started: str,
+                   elapsed_s: float) -> dict:
+    """The full state of a training at `iteration` (`epoch` = the epoch it is in, or the next one
+    at an epoch boundary): what last.pt and checkpoint.pt hold. `rngs`: every rank's rng_state()."""
+    done = iteration - epoch * iters_per_epoch
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rngs[0], "rng_per_rank": rngs, "epoch": epoch, "iteration": iteration,
+            "iters_per_epoch": iters_per_epoch, "total_iters": total_iters, "history": history,
+            # where the data order resumes: this rank's samples of epoch `epoch` already used
+            "data_position": {"epoch": epoch, "iter_in_epoch": done,
+                              "samples_done_per_rank": done * plan.accum_steps * plan.per_gpu_batch,
+                              "seed": seed},
+            "epoch_stats": epoch_stats, "batch_plan": plan.as_dict(), "params": params,
+            "params_hash": params_hash, "smallbig_version": version, "mlflow_run_id": run_id,
+            "started": started, "elapsed_s": elapsed_s}
+
+
+def restore_training_state(ckpt: dict, model, optimizer, scheduler, scaler) -> None:
+    """Load a checkpoint's weights and optimizer/scheduler/scaler states (RNGs: restore_rng)."""
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+
+
+def restore_rng(ckpt: dict, rank: int, world_size: int) -> None:
+    """This rank's RNG states of the checkpoint (the rank-0 ones if it was made by another number
+    of processes)."""
+    per_rank = ckpt.get("rng_per_rank")
+    set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world_size else ckpt["rng"])

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import contextlib
 from pathlib import Path
+
+from smallbig import config
+from smallbig.engine import tracking_server  # no torch, no MLflow at import
+from smallbig.spec import memory_plan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,14 +54,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--views", help="use only this CLIPSxCROPS subset of every member's views (e.g. 4x3)")
     p.set_defaults(func=_ensemble)
 
-    from smallbig.engine import tracking_server  # `smallbig tracking serve` (MLflow server)
+    tracking_server.register(sub)  # `smallbig tracking serve` (MLflow server)
+    # `smallbig plan` (smallbig/spec, below the engine) measures GPU memory with the engine's
+    # torch code, imported only when an experiment must be measured
+    memory_plan.set_measurer(_measure_memory)
 
-    tracking_server.register(sub)
+
+def _measure_memory(params: dict, **kwargs) -> dict:
+    from smallbig.engine.memory import measure  # torch
+
+    return measure(params, **kwargs)
 
 
 def load_any_params(arg: str, overlay: str | None = None) -> dict:
-    from smallbig import config
-
     path = Path(arg)
     if not arg.endswith((".yaml", ".yml")) and not path.exists():
         path = config.experiment_path(arg)
@@ -66,58 +75,30 @@ def load_any_params(arg: str, overlay: str | None = None) -> dict:
     return config.load_resolved(path)
 
 
-def _err(cmd: str, e: Exception) -> int:
-    print(f"smallbig {cmd}: error: {e}", file=sys.stderr)
-    return 1 if not isinstance(e, (ValueError, FileNotFoundError)) else 2
-
-
 def _train(args) -> int:
     # first, before torch is imported: a SIGTERM from now on ends in exit 3, never in a -15 death
     from smallbig.engine.stopping import Deadline, StopFlag
 
     stop = StopFlag(Deadline(args.stop_before_limit)).install()
-    from smallbig.engine.checkpoint import CheckpointError, OutputWriteError
-    from smallbig.engine.optim import BatchPolicyError
-    from smallbig.engine.train import NonFiniteLossError, TrainingError, train
+    from smallbig.engine.train import train  # torch
 
     params = load_any_params(args.params, args.overlay)
-    try:
+    with _input_errors():
         return train(params, args.out, resume=args.resume, device=args.device,
                      track=not args.no_mlflow, progress=not args.no_progress, stop=stop)
-    except OutputWriteError as e:  # disk full, quota, ...: the previous outputs are intact
-        print(f"smallbig train: error: {e}", file=sys.stderr)
-        return 1
-    except CheckpointError as e:
-        print(f"smallbig train: checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, TrainingError) as e:
-        print(f"smallbig train: error: {e}", file=sys.stderr)
-        return 1
-    except (BatchPolicyError, ValueError) as e:  # bad params for this machine, data errors
-        print(f"smallbig train: error: {e}", file=sys.stderr)
-        return 2
 
 
 def _evaluate(args) -> int:
-    from smallbig.engine.checkpoint import CheckpointError, OutputWriteError
-    from smallbig.engine.evaluate import evaluate, merge, parse_shard
+    from smallbig.engine.evaluate import evaluate, merge, parse_shard  # torch
 
     params = load_any_params(args.params, args.overlay)
-    try:
+    with _input_errors():
         if args.merge:
             merge(params, args.out)
             return 0
         shard = parse_shard(args.shard) if args.shard else None
         res = evaluate(params, args.checkpoint, args.out, protocol=args.protocol, shard=shard,
                        device=args.device, track=not args.no_mlflow, progress=not args.no_progress)
-    except OutputWriteError as e:
-        print(f"smallbig evaluate: error: {e}", file=sys.stderr)
-        return 1
-    except CheckpointError as e:
-        print(f"smallbig evaluate: checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        return _err("evaluate", e)
     if res:
         print(f"{params['id']} {res['protocol']}: top1 {res['top1']:.2f} top5 {res['top5']:.2f} "
               f"({res['num_videos']} videos, {res['skipped']} skipped)")
@@ -128,10 +109,8 @@ def _merge(args) -> int:
     from smallbig.engine.evaluate import merge
 
     params = load_any_params(args.params, args.overlay)
-    try:
+    with _input_errors():
         res = merge(params, args.out)
-    except ValueError as e:
-        return _err("evaluate-merge", e)
     print(f"{params['id']} {res['protocol']}: top1 {res['top1']:.2f} top5 {res['top5']:.2f}")
     return 0
 
@@ -139,9 +118,22 @@ def _merge(args) -> int:
 def _ensemble(args) -> int:
     from smallbig.engine.evaluate import ensemble
 
-    try:
+    with _input_errors():
         res = ensemble(args.scores, args.out, name=args.name, views=args.views)
-    except ValueError as e:
-        return _err("ensemble", e)
     print(f"{res['experiment']}: top1 {res['top1']:.2f} top5 {res['top5']:.2f} ({res['num_videos']} videos)")
     return 0
+
+
+@contextlib.contextmanager
+def _input_errors():
+    """A ValueError from a layer below that is not yet a smallbig error (a bad list line, a bad
+    --protocol, a pretrained file that does not fit) is bad input: InputError (exit 2), which
+    smallbig.cli.main reports like every other error."""
+    from smallbig.errors import InputError, SmallbigError
+
+    try:
+        yield
+    except ValueError as e:
+        if isinstance(e, SmallbigError):
+            raise
+        raise InputError(str(e)) from e

@@ -20,68 +20,52 @@ A write that fails (disk full, ...) raises OutputWriteError naming the file.
 """
 from __future__ import annotations
 
+import copy
 import json
-import os
 import re
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
+from smallbig.config import dump_params
+from smallbig.data import build_dataset, collate as default_collate, normalize as default_normalize
 from smallbig.engine import distributed as D
-from smallbig.engine import metrics
-from smallbig.engine.checkpoint import (CheckpointError, OutputWriteError,
-                                        load_model_from_checkpoint, write_failure)
+from smallbig.engine import metrics, tracking
+from smallbig.engine.checkpoint import CheckpointError, load_model_from_checkpoint
+from smallbig.engine.runtime import amp_settings, apply_channels_last, to_input
+from smallbig.errors import InputError, RunError
+from smallbig.fsutil import atomic_write, atomic_write_text
+from smallbig.models import model_info
+from smallbig.spec.params import Params
+from smallbig.spec.protocol import Protocol, ProtocolError
 
 SHARD_RE = re.compile(r"^scores\.shard-(\d+)-of-(\d+)\.npz$")
 
 
-def parse_protocol(protocol: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)x([13])", str(protocol))
-    if not m or int(m.group(1)) < 1:
-        raise ValueError(f"protocol {protocol!r}: expected CLIPSxCROPS with crops 1 or 3, e.g. 10x3")
-    return int(m.group(1)), int(m.group(2))
+def protocol_of(text: "str | Protocol") -> Protocol:
+    """Protocol.parse; a bad protocol is bad input (InputError, exit 2)."""
+    try:
+        return Protocol.parse(text)
+    except ProtocolError as e:
+        raise InputError(str(e)) from None
 
 
 def parse_shard(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)/(\d+)", text or "")
     if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
-        raise ValueError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+        raise InputError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4")
     return int(m.group(1)), int(m.group(2))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), fsync, rename over `path`; on failure no tmp file is left and
-    OutputWriteError names `path` (a write failure) or the error propagates (anything else)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except Exception as e:
-        why = write_failure(e, path.parent)
-        if why is None:
-            raise
-        raise OutputWriteError(f"{path}: {why} while writing it ({type(e).__name__}: {e}); "
-                               f"nothing was replaced, no partial file left") from None
-    finally:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-
-
 def _write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(o):
@@ -94,45 +78,45 @@ def _json_default(o):
     return str(o)
 
 
+def _savez(scores: dict, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        np.savez(f, **scores)
+
+
 def save_scores(path: Path, scores: dict) -> None:
     """Atomically (a killed process leaves the old file or the new one, never part of one)."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **scores)
-    _atomic_write(path, write)
+    atomic_write(path, partial(_savez, scores))
 
 
 def _remove_stale(paths) -> None:
     """Remove outputs this evaluation is about to recompute, the complete-marker first, and the
     temporary files of killed earlier attempts at them."""
     for p in paths:
-        for q in [p, *p.parent.glob(f".{p.stem}.*.tmp{p.suffix}")]:
-            try:
-                q.unlink()
-            except FileNotFoundError:
-                pass
+        tmps = [*p.parent.glob(f".{p.name}.*.tmp"), *p.parent.glob(f".{p.stem}.*.tmp{p.suffix}")]
+        for q in [p, *tmps]:
+            q.unlink(missing_ok=True)
+
+
+def _stderr_log(m: str) -> None:
+    print(f"smallbig evaluate: {m}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- scoring
 @torch.no_grad()
-def score_views(model, dataset, params: dict, device, indices=None, view_subset=None,
+def score_views(model, dataset, params, device, indices=None, view_subset=None,
                 batch_size=None, progress=True, normalize=None, collate=None,
                 amp_dtype=None, channels_last=False, desc="evaluate", max_clips: int = 64) -> dict:
     """Run `model` on every view of every video (optionally only a clips x crops subset of the
     views); -> dict in the scores.npz format (without num_clips/num_crops)."""
-    from tqdm import tqdm
-
-    if normalize is None or collate is None:
-        from smallbig.data import collate as _c, normalize as _n
-        normalize, collate = normalize or _n, collate or _c
-    mean, std = params["data"].get("mean"), params["data"].get("std")
+    p = Params.from_dict(params)
+    normalize, collate = normalize or default_normalize, collate or default_collate
     ds = dataset if indices is None else Subset(dataset, list(indices))
-    loader = DataLoader(ds, batch_size=batch_size or int(params["test"].get("batch_size", 4)),
-                        num_workers=int(params["data"].get("num_workers", 0)), collate_fn=collate,
+    loader = DataLoader(ds, batch_size=batch_size or p.test.batch_size,
+                        num_workers=p.data.num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
     model.eval()
     logits, labels, ids, skipped = [], [], [], []
-    clip_idx = crop_idx = mask = base = None
+    layout = None  # (clip_idx, crop_idx) of the first video, the saved ones, the view mask
     with tqdm(total=len(ds), desc=desc, unit="video", disable=not progress, dynamic_ncols=True,
               mininterval=1.0, file=sys.stderr) as bar:
         for batch in loader:
@@ -140,26 +124,13 @@ def score_views(model, dataset, params: dict, device, indices=None, view_subset=
             bar.update(len(batch.get("skipped", []) or []))
             if batch["video"].shape[0] == 0:
                 continue
+            layout = _view_layout(batch, layout, view_subset)
             video = batch["video"]  # [B, V, 3, T, H, W] uint8
-            ci, cr = _per_view(batch["clip_idx"]), _per_view(batch["crop_idx"])
-            if base is None:
-                base = (ci, cr)
-                clip_idx, crop_idx = ci, cr
-                if view_subset is not None:
-                    nclips, ncrops = int(ci.max()) + 1, int(cr.max()) + 1
-                    mask = metrics.select_views(ci, cr, nclips, view_subset[0], view_subset[1], ncrops)
-                    # renumber the kept clips/crops 0.. so the saved subset is self-consistent
-                    clip_idx = np.unique(ci[mask], return_inverse=True)[1]
-                    crop_idx = np.unique(cr[mask], return_inverse=True)[1]
-            elif not (np.array_equal(ci, base[0]) and np.array_equal(cr, base[1])):
-                raise RuntimeError(f"video {batch['video_id'][0]}: its views differ from the first video's")
-            if mask is not None:
-                video = video[:, torch.from_numpy(mask)]
+            if layout[4] is not None:
+                video = video[:, torch.from_numpy(layout[4])]
             B, V = video.shape[:2]
-            x = video.reshape(B * V, *video.shape[2:]).to(device, non_blocking=True)
-            x = normalize(x, mean, std)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last_3d)
+            x = to_input(video.reshape(B * V, *video.shape[2:]), device, p.data.mean, p.data.std,
+                         normalize, channels_last)
             outs = []
             for chunk in x.split(max_clips):  # bounded memory: at most max_clips views per call
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -170,17 +141,35 @@ def score_views(model, dataset, params: dict, device, indices=None, view_subset=
             ids.extend(str(v) for v in batch["video_id"])
             bar.update(B)
     if not logits:
-        raise RuntimeError(f"no video could be evaluated ({len(skipped)} skipped)")
+        raise RunError(f"no video could be evaluated ({len(skipped)} skipped)")
     return {"logits": np.concatenate(logits).astype(np.float32), "labels": np.concatenate(labels),
-            "video_ids": np.array(ids, dtype=str), "clip_idx": clip_idx.astype(np.int64),
-            "crop_idx": crop_idx.astype(np.int64), "skipped": np.array(skipped, dtype=str)}
+            "video_ids": np.array(ids, dtype=str), "clip_idx": layout[2].astype(np.int64),
+            "crop_idx": layout[3].astype(np.int64), "skipped": np.array(skipped, dtype=str)}
+
+
+def _view_layout(batch: dict, layout, view_subset):
+    """(clip_idx, crop_idx) of the batch's views, checked against the first video's; the first
+    time also the saved (renumbered) indices and the mask of a clips x crops subset.
+    -> (base clip_idx, base crop_idx, saved clip_idx, saved crop_idx, mask or None)."""
+    ci, cr = _per_view(batch["clip_idx"]), _per_view(batch["crop_idx"])
+    if layout is not None:
+        if not (np.array_equal(ci, layout[0]) and np.array_equal(cr, layout[1])):
+            raise RunError(f"video {batch['video_id'][0]}: its views differ from the first video's")
+        return layout
+    if view_subset is None:
+        return ci, cr, ci, cr, None
+    nclips, ncrops = int(ci.max()) + 1, int(cr.max()) + 1
+    mask = metrics.select_views(ci, cr, nclips, view_subset[0], view_subset[1], ncrops)
+    # renumber the kept clips/crops 0.. so the saved subset is self-consistent
+    return (ci, cr, np.unique(ci[mask], return_inverse=True)[1],
+            np.unique(cr[mask], return_inverse=True)[1], mask)
 
 
 def _per_view(t) -> np.ndarray:
     a = np.asarray(t.cpu() if torch.is_tensor(t) else t, dtype=np.int64)
     if a.ndim == 2:  # collated [B, V]: all videos share the view layout
         if not (a == a[:1]).all():
-            raise RuntimeError("videos in one batch have different view layouts")
+            raise RunError("videos in one batch have different view layouts")
         a = a[0]
     return a
 
@@ -190,11 +179,8 @@ def gflops(params: dict, protocol: str) -> dict:
     """Compute per view from smallbig.models.model_info: `gflops_per_view` at T x 224 x 224 (the
     paper's convention: its "GFlops x views" multiplies that by the views) and
     `gflops_per_view_test_crop` at this protocol's real crop. Empty if unavailable."""
-    import copy
-
     try:
-        from smallbig.models import model_info
-        p = copy.deepcopy(params)
+        p = copy.deepcopy(dict(params))
         p["test"]["protocols"] = [protocol]  # model_info reports the primary protocol's crop
         info = model_info(p)
     except Exception as e:  # never fail an evaluation on a compute count
@@ -240,35 +226,25 @@ def build_metrics(scores: dict, experiment: str, protocol: str, per_view_gflops:
 
 
 # --------------------------------------------------------------------------- evaluate
-def evaluate(params: dict, checkpoint: str | Path, out_dir: str | Path, protocol: str | None = None,
-             shard: tuple[int, int] | None = None, device: str | None = None, track: bool = True,
-             progress: bool = True, view_subset=None) -> dict | None:
+def evaluate(params: "dict | Params", checkpoint: str | Path, out_dir: str | Path,
+             protocol: str | None = None, shard: tuple[int, int] | None = None,
+             device: str | None = None, track: bool = True, progress: bool = True,
+             view_subset=None) -> dict | None:
     """Score the val split with the protocol's views; write scores(.shard-i-of-n).npz and, for
     a complete run, metrics.json. Returns the metrics (None for a shard)."""
-    from smallbig.data import build_dataset
-
+    p = Params.from_dict(params)
+    raw = p.to_dict() if isinstance(params, Params) else params
     out_dir = Path(out_dir)
-    protocol = protocol or params["test"]["protocols"][0]
-    num_clips, num_crops = parse_protocol(protocol)
+    proto = protocol_of(protocol or p.primary_protocol)
     info, dev = D.setup(device)
     explicit_shard = shard is not None
     if shard is None and info.distributed:
         shard = (info.rank, info.world_size)
-    model, ck_params = load_model_from_checkpoint(checkpoint)
-    if ck_params["model"] != params["model"]:
-        raise CheckpointError(f"{checkpoint}: trained with different model params than "
-                              f"{params['id']} asks for; evaluate it with its own params")
-    tr = params["train"]
-    from smallbig.engine.train import amp_settings
-    amp_dtype, _, amp_eff = amp_settings(tr.get("amp", "none"), dev)
-    from smallbig.engine.train import apply_channels_last
-    channels_last = apply_channels_last(model) if tr.get("channels_last", False) else False
-    model = model.to(dev)
-    dataset = build_dataset(params, "val", "test", protocol)
-    indices = None
-    if shard is not None:
-        indices = range(shard[0], len(dataset), shard[1])
-    if explicit_shard or info.is_main:
+    model, amp_dtype, amp_eff, channels_last = _model_for(p, raw, checkpoint, dev)
+    dataset = build_dataset(raw, "val", "test", proto.name)
+    indices = None if shard is None else range(shard[0], len(dataset), shard[1])
+    main = explicit_shard or info.is_main  # the process that writes (and records) this call
+    if main:
         if shard is not None:
             _remove_stale([out_dir / f"scores.shard-{shard[0]}-of-{shard[1]}.npz"])
         if shard is None or info.distributed:
@@ -277,44 +253,16 @@ def evaluate(params: dict, checkpoint: str | Path, out_dir: str | Path, protocol
     run = None
     status = "FAILED"
     try:
-        if explicit_shard or info.is_main:
-            from smallbig.engine import tracking
-            run = tracking.start_run(
-                params, "evaluate", run_name=f"{params['id']}-eval-{protocol}"
-                + (f"-shard{shard[0]}of{shard[1]}" if shard else ""), enabled=track,
-                log=lambda m: print(f"smallbig evaluate: {m}", file=sys.stderr, flush=True),
-                unsent_file=out_dir / (f"mlflow-unsent.shard-{shard[0]}-of-{shard[1]}.json"
-                                       if shard else tracking.UNSENT_FILE),
-                extra_tags={"protocol": protocol, "checkpoint": str(Path(checkpoint).resolve()),
-                            "out_dir": str(out_dir.resolve()), "amp_effective": amp_eff,
-                            "shard": f"{shard[0]}/{shard[1]}" if shard else "none"})
-        if run is not None and run.enabled:
-            import tempfile
-
-            from smallbig.config import dump_params
-            with tempfile.TemporaryDirectory() as tmp:
-                dump_params(params, Path(tmp) / "params.yaml")
-                run.log_artifact(Path(tmp) / "params.yaml")
-        scores = score_views(model, dataset, params, dev, indices=indices, view_subset=view_subset,
+        if main:
+            run = _start_run(raw, p.id, proto, checkpoint, out_dir, shard, amp_eff, track)
+        scores = score_views(model, dataset, p, dev, indices=indices, view_subset=view_subset,
                              progress=progress and (info.is_main or shard is not None),
                              amp_dtype=amp_dtype, channels_last=channels_last,
-                             desc=f"evaluate {params['id']} {protocol}")
-        scores["num_clips"] = np.int64(num_clips if view_subset is None else view_subset[0])
-        scores["num_crops"] = np.int64(num_crops if view_subset is None else view_subset[1])
+                             desc=f"evaluate {p.id} {proto.name}")
+        scores["num_clips"] = np.int64(proto.clips if view_subset is None else view_subset[0])
+        scores["num_crops"] = np.int64(proto.crops if view_subset is None else view_subset[1])
         extra = {"checkpoint": str(checkpoint), "seconds": time.time() - t0, "amp": amp_eff}
-        if shard is not None:
-            save_scores(out_dir / f"scores.shard-{shard[0]}-of-{shard[1]}.npz", scores)
-            D.barrier(info)
-            result = None
-            if info.distributed and info.is_main:
-                result = merge(params, out_dir, run=run, extra=extra)
-            status = "FINISHED"
-            return result
-        save_scores(out_dir / "scores.npz", scores)
-        g = gflops(params, protocol)
-        result = build_metrics(scores, params["id"], protocol, g.get("gflops_per_view"), extra,
-                               g.get("gflops_per_view_test_crop"))
-        _finish(out_dir, result, run)
+        result = _write_outputs(raw, out_dir, proto, scores, shard, info, run, extra)
         status = "FINISHED"
         return result
     except BaseException as e:
@@ -328,8 +276,56 @@ def evaluate(params: dict, checkpoint: str | Path, out_dir: str | Path, protocol
             try:
                 run.finish(status)
             except Exception as e:
-                print(f"smallbig evaluate: WARNING: could not close the MLflow run: {e}", file=sys.stderr)
+                _stderr_log(f"WARNING: could not close the MLflow run: {e}")
         D.cleanup()
+
+
+def _model_for(p: Params, raw: dict, checkpoint, dev):
+    """The checkpoint's model on `dev`, with the params' AMP and memory format.
+    -> (model, autocast dtype, effective amp, feed channels_last_3d inputs)."""
+    model, ck_params = load_model_from_checkpoint(checkpoint)
+    if ck_params["model"] != raw["model"]:
+        raise CheckpointError(f"{checkpoint}: trained with different model params than "
+                              f"{p.id} asks for; evaluate it with its own params")
+    amp_dtype, _, amp_eff = amp_settings(p.train.amp, dev)
+    channels_last = apply_channels_last(model) if p.train.channels_last else False
+    return model.to(dev), amp_dtype, amp_eff, channels_last
+
+
+def _start_run(raw: dict, exp: str, proto: Protocol, checkpoint, out_dir: Path, shard, amp_eff: str,
+               track: bool):
+    """The MLflow run of this evaluation (or shard), with the params as an artifact."""
+    tag = f"-shard{shard[0]}of{shard[1]}" if shard else ""
+    run = tracking.start_run(
+        raw, "evaluate", run_name=f"{exp}-eval-{proto.name}{tag}", enabled=track, log=_stderr_log,
+        unsent_file=out_dir / (f"mlflow-unsent.shard-{shard[0]}-of-{shard[1]}.json"
+                               if shard else tracking.UNSENT_FILE),
+        extra_tags={"protocol": proto.name, "checkpoint": str(Path(checkpoint).resolve()),
+                    "out_dir": str(out_dir.resolve()), "amp_effective": amp_eff,
+                    "shard": f"{shard[0]}/{shard[1]}" if shard else "none"})
+    if run.enabled:
+        with tempfile.TemporaryDirectory() as tmp:
+            dump_params(raw, Path(tmp) / "params.yaml")
+            run.log_artifact(Path(tmp) / "params.yaml")
+    return run
+
+
+def _write_outputs(raw: dict, out_dir: Path, proto: Protocol, scores: dict, shard, info, run,
+                   extra: dict) -> dict | None:
+    """A shard: its scores (rank 0 of a distributed evaluation then merges all shards); else
+    scores.npz and metrics.json."""
+    if shard is not None:
+        save_scores(out_dir / f"scores.shard-{shard[0]}-of-{shard[1]}.npz", scores)
+        D.barrier(info)
+        if info.distributed and info.is_main:
+            return merge(raw, out_dir, run=run, extra=extra)
+        return None
+    save_scores(out_dir / "scores.npz", scores)
+    g = gflops(raw, proto.name)
+    result = build_metrics(scores, raw["id"], proto.name, g.get("gflops_per_view"), extra,
+                           g.get("gflops_per_view_test_crop"))
+    _finish(out_dir, result, run)
+    return result
 
 
 def _finish(out_dir: Path, result: dict, run) -> None:
@@ -358,19 +354,19 @@ def merge_shards(out_dir: str | Path) -> dict:
     if not found:
         raise FileNotFoundError(f"{out_dir}: no scores.shard-i-of-n.npz files to merge")
     if len(found) > 1:
-        raise ValueError(f"{out_dir}: shard files of different shard counts {sorted(found)}; remove stale ones")
+        raise InputError(f"{out_dir}: shard files of different shard counts {sorted(found)}; remove stale ones")
     n, shards = next(iter(found.items()))
     missing = sorted(set(range(n)) - set(shards))
     if missing:
-        raise ValueError(f"{out_dir}: shards {missing} of {n} are missing; run them first")
+        raise InputError(f"{out_dir}: shards {missing} of {n} are missing; run them first")
     parts = [metrics.load_scores(shards[i]) for i in range(n)]
     first = parts[0]
     for i, p in enumerate(parts[1:], 1):
         if not (np.array_equal(p["clip_idx"], first["clip_idx"]) and np.array_equal(p["crop_idx"], first["crop_idx"])):
-            raise ValueError(f"{shards[i]}: its views differ from {shards[0]}'s")
+            raise InputError(f"{shards[i]}: its views differ from {shards[0]}'s")
     ids = np.concatenate([p["video_ids"] for p in parts])
     if len(set(ids.tolist())) != len(ids):
-        raise ValueError(f"{out_dir}: a video appears in more than one shard")
+        raise InputError(f"{out_dir}: a video appears in more than one shard")
     order = np.argsort(ids, kind="stable")
     return {"logits": np.concatenate([p["logits"] for p in parts])[order],
             "labels": np.concatenate([p["labels"] for p in parts])[order],
@@ -379,13 +375,15 @@ def merge_shards(out_dir: str | Path) -> dict:
             "skipped": np.concatenate([p.get("skipped", np.array([], dtype=str)) for p in parts]).astype(str)}
 
 
-def merge(params: dict, out_dir: str | Path, run=None, extra=None) -> dict:
+def merge(params: "dict | Params", out_dir: str | Path, run=None, extra=None) -> dict:
+    """scores.npz + metrics.json of OUT from all its shards (merge_shards)."""
+    raw = params.to_dict() if isinstance(params, Params) else params
     out_dir = Path(out_dir)
     scores = merge_shards(out_dir)
     save_scores(out_dir / "scores.npz", scores)
-    protocol = f"{int(scores['num_clips'])}x{int(scores['num_crops'])}"
-    g = gflops(params, protocol)
-    result = build_metrics(scores, params["id"], protocol, g.get("gflops_per_view"),
+    protocol = Protocol(int(scores["num_clips"]), int(scores["num_crops"])).name
+    g = gflops(raw, protocol)
+    result = build_metrics(scores, raw["id"], protocol, g.get("gflops_per_view"),
                            dict(extra or {}, merged_shards=True), g.get("gflops_per_view_test_crop"))
     _finish(out_dir, result, run)
     return result
@@ -400,7 +398,8 @@ def ensemble(score_paths: list[str | Path], out_dir: str | Path, name: str | Non
     members, gflops_total, skipped = [], 0.0, set()
     clips = crops = None
     if views:
-        clips, crops = parse_protocol(views)
+        proto = protocol_of(views)
+        clips, crops = proto.clips, proto.crops
     for p in score_paths:
         s = metrics.load_scores(p)
         nclips, ncrops = int(s.get("num_clips", s["clip_idx"].max() + 1)), int(s.get("num_crops", s["crop_idx"].max() + 1))

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from smallbig.errors import InputError
+from smallbig.fsutil import not_regular
+
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = x - x.max(axis=axis, keepdims=True)
@@ -69,9 +72,9 @@ def select_views(clip_idx: np.ndarray, crop_idx: np.ndarray, num_clips_total: in
     clips = num_clips_total if clips is None else clips
     crops = num_crops_total if crops is None else crops
     if not 1 <= clips <= num_clips_total:
-        raise ValueError(f"cannot take {clips} clips from {num_clips_total} saved clips")
+        raise InputError(f"cannot take {clips} clips from {num_clips_total} saved clips")
     if crops not in (1, num_crops_total):
-        raise ValueError(f"cannot take {crops} crops from {num_crops_total} saved crops")
+        raise InputError(f"cannot take {crops} crops from {num_crops_total} saved crops")
     if clips == num_clips_total:
         keep_clips = np.arange(num_clips_total)
     elif clips == 1:
@@ -100,23 +103,22 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int | N
 
 
 def load_scores(path: str | Path) -> dict:
-    """Load a scores.npz written by `smallbig evaluate`; clear error on a bad file."""
-    from smallbig.fsutil import not_regular
-
+    """Load a scores.npz written by `smallbig evaluate`; clear error on a bad file
+    (FileNotFoundError when missing, else InputError)."""
     path = Path(path)
     kind = not_regular(path)
     if kind and kind.startswith("missing"):
         raise FileNotFoundError(f"{path}: scores file not found")
     if kind:
-        raise ValueError(f"{path}: is {kind}, not a scores file")
+        raise InputError(f"{path}: is {kind}, not a scores file")
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
     except Exception as e:  # zipfile.BadZipFile, ValueError, OSError
-        raise ValueError(f"{path}: not a readable scores file ({e})") from None
+        raise InputError(f"{path}: not a readable scores file ({e})") from None
     missing = {"logits", "labels", "video_ids", "clip_idx", "crop_idx"} - set(out)
     if missing:
-        raise ValueError(f"{path}: scores file lacks {sorted(missing)}")
+        raise InputError(f"{path}: scores file lacks {sorted(missing)}")
     return out
 
 
@@ -135,7 +137,7 @@ def ensemble_scores(members: list[dict]) -> dict:
     {'scores': [N, K] fused probabilities, 'labels': [N], 'video_ids': [N]}.
     """
     if not members:
-        raise ValueError("ensemble needs at least one member")
+        raise InputError("ensemble needs at least one member")
     common = set(members[0]["video_ids"].tolist())
     for m in members[1:]:
         common &= set(m["video_ids"].tolist())
@@ -149,6 +151,6 @@ def ensemble_scores(members: list[dict]) -> dict:
         fused = s if fused is None else fused + s
         lab = np.asarray(m["labels"])[rows]
         if labels is not None and not np.array_equal(labels, lab):
-            raise ValueError("ensemble members disagree on the labels of the same videos")
+            raise InputError("ensemble members disagree on the labels of the same videos")
         labels = lab
     return {"scores": fused / len(members), "labels": labels, "video_ids": np.array(ids)}

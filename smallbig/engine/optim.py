@@ -9,9 +9,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from smallbig.errors import InputError
+from smallbig.spec.params import TrainSpec
 
-class BatchPolicyError(ValueError):
-    pass
+
+class BatchPolicyError(InputError):
+    """The total batch cannot be realised on this machine as params ask. Exit 2."""
+
+
+def _train_spec(train_cfg: "TrainSpec | dict") -> TrainSpec:
+    """`params.train` typed (a mapping: what it leaves out comes from params/base.yaml)."""
+    return train_cfg if isinstance(train_cfg, TrainSpec) else TrainSpec.from_dict(train_cfg)
 
 
 @dataclass
@@ -31,14 +39,12 @@ class BatchPlan:
         return asdict(self)
 
 
-def plan_batch(train_cfg: dict, world_size: int) -> BatchPlan:
+def plan_batch(train_cfg: "TrainSpec | dict", world_size: int) -> BatchPlan:
     """Accumulate: total = per_gpu_batch * world * k must equal batch_size exactly (else an
     error: never a silent change of batch). scale_lr: one micro-batch per step, LR scaled by
     (per_gpu_batch * world) / batch_size."""
-    paper = int(train_cfg["batch_size"])
-    per = int(train_cfg.get("per_gpu_batch", paper))
-    policy = train_cfg.get("batch_policy", "accumulate")
-    base_lr = float(train_cfg["lr"])
+    tr = _train_spec(train_cfg)
+    paper, per, policy, base_lr = tr.batch_size, tr.per_gpu_batch, tr.batch_policy, tr.lr
     if policy == "accumulate":
         per_step = per * world_size
         if per_step > paper:
@@ -72,10 +78,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, exclude_bn_bias: b
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg: dict, lr: float) -> torch.optim.SGD:
-    groups = param_groups(model, float(train_cfg.get("weight_decay", 1e-4)),
-                          bool(train_cfg.get("wd_exclude_bn_bias", False)))
-    return torch.optim.SGD(groups, lr=lr, momentum=float(train_cfg.get("momentum", 0.9)))
+def build_optimizer(model: torch.nn.Module, train_cfg: "TrainSpec | dict", lr: float) -> torch.optim.SGD:
+    tr = _train_spec(train_cfg)
+    groups = param_groups(model, tr.weight_decay, tr.wd_exclude_bn_bias)
+    return torch.optim.SGD(groups, lr=lr, momentum=tr.momentum)
 
 
 class LRFactor:
@@ -90,7 +96,7 @@ class LRFactor:
     def __init__(self, schedule: str, iters_per_epoch: int, epochs: int, lr_steps=(),
                  gamma: float = 0.1, warmup_epochs: float = 0.0):
         if schedule not in ("cosine", "step"):
-            raise ValueError(f"train.schedule: unknown schedule {schedule!r}")
+            raise InputError(f"train.schedule: unknown schedule {schedule!r}")
         self.schedule = schedule
         self.iters_per_epoch = int(iters_per_epoch)
         self.total_iters = int(iters_per_epoch * epochs)
@@ -113,8 +119,8 @@ class LRFactor:
         return warm * decay
 
 
-def build_scheduler(optimizer, train_cfg: dict, iters_per_epoch: int):
-    factor = LRFactor(train_cfg.get("schedule", "cosine"), iters_per_epoch, int(train_cfg["epochs"]),
-                      train_cfg.get("lr_steps") or [], float(train_cfg.get("lr_gamma", 0.1)),
-                      float(train_cfg.get("warmup_epochs", 0) or 0))
+def build_scheduler(optimizer, train_cfg: "TrainSpec | dict", iters_per_epoch: int):
+    tr = _train_spec(train_cfg)
+    factor = LRFactor(tr.schedule, iters_per_epoch, tr.epochs, list(tr.lr_steps), tr.lr_gamma,
+                      tr.warmup_epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -28,20 +28,33 @@ brought up to date when the store answers.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
-import contextlib
 import os
 import platform
 import random
 import re
 import socket
-import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
+import yaml
+
+try:
+    import requests
+except ImportError:  # MLflow's HTTP client; absent, no request can fail with its errors
+    requests = None
+
 from smallbig.config import REPO_ROOT, flatten
+from smallbig.fsutil import atomic_write_text
+from smallbig.gitinfo import git_info
 
 _RETRY_PATTERNS = ("locked", "busy", "unique constraint", "already exists", "disk i/o",
                    "deadlock", "could not obtain lock", "integrityerror")
@@ -153,20 +166,12 @@ def retry(fn, *args, attempts: int = 30, **kwargs):
 
 
 # --------------------------------------------------------------------------- tags
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
-                             timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_info() -> dict:
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit or "unknown",
-            "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+def git_tags() -> dict:
+    """MLflow tags git_commit ('unknown' outside a repository) and git_dirty ('true', 'false',
+    'unknown') of the package's checkout (smallbig.gitinfo)."""
+    g = git_info(REPO_ROOT)
+    return {"git_commit": g["commit"] or "unknown",
+            "git_dirty": "unknown" if g["dirty"] is None else str(g["dirty"]).lower()}
 
 
 def sha256_file(path: str | Path) -> str | None:
@@ -190,8 +195,6 @@ def resolve_data_root(root: str | Path) -> Path:
 def dvc_hash(path: str | Path) -> str | None:
     """The DVC md5 of a tracked path, if known: from `<path>.dvc`, else from a dvc.lock (of the
     repository, or of any parent directory of `path`) whose outs list the path. None otherwise."""
-    import yaml
-
     path = Path(path)
     dvc_file = path.with_name(path.name + ".dvc")
     if dvc_file.is_file():
@@ -229,12 +232,11 @@ def environment_tags() -> dict:
                      "gpu_count": str(torch.cuda.device_count() if cuda else 0),
                      "gpu_model": torch.cuda.get_device_name(0) if cuda else "none"})
     else:
-        from importlib.metadata import version
         tags.update({"torch": version("torch"), "cuda": "unknown", "gpu_count": "unknown",
                      "gpu_model": "unknown"})
     if os.environ.get("SLURM_ARRAY_TASK_ID"):
         tags["slurm_array_task_id"] = os.environ["SLURM_ARRAY_TASK_ID"]
-    tags.update(git_info())
+    tags.update(git_tags())
     return tags
 
 
@@ -278,13 +280,9 @@ def transient(e: BaseException) -> bool:
     for x in _chain(e):
         if isinstance(x, (ConnectionError, TimeoutError)):
             return True
-        try:
-            import requests
-
-            if isinstance(x, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-                return True
-        except ImportError:
-            pass
+        if requests is not None and isinstance(
+                x, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
         text = f"{type(x).__name__}: {x}".lower()
         code = re.search(r"failed with error code (\d+)", text)
         if code:
@@ -316,9 +314,6 @@ def probe(uri: str, timeout: float = 5.0) -> bool:
     error. Other stores (SQLite, databases): True (the next real call decides)."""
     if not re.match(r"^https?://", uri, re.I):
         return True
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
             return r.status < 500
@@ -390,8 +385,6 @@ class Run:
             if data is None:
                 retry(self.client.log_artifact, self.run_id, str(path), subdir)
             else:
-                import tempfile
-
                 with tempfile.TemporaryDirectory() as tmp:
                     (Path(tmp) / name).write_bytes(data)
                     retry(self.client.log_artifact, self.run_id, str(Path(tmp) / name), subdir)
@@ -528,12 +521,11 @@ class Run:
                     records.append({op[0]: op[1]})
             try:
                 path = Path(self.unsent_file)
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_text(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id,
-                                           "offline_since": time.strftime(
-                                               "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.offline_since)),
-                                           "records": records}, indent=1) + "\n")
-                os.replace(tmp, path)
+                atomic_write_text(path, json.dumps({
+                    "tracking_uri": self.uri, "run_id": self.run_id,
+                    "offline_since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                   time.gmtime(self.offline_since)),
+                    "records": records}, indent=1) + "\n")
                 where = f" Kept in {path};"
             except OSError as e:
                 where = f" (could not write {self.unsent_file}: {e});"
@@ -568,8 +560,6 @@ def _store_creation_lock(uri: str):
     if not m:
         yield
         return
-    import fcntl
-
     db = Path(m.group(1))
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as fh:

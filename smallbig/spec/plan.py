@@ -10,8 +10,9 @@ Train clips / val videos are the line counts of the prepared `train.txt` / `val.
 `data.limit_train` / `data.limit_val`). Measure `clips_per_sec_per_gpu` on your GPUs with
 `benchmarks/train_throughput.py` and put it in params for a better estimate.
 
-GPU memory per training (`smallbig/engine/memory.py`): the per-GPU memory of each training at
-its `train.per_gpu_batch` and AMP setting, from activations measured once per configuration on
+GPU memory per training (`smallbig/spec/memory_plan.py`; the measuring is
+`smallbig/engine/memory.py`'s, plugged in by the engine: no torch, no engine import here): the
+per-GPU memory of each training at its `train.per_gpu_batch` and AMP setting, from activations measured once per configuration on
 the meta device and cached in `params/memory.json` (`--measure-memory` writes it; an entry whose
 shape fields changed is measured again on the fly and reported as such, never used). With
 `--gpu-mem GiB`: the largest per-GPU batch that fits, the per_gpu_batch / accumulation steps that
@@ -25,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from smallbig import config
+from smallbig.spec import memory_plan as mem
+from smallbig.spec.tables import load_tables, required_ensembles, required_evaluations
 
 EVAL_SPEEDUP = 3.0
 # Nominal sizes (videos) of the full datasets, used until the prepared lists exist.
@@ -47,8 +51,6 @@ def evaluations(params: dict[str, dict], tables: list[dict] | None) -> list[tupl
             if (exp, proto) not in pairs:
                 pairs.append((exp, proto))
     if tables:
-        from smallbig.spec.tables import required_evaluations
-
         for exp, proto in required_evaluations(tables):
             if exp not in params:
                 raise config.ParamsError(
@@ -139,8 +141,6 @@ def memory_section(params: dict[str, dict], gpu_mem: float | None = None,
                    cache_path=None) -> dict:
     """The plan's "memory" entry: per experiment the estimate (GiB) at its per-GPU batch, and
     with ``gpu_mem`` what fits; ``error``: the refusal message (None when everything fits)."""
-    from smallbig.engine import memory as mem
-
     rows = mem.memory_plan(params, gpu_mem, cache_path or mem.MEMORY_JSON)
     exps = {}
     for exp, r in rows.items():
@@ -167,8 +167,6 @@ def memory_section(params: dict[str, dict], gpu_mem: float | None = None,
 
 def make_plan(overlay: str | None = None, tables_path: str | None = None,
               gpu_mem: float | None = None, memory: bool = True) -> dict:
-    from smallbig.spec.tables import load_tables, required_ensembles
-
     params = load_all(overlay)
     tables = load_tables(tables_path)
     evals = evaluations(params, tables)
@@ -287,11 +285,7 @@ def format_memory(m: dict, overlay: str | None = None) -> list[str]:
 
 
 def _run(args) -> int:
-    import sys
-
     if args.measure_memory:
-        from smallbig.engine import memory as mem
-
         if args.overlay:
             raise config.ParamsError(
                 f"--measure-memory writes {mem.MEMORY_JSON}, which holds the full-scale shapes "
