@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -35,6 +36,33 @@ EXPERIMENTS_DIR = REPO_ROOT / "params" / "experiments"
 STAGES = ("res2", "res3", "res4", "res5")
 _REPLACE_CHILDREN = {("model", "stages")}  # each stage entry is replaced whole
 _REPLACE_WHOLE = {("data", "source")}  # a dataset's source is one description
+
+
+# ------------------------------------------------------------------ what model.pretrained means
+# (used by the validation below and by smallbig.models.weights, which fetches and verifies)
+NONE = "none"
+# which torchvision ResNet depth a video net of each depth loads (R23 = first blocks of R50)
+SOURCE_DEPTH = {23: 50, 50: 50, 101: 101}
+_PATH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".tar", ".bin", ".pkl")
+
+
+def looks_like_path(value: str) -> bool:
+    """A `model.pretrained` value that is not a declared name is a path when it has a directory
+    part or a weights-file suffix; anything else is a (mistyped or undeclared) name."""
+    return "/" in value or os.sep in value or value.lower().endswith(_PATH_SUFFIXES)
+
+
+def classify(value: Any, declared: dict | None) -> str:
+    """'unset' (None), 'none', 'name' (declared), 'path', or 'unknown' (an undeclared name)."""
+    if value is None:
+        return "unset"
+    if value == NONE:
+        return "none"
+    if value in (declared or {}):
+        return "name"
+    if isinstance(value, str) and looks_like_path(value):
+        return "path"
+    return "unknown"
 
 
 class ParamsError(InputError):
@@ -212,8 +240,6 @@ def _check_pretrained_set(p: dict, source: str) -> None:
 
 def _check_pretrained(p: dict, source: str) -> None:
     """A name must be declared, and hold the ResNet depth the model loads; declared files unique."""
-    from smallbig.models.weights import SOURCE_DEPTH, classify
-
     declared = p.get("pretrained_weights") or {}
     files: dict[str, str] = {}
     for name, entry in declared.items():

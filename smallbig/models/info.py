@@ -101,7 +101,8 @@ def is_paper_configuration(params: "Params | Mapping[str, Any]") -> bool:
         return False
 
     def strip(m: ModelSpec) -> ModelSpec:
-        return dataclasses.replace(m, **{k: None for k in _IGNORED_MODEL_KEYS})
+        ignored: dict[str, Any] = {k: None for k in _IGNORED_MODEL_KEYS}
+        return dataclasses.replace(m, **ignored)
 
     return strip(own.model) == strip(p.model) and own.data.num_frames == p.data.num_frames
 

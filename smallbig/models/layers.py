@@ -27,6 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PoolDim = Union[int, str]
+Pool = tuple[PoolDim, int, int]  # [kt|'T', kh, kw]
+
+
+def _running_stats(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(running_mean, running_var): our BNs always track them."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    return bn.running_mean, bn.running_var
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,9 +65,10 @@ def zero_bn(bn: nn.BatchNorm3d) -> None:
 
 def fold_bn(weight: torch.Tensor, bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv weight and bias with the eval-mode BN folded in: BN(W x) = (W s) x + b."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    mean, var = _running_stats(bn)
+    scale = bn.weight * torch.rsqrt(var + bn.eps)
     w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    b = bn.bias - bn.running_mean * scale
+    b = bn.bias - mean * scale
     return w, b
 
 
@@ -71,12 +79,13 @@ def _fold(module: nn.Module) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # big-view pooling (sizes checked with the params: smallbig.config, odd and within the input)
-def pool_reference(x: torch.Tensor, pool: Sequence[PoolDim], mode: str) -> torch.Tensor:
+def pool_reference(x: torch.Tensor, pool: Pool, mode: str) -> torch.Tensor:
     """P(x) on [N,C,T,H,W]: stride 1, 'same' padding; kt='T' -> whole time axis, output T=1.
     Average pooling counts the zero padding (PyTorch's default ``count_include_pad=True``)."""
     kt, kh, kw = pool
     t = x.shape[2]
-    if kt == "T":
+    kernel: tuple[int, int, int]
+    if isinstance(kt, str):  # 'T'
         kernel, padding = (t, kh, kw), (0, kh // 2, kw // 2)
     else:
         kernel, padding = (kt, kh, kw), (kt // 2, kh // 2, kw // 2)
@@ -103,7 +112,7 @@ def _temporal_pool_frames(v: torch.Tensor, kt: int, mode: str) -> torch.Tensor:
     return u.view(v.shape)
 
 
-def pool_frames(f: torch.Tensor, n: int, t: int, pool: Sequence[PoolDim], mode: str) -> tuple[torch.Tensor, int]:
+def pool_frames(f: torch.Tensor, n: int, t: int, pool: Pool, mode: str) -> tuple[torch.Tensor, int]:
     """Separable P on frames [N*T, C, H, W] -> (pooled frames [N*Tp, C, H, W], Tp)."""
     kt, kh, kw = pool
     if kh > 1 or kw > 1:
@@ -113,7 +122,7 @@ def pool_frames(f: torch.Tensor, n: int, t: int, pool: Sequence[PoolDim], mode: 
         else:
             f = F.avg_pool2d(F.pad(f, (pad[1], pad[1], pad[0], pad[0])), (kh, kw), stride=1)
     v = f.reshape(n, t, *f.shape[1:])
-    if kt == "T":
+    if isinstance(kt, str):  # 'T'
         v = v.amax(dim=1) if mode == "max" else v.mean(dim=1)
         return v, 1
     v = _temporal_pool_frames(v, kt, mode)
@@ -163,23 +172,25 @@ class SmallBigUnit(nn.Module):
     """
 
     def __init__(self, cin: int, cout: int, kernel: Sequence[int], stride: int,
-                 pool: Sequence[PoolDim], pool_mode: str = "max", share: bool = True,
+                 pool: Pool, pool_mode: str = "max", share: bool = True,
                  bn: str = "individual", efficient: bool = True) -> None:
         super().__init__()
         kt, kh, kw = kernel
         if kt != 1:
             raise ValueError("SmallBig unit: the conv must be 1×k×k (time comes from the pooling)")
-        self.pool = tuple(pool)  # [kt|'T', kh, kw], validated with the params (smallbig.config)
+        self.pool: Pool = (pool[0], pool[1], pool[2])  # validated with the params (smallbig.config)
         self.pool_mode = pool_mode
         self.share = share
         self.single_bn = bn == "single"
         self.efficient = efficient
-        conv_args = dict(kernel_size=(1, kh, kw), stride=(1, stride, stride),
-                         padding=(0, kh // 2, kw // 2), bias=False)
-        self.conv = nn.Conv3d(cin, cout, **conv_args)
+        def conv() -> nn.Conv3d:
+            return nn.Conv3d(cin, cout, kernel_size=(1, kh, kw), stride=(1, stride, stride),
+                             padding=(0, kh // 2, kw // 2), bias=False)
+
+        self.conv = conv()
         self.bn = BatchNorm(cout)
         if not share and not self.single_bn:
-            self.conv_big = nn.Conv3d(cin, cout, **conv_args)
+            self.conv_big = conv()
         if not self.single_bn:
             self.bn_big = BatchNorm(cout)
             zero_bn(self.bn_big)
@@ -317,8 +328,9 @@ class SimpleExtraUnit(nn.Module):
         f = to_frames(x)
         z = (f.reshape(n, t, *f.shape[1:]) * s[:, None, :, None, None]).reshape(f.shape)
         if _fold(self):
-            scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
-            shift = self.bn.bias - self.bn.running_mean * scale
+            mean, var = _running_stats(self.bn)
+            scale = self.bn.weight * torch.rsqrt(var + self.bn.eps)
+            shift = self.bn.bias - mean * scale
             y = z * scale[:, None, None] + shift[:, None, None]
         else:
             y = self.bn(z)

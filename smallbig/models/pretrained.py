@@ -59,14 +59,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def source_depth(sd: dict[str, torch.Tensor], path: Any = "<state dict>") -> int:
     """Depth of a torchvision ResNet state dict, from its block counts (bottleneck only)."""
-    counts = []
+    counts: list[int] = []
     for i in range(1, 5):
         idx = {int(m.group(1)) for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.", k))}
         counts.append(len(idx))
     if not any(k.endswith("conv3.weight") for k in sd):
         raise PretrainedError(f"{path}: not a bottleneck ResNet state dict (no conv3 weights; "
                               f"block counts {counts}); need torchvision ResNet-50 or ResNet-101")
-    depth = _SOURCE_DEPTHS.get(tuple(counts))
+    depth = _SOURCE_DEPTHS.get((counts[0], counts[1], counts[2], counts[3]))
     if depth is None:
         raise PretrainedError(f"{path}: unrecognised ResNet layout, blocks per stage {counts}")
     return depth

@@ -83,11 +83,16 @@ class Bottleneck(nn.Module):
     adds a NonLocal block after the block's output.
     """
 
+    conv1: nn.Module  # set by name below (ConvBN or SmallBigUnit)
+    conv2: nn.Module
+    conv3: nn.Module
+
     def __init__(self, cin: int, planes: int, stride: int, stage: StageSpec, unit: UnitSpec,
                  efficient: bool = True) -> None:
         super().__init__()
         kind, smallbig, extra = stage.block, stage.smallbig, stage.extra
         cout = planes * EXPANSION
+        self.extra: nn.Module
         if extra == "default":
             self.extra = ExtraUnit(cin, efficient, share=unit.share)
         elif extra == "simple":
@@ -124,6 +129,11 @@ class Bottleneck(nn.Module):
 
 class VideoResNet(nn.Module):
     """Input [N, 3, T, H, W] float -> logits [N, num_classes]."""
+
+    res2: nn.Sequential  # set by name in __init__
+    res3: nn.Sequential
+    res4: nn.Sequential
+    res5: nn.Sequential
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -181,7 +191,7 @@ def set_formulation(model: nn.Module, formulation: str) -> nn.Module:
         raise ValueError(f"formulation must be 'efficient' or 'reference', got {formulation!r}")
     for m in model.modules():
         if hasattr(m, "efficient"):
-            m.efficient = formulation == "efficient"
+            setattr(m, "efficient", formulation == "efficient")
     return model
 
 

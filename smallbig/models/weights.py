@@ -46,15 +46,12 @@ from typing import Any
 import jsonschema
 
 from smallbig import config
+from smallbig.config import NONE, SOURCE_DEPTH, classify, looks_like_path  # noqa: F401 (re-exported)
 from smallbig.data import download as dl
 from smallbig.errors import InputError, SmallbigError
 
-NONE = "none"
-# which torchvision ResNet depth a video net of each depth loads (R23 = first blocks of R50)
-SOURCE_DEPTH = {23: 50, 50: 50, 101: 101}
 # torchvision's blocks per stage for the depths we write test files of
 LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-_PATH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".tar", ".bin", ".pkl")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -79,25 +76,6 @@ class FetchError(SmallbigError):
 
 
 # ----------------------------------------------------------------------------- declarations
-def looks_like_path(value: str) -> bool:
-    """A `model.pretrained` value that is not a declared name is a path when it has a directory
-    part or a weights-file suffix; anything else is a (mistyped or undeclared) name."""
-    return "/" in value or os.sep in value or value.lower().endswith(_PATH_SUFFIXES)
-
-
-def classify(value: Any, declared: dict | None) -> str:
-    """'unset' (None), 'none', 'name' (declared), 'path', or 'unknown' (an undeclared name)."""
-    if value is None:
-        return "unset"
-    if value == NONE:
-        return "none"
-    if value in (declared or {}):
-        return "name"
-    if isinstance(value, str) and looks_like_path(value):
-        return "path"
-    return "unknown"
-
-
 def hash_matches(expected: str, actual: str) -> bool:
     """Full 64-hex: equal. An 8+-hex prefix (fallback, as torchvision's own check_hash): prefix."""
     expected, actual = expected.lower(), actual.lower()
@@ -310,10 +288,8 @@ def fetch(name: str, entry: dict, root: str | Path = ".", url: str | None = None
     last: Exception | None = None
     for attempt in range(max(1, retries)):
         try:
-            if dl.is_local(url):
-                total = dl._copy_local(url, part, progress)
-            else:
-                total = dl._http(url, part, timeout, progress)
+            total: int | None = (dl._copy_local(url, part, progress) if dl.is_local(url)
+                                 else dl._http(url, part, timeout, progress))
             size = part.stat().st_size
             if total is not None and size != total:
                 raise dl.DownloadError(f"{url}: incomplete: got {size} of {total} bytes")
