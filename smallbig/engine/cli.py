@@ -7,7 +7,14 @@ from pathlib import Path
 
 from smallbig import config
 from smallbig.engine import tracking_server  # no torch, no MLflow at import
+# signals and the time-limit deadline: no torch there, installed before train imports torch
+from smallbig.engine.stopping import Deadline, StopFlag
+from smallbig.errors import InputError, SmallbigError
 from smallbig.spec import memory_plan
+
+# Torch and the modules that import it (train, evaluate, memory) are imported inside the
+# command functions: `smallbig --help` stays fast, and `smallbig train` installs its SIGTERM
+# handler before the torch import.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,8 +84,6 @@ def load_any_params(arg: str, overlay: str | None = None) -> dict:
 
 def _train(args) -> int:
     # first, before torch is imported: a SIGTERM from now on ends in exit 3, never in a -15 death
-    from smallbig.engine.stopping import Deadline, StopFlag
-
     stop = StopFlag(Deadline(args.stop_before_limit)).install()
     from smallbig.engine.train import train  # torch
 
@@ -129,8 +134,6 @@ def _input_errors():
     """A ValueError from a layer below that is not yet a smallbig error (a bad list line, a bad
     --protocol, a pretrained file that does not fit) is bad input: InputError (exit 2), which
     smallbig.cli.main reports like every other error."""
-    from smallbig.errors import InputError, SmallbigError
-
     try:
         yield
     except ValueError as e:

@@ -47,6 +47,9 @@ from pathlib import Path
 
 import yaml
 
+# MLflow itself is imported inside the functions that talk to a store: its telemetry must be
+# switched off before the import (disable_telemetry), and the workflow imports this module when
+# it parses the Snakefile (workflow_tracking_env), where MLflow is not needed.
 try:
     import requests
 except ImportError:  # MLflow's HTTP client; absent, no request can fail with its errors
@@ -539,18 +542,19 @@ def disabled() -> bool:
     return os.environ.get("SMALLBIG_NO_MLFLOW", "").lower() in ("1", "true", "yes")
 
 
-def get_experiment_id(client, name: str, uri: str) -> str:
-    def get_or_create():
-        exp = client.get_experiment_by_name(name)
-        if exp is not None:
-            if exp.lifecycle_stage == "deleted":
-                client.restore_experiment(exp.experiment_id)
-            return exp.experiment_id
-        root = artifact_root(uri)
-        location = f"{root}/{name}" if root else None
-        return client.create_experiment(name, artifact_location=location)
+def _get_or_create_experiment(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    root = artifact_root(uri)
+    location = f"{root}/{name}" if root else None
+    return client.create_experiment(name, artifact_location=location)
 
-    return retry(get_or_create)
+
+def get_experiment_id(client, name: str, uri: str) -> str:
+    return retry(_get_or_create_experiment, client, name, uri)
 
 
 @contextlib.contextmanager
@@ -568,6 +572,23 @@ def _store_creation_lock(uri: str):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _untracked(e: Exception, client, uri: str, kind: str, resume_run_id: str | None, log,
+               unsent_file) -> Run:
+    """The store failed while the run was started: a resume whose store went away goes on
+    offline under its id; anything else goes on untracked (reported)."""
+    if resume_run_id and client is not None and transient(e):
+        r = Run(client, resume_run_id, uri, log)
+        r.unsent_file = Path(unsent_file) if unsent_file else None
+        r._go_offline(e, f"the resume of {kind}")
+        r._keep(("update", "RUNNING"))
+        r._keep(("batch", [], [], [_tag("resumed", "true")]))
+        return r
+    log(f"WARNING: MLflow store {uri} {'unreachable' if transient(e) else 'failed'} "
+        f"({_reason(e)}): this {kind} is NOT recorded in MLflow; it goes on, its results are in "
+        f"its output files (--no-mlflow silences this)")
+    return Run(None, None)
 
 
 def start_run(params: dict, kind: str, run_name: str | None = None, resume_run_id: str | None = None,
@@ -589,22 +610,6 @@ def start_run(params: dict, kind: str, run_name: str | None = None, resume_run_i
     uri = tracking_uri()
     _warn_sqlite_in_slurm(uri)
     client = None
-
-    def untracked(e: Exception) -> Run:
-        if not isinstance(e, (MlflowException, OSError)) and not transient(e):
-            raise e
-        if resume_run_id and client is not None and transient(e):
-            r = Run(client, resume_run_id, uri, log)
-            r.unsent_file = Path(unsent_file) if unsent_file else None
-            r._go_offline(e, f"the resume of {kind}")
-            r._keep(("update", "RUNNING"))
-            r._keep(("batch", [], [], [_tag("resumed", "true")]))
-            return r
-        log(f"WARNING: MLflow store {uri} {'unreachable' if transient(e) else 'failed'} "
-            f"({_reason(e)}): this {kind} is NOT recorded in MLflow; it goes on, its results are in "
-            f"its output files (--no-mlflow silences this)")
-        return Run(None, None)
-
     try:
         with _store_creation_lock(uri):
             # the first client on a fresh SQLite file creates and migrates the schema; two
@@ -634,7 +639,9 @@ def start_run(params: dict, kind: str, run_name: str | None = None, resume_run_i
         exp_id = get_experiment_id(client, params["id"], uri)
         run = retry(client.create_run, exp_id, run_name=tags["mlflow.runName"])
     except Exception as e:
-        return untracked(e)
+        if not isinstance(e, (MlflowException, OSError)) and not transient(e):
+            raise
+        return _untracked(e, client, uri, kind, resume_run_id, log, unsent_file)
     r = Run(client, run.info.run_id, uri, log)
     r.unsent_file = Path(unsent_file) if unsent_file else None
     r.set_tags(tags)

@@ -24,6 +24,7 @@ a script can wait for that file. SIGTERM/SIGINT stop the server (exit 0).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as _dt
 import json
 import os
@@ -35,6 +36,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from smallbig.fsutil import atomic_write_json
 
 NETWORK_FS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph",
               "glusterfs", "fuse.glusterfs", "fuse.sshfs", "fuse.beegfs", "panfs", "afs",
@@ -194,16 +197,8 @@ def _http_get(url: str, host_header: str | None = None, timeout: float = 5.0) ->
         return 0
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _set_pdeathsig() -> None:  # runs in the child before exec: die with the parent (Linux)
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
         pass
@@ -253,7 +248,41 @@ def _say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- serve
+class _Stop:
+    """SIGTERM/SIGINT handler: remembers the signal."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __call__(self, signum, _frame) -> None:
+        self.signal = signum
+
+
 def _serve(args) -> int:
+    cfg = _server_config(args)
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _say(f"backend store {cfg['backend']}")
+    _say(f"artifacts {cfg['artifacts']} (uploaded by the jobs over HTTP: --serve-artifacts)")
+    _say(f"starting mlflow server on {args.host}:{args.port} ({cfg['workers']} worker"
+         f"{'s' if cfg['workers'] != 1 else ''})")
+    proc = subprocess.Popen(cfg["cmd"], env=cfg["env"], start_new_session=True,
+                            preexec_fn=_set_pdeathsig)
+    t0 = time.time()
+    ready = _wait_ready(proc, cfg, stop, args.startup_timeout)
+    if ready is None:  # refused or no answer: reported
+        _stop(proc)
+        return 1
+    if ready and stop.signal is None:
+        _announce(args, cfg, t0)
+        while stop.signal is None and proc.poll() is None:
+            time.sleep(0.2)
+    return _shutdown(proc, cfg["uri_file"], stop, args.port)
+
+
+def _server_config(args) -> dict:
+    """Stores, names and the mlflow command line of `smallbig tracking serve` from its options."""
     store_dir = Path(args.store_dir).expanduser().absolute() if args.store_dir else default_store_dir()
     backend = args.backend_store_uri or f"sqlite:///{store_dir / 'mlflow.db'}"
     if "://" not in backend:  # a plain path: a SQLite file
@@ -273,18 +302,14 @@ def _serve(args) -> int:
                   "(--backend-store-uri sqlite:////local/disk/mlflow.db) or use PostgreSQL.",
                   file=sys.stderr, flush=True)
     workers = args.workers or (1 if db is not None else 4)
-
     public = args.public_host or (socket.gethostname() if args.host in _WILDCARD_BINDS else args.host)
     names = host_names(public)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported here
     allowed = allowed_hosts(names, args.allowed_hosts)
     cors = [f"http://{_format_host(n)}:{args.port}" for n in names]
     netloc = f"{_format_host(public)}:{args.port}"
-    uri = f"http://{netloc}"
     connect = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(args.host,
                                                                           _format_host(args.host))
-    probe = f"http://{connect}:{args.port}"
-
     mlflow = args.mlflow or str(Path(sys.executable).with_name("mlflow"))
     if not Path(mlflow).exists():
         mlflow = "mlflow"
@@ -295,62 +320,56 @@ def _serve(args) -> int:
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     env.pop("MLFLOW_TRACKING_URI", None)  # the server's store is --backend-store-uri
-
     uri_file = Path(args.uri_file).absolute() if args.uri_file else None
     if uri_file is not None and uri_file.exists():
         uri_file.unlink()  # a stale file from an earlier server must not look ready
+    return {"backend": backend, "artifacts": artifacts, "workers": workers, "public": public,
+            "netloc": netloc, "uri": f"http://{netloc}", "probe": f"http://{connect}:{args.port}",
+            "cmd": cmd, "env": env, "uri_file": uri_file}
 
-    stop = {"signal": None}
 
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    _say(f"backend store {backend}")
-    _say(f"artifacts {artifacts} (uploaded by the jobs over HTTP: --serve-artifacts)")
-    _say(f"starting mlflow server on {args.host}:{args.port} ({workers} worker"
-         f"{'s' if workers != 1 else ''})")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig)
-
-    ready, t0 = False, time.time()
-    while stop["signal"] is None and proc.poll() is None:
+def _wait_ready(proc, cfg: dict, stop: _Stop, startup_timeout: float) -> bool | None:
+    """True: the server answers an API call under its public name; False: stopped (signal) or
+    died first; None: it refuses the Host header or does not answer in time (reported)."""
+    probe, netloc, t0 = cfg["probe"], cfg["netloc"], time.time()
+    while stop.signal is None and proc.poll() is None:
         if _http_get(f"{probe}/health", timeout=2) == 200:
             code = _http_get(f"{probe}/api/2.0/mlflow/experiments/search?max_results=1",
                              host_header=netloc, timeout=30)
             if code == 200:
-                ready = True
-                break
+                return True
             if code == 403:
                 _say(f"error: the server rejects the Host header {netloc!r}; pass "
                      "--allowed-hosts or --public-host")
-                _stop(proc)
-                return 1
-        if time.time() - t0 > args.startup_timeout:
-            _say(f"error: no answer from {probe} within {args.startup_timeout:.0f} s")
-            _stop(proc)
-            return 1
+                return None
+        if time.time() - t0 > startup_timeout:
+            _say(f"error: no answer from {probe} within {startup_timeout:.0f} s")
+            return None
         time.sleep(0.5)
+    return False
 
-    if ready and stop["signal"] is None:
-        if uri_file is not None:
-            _write_json_atomic(uri_file, {
-                "uri": uri, "host": public, "port": args.port, "bind": args.host,
-                "pid": os.getpid(), "backend_store_uri": backend,
-                "artifacts_destination": artifacts, "workers": workers,
-                "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds")})
-        print(f"\nMLflow tracking server ready ({time.time() - t0:.0f} s). Jobs must use:\n"
-              f"  export MLFLOW_TRACKING_URI={uri}\n"
-              f"  slurm profile (workflow/profiles/slurm/config.yaml): - MLFLOW_URI = \"{uri}\"\n"
-              f"UI: {uri} (or ssh -L {args.port}:localhost:{args.port} <this host>, then "
-              f"http://localhost:{args.port})\n"
-              + (f"URI file: {uri_file}\n" if uri_file else "")
-              + "Stop with Ctrl-C or SIGTERM.\n", flush=True)
-        while stop["signal"] is None and proc.poll() is None:
-            time.sleep(0.2)
 
-    died = proc.poll() is not None and stop["signal"] is None
+def _announce(args, cfg: dict, t0: float) -> None:
+    """The URI file (if asked) and what jobs must set."""
+    uri, uri_file = cfg["uri"], cfg["uri_file"]
+    if uri_file is not None:
+        atomic_write_json(uri_file, {
+            "uri": uri, "host": cfg["public"], "port": args.port, "bind": args.host,
+            "pid": os.getpid(), "backend_store_uri": cfg["backend"],
+            "artifacts_destination": cfg["artifacts"], "workers": cfg["workers"],
+            "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds")})
+    print(f"\nMLflow tracking server ready ({time.time() - t0:.0f} s). Jobs must use:\n"
+          f"  export MLFLOW_TRACKING_URI={uri}\n"
+          f"  slurm profile (workflow/profiles/slurm/config.yaml): - MLFLOW_URI = \"{uri}\"\n"
+          f"UI: {uri} (or ssh -L {args.port}:localhost:{args.port} <this host>, then "
+          f"http://localhost:{args.port})\n"
+          + (f"URI file: {uri_file}\n" if uri_file else "")
+          + "Stop with Ctrl-C or SIGTERM.\n", flush=True)
+
+
+def _shutdown(proc, uri_file: Path | None, stop: _Stop, port: int) -> int:
+    """Stop the server (its whole process group), remove our URI file; the exit code."""
+    died = proc.poll() is not None and stop.signal is None
     rc = _stop(proc)  # also cleans up what is left of the server's process group
     if uri_file is not None and uri_file.exists():
         try:
@@ -360,10 +379,10 @@ def _serve(args) -> int:
             pass
     if died:
         _say(f"error: mlflow server exited ({rc}) before it was stopped (see its messages "
-             f"above; port {args.port} in use? pick another with --port)")
+             f"above; port {port} in use? pick another with --port)")
         return 1
     if rc not in (0, -signal.SIGTERM):
-        _say(f"stopped ({signal.Signals(stop['signal']).name}), but mlflow server exited {rc}")
+        _say(f"stopped ({signal.Signals(stop.signal).name}), but mlflow server exited {rc}")
         return 1
-    _say(f"stopped ({signal.Signals(stop['signal']).name})")
+    _say(f"stopped ({signal.Signals(stop.signal).name})")
     return 0

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from smallbig import __version__
 from smallbig.config import dump_params, params_hash
+from smallbig.data import build_dataset, collate, normalize
 from smallbig.engine import distributed as D
 from smallbig.engine import metrics, tracking
 from smallbig.engine.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint,
@@ -52,6 +53,7 @@ from smallbig.engine.seeding import EpochSampler, SeededDataset, WorkerInit, mix
 # signals and the time-limit deadline; no torch there, so the CLI installs it before importing us
 from smallbig.engine.stopping import StopFlag
 from smallbig.fsutil import atomic_write_json
+from smallbig.models import build_model, load_pretrained_2d
 from smallbig.models.weights import resolve_pretrained
 from smallbig.spec.params import Params
 
@@ -63,8 +65,6 @@ RUN_FILE = "mlflow-run.json"
 def default_builders():
     """(build_model, build_dataset, collate, normalize) of smallbig.models / smallbig.data;
     tests swap in toy ones (`builders=`)."""
-    from smallbig.data import build_dataset, collate, normalize  # lazy package attributes
-    from smallbig.models import build_model
     return build_model, build_dataset, collate, normalize
 
 
@@ -264,8 +264,6 @@ def _load_pretrained(r: TrainRun, model) -> None:
     """model.pretrained: a declared ImageNet file (verified) or a path; `none`: from scratch."""
     weights = resolve_pretrained(r.params)
     if weights is not None:
-        from smallbig.models import load_pretrained_2d  # lazy package attribute
-
         got = load_pretrained_2d(model, weights)
         r.say(f"initialised from {r.p.model.pretrained} ({weights}, ResNet-"
               f"{got['source_depth']}: {got['loaded']} tensors loaded)")
