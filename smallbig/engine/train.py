@@ -262,14 +262,16 @@ def _train(params: dict, out_dir: Path, resume: bool, device: str | None, track:
     seed = int(tr.get("seed", 0))
     seed_everything(seed)
     torch.backends.cudnn.benchmark = dev.type == "cuda"
-    # the lists first: a bad train.txt/val.txt is refused (exit 2, FILE:LINE) before any model
-    # is built or weights are read
-    dataset = build_dataset(params, "train", "train")
-    val_ds = build_dataset(params, "val", "val")
-    model = build_model(params["model"])
+    # inputs first, before any model is built: the ImageNet file a fresh run starts from
+    # (model.pretrained, verified) and both list files (a bad train.txt/val.txt: exit 2, FILE:LINE)
+    weights = None
     if ckpt is None:  # a fresh run starts from model.pretrained (verified ImageNet file) or `none`
         from smallbig.models.weights import resolve_pretrained
         weights = resolve_pretrained(params)
+    dataset = build_dataset(params, "train", "train")
+    val_ds = build_dataset(params, "val", "val")
+    model = build_model(params["model"])
+    if ckpt is None:
         if weights is not None:
             from smallbig.models import load_pretrained_2d
             got = load_pretrained_2d(model, weights)
