@@ -516,7 +516,9 @@ def _run_jobs(jobs: list, progress=None, workers: int | None = None) -> None:
             if progress:
                 progress.update(1)
         return
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a fork of a process with threads (pytest, MLflow, a jemalloc background
+    # thread) can deadlock in the child before it runs anything (seen in CI)
+    ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as pool:
         for _ in pool.imap_unordered(_job, jobs, chunksize=4):
             if progress:

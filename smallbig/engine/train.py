@@ -225,13 +225,14 @@ def _build(r: TrainRun, ckpt: dict | None, build_model, build_dataset) -> None:
     tr, info, dev = r.p.train, r.info, r.dev
     seed_everything(tr.seed)
     torch.backends.cudnn.benchmark = dev.type == "cuda"
-    # the lists first: a bad train.txt/val.txt is refused (exit 2, FILE:LINE) before any model
-    # is built or weights are read
+    # inputs first, before any model is built: the ImageNet file a fresh run starts from
+    # (model.pretrained, verified) and both list files (a bad train.txt/val.txt: exit 2, FILE:LINE)
+    weights = resolve_pretrained(r.params) if ckpt is None else None
     r.dataset = build_dataset(r.params, "train", "train")
     r.val_ds = build_dataset(r.params, "val", "val")
     model = build_model(r.params["model"])
-    if ckpt is None:  # a fresh run starts from model.pretrained (verified ImageNet file) or `none`
-        _load_pretrained(r, model)
+    if weights is not None:  # a fresh run starts from model.pretrained or `none`
+        _load_pretrained(r, model, weights)
     r.channels_last = apply_channels_last(model) if tr.channels_last else False
     model = model.to(dev)
     if info.distributed and tr.sync_bn:
@@ -260,13 +261,11 @@ def _build(r: TrainRun, ckpt: dict | None, build_model, build_dataset) -> None:
         seed_everything(mix_seed(tr.seed, info.rank, 0x7A1))
 
 
-def _load_pretrained(r: TrainRun, model) -> None:
-    """model.pretrained: a declared ImageNet file (verified) or a path; `none`: from scratch."""
-    weights = resolve_pretrained(r.params)
-    if weights is not None:
-        got = load_pretrained_2d(model, weights)
-        r.say(f"initialised from {r.p.model.pretrained} ({weights}, ResNet-"
-              f"{got['source_depth']}: {got['loaded']} tensors loaded)")
+def _load_pretrained(r: TrainRun, model, weights) -> None:
+    """The verified ImageNet file `resolve_pretrained` gave for model.pretrained."""
+    got = load_pretrained_2d(model, weights)
+    r.say(f"initialised from {r.p.model.pretrained} ({weights}, ResNet-"
+          f"{got['source_depth']}: {got['loaded']} tensors loaded)")
 
 
 def _plan_iterations(r: TrainRun) -> None:
