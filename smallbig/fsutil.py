@@ -43,7 +43,8 @@ def write_failure(e: BaseException, directory: str | Path) -> str | None:
     (torch.save reports ENOSPC as a RuntimeError whose context is the OSError); a bare
     serializer error on a file system with (almost) no free space left is 'disk full' too.
     None: not a write failure (a bug, a bad object, ...)."""
-    seen, x = set(), e
+    seen: set[int] = set()
+    x: BaseException | None = e
     while x is not None and id(x) not in seen:
         seen.add(id(x))
         if isinstance(x, OSError) and x.errno is not None:
@@ -65,7 +66,8 @@ def write_failure(e: BaseException, directory: str | Path) -> str | None:
 def first_os_error(e: BaseException) -> str:
     """The OSError inside an exception chain, as 'OSError: [Errno 28] No space left on device'
     (it says more than a serializer's wrapper); else the exception's first line."""
-    seen, x = set(), e
+    seen: set[int] = set()
+    x: BaseException | None = e
     while x is not None and id(x) not in seen:
         seen.add(id(x))
         if isinstance(x, OSError) and x.errno is not None:
@@ -88,7 +90,7 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None], *, keep_previous: Path | None = None,
+def atomic_write(path: str | Path, write: Callable[[Path], object], *, keep_previous: Path | None = None,
                  what: str = "it") -> Path:
     """`write(tmp)` into a temporary file beside `path`, fsync, then rename over `path` (atomic on
     POSIX): a process killed at any moment leaves the old file or the new one, never half of one.

@@ -49,6 +49,7 @@ from smallbig import config
 from smallbig.config import NONE, SOURCE_DEPTH, classify, looks_like_path  # noqa: F401 (re-exported)
 from smallbig.data import download as dl
 from smallbig.errors import InputError, SmallbigError
+from smallbig.spec.pretrained import required_files, workflow_files  # noqa: F401 (re-exported)
 
 # torchvision's blocks per stage for the depths we write test files of
 LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -207,38 +208,6 @@ def resolve_pretrained(params: dict) -> Path | None:
         raise ChecksumError(f"{e}; refusing to train from it: remove the file and run "
                             f"`smallbig pretrained fetch {value}`") from None
     return path
-
-
-def required_files(params: dict) -> list[str]:
-    """The files a training of `params` needs before it starts ([] for `none`): the declared
-    `file` of a name, or the path itself (for the workflow's inputs)."""
-    value = params["model"].get("pretrained")
-    declared = params.get("pretrained_weights") or {}
-    kind = classify(value, declared)
-    if kind == "name":
-        return [declared[value]["file"]]
-    if kind == "path":
-        return [value]
-    return []
-
-
-def workflow_files(params_by_exp: dict[str, dict]) -> dict[str, tuple[str, dict, str]]:
-    """file -> (name, declaration, first experiment using it) for every declared file the given
-    experiments load: the downloads the workflow schedules (one per file, shared) and `smallbig
-    plan` counts. Raises PretrainedError when two experiments declare one file differently."""
-    out: dict[str, tuple[str, dict, str]] = {}
-    for exp in sorted(params_by_exp):
-        p = params_by_exp[exp]
-        value, declared = p["model"].get("pretrained"), p.get("pretrained_weights") or {}
-        if classify(value, declared) != "name":
-            continue
-        entry = declared[value]
-        seen = out.setdefault(entry["file"], (value, entry, exp))
-        if (seen[0], seen[1]) != (value, entry):
-            raise PretrainedError(
-                f"{exp}: pretrained_weights.{value}: {entry['file']} is declared differently "
-                f"(as {seen[0]}: {seen[1]}) for {seen[2]}")
-    return out
 
 
 def check_declared_in(files: dict[str, tuple[str, dict, str]], params_file: str | Path,

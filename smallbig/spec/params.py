@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Mapping
 
 from smallbig.spec.protocol import Protocol
@@ -52,8 +51,10 @@ def _merged(section: str, given: Mapping[str, Any] | None) -> dict:
     return deep_merge(base, dict(given or {}), (section,))
 
 
-def _frozen(d: Mapping | None) -> Mapping:
-    return MappingProxyType(copy.deepcopy(dict(d or {})))
+def _frozen(d: Mapping | None) -> dict:
+    """A private deep copy (plain dicts: the specs stay deep-copyable and picklable, e.g. for
+    data-loader workers); the dataclasses are frozen, nobody mutates these."""
+    return copy.deepcopy(dict(d or {}))
 
 
 PoolSize = tuple  # (kt: int | "T", kh: int, kw: int)
@@ -80,7 +81,7 @@ class StageSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StageSpec":
         units = {k: tuple(v) for k, v in (d.get("smallbig") or {}).items()}
-        return cls(block=d["block"], smallbig=MappingProxyType(units), extra=d.get("extra", "none"),
+        return cls(block=d["block"], smallbig=units, extra=d.get("extra", "none"),
                    nonlocal_=bool(d.get("nonlocal", False)))
 
 
@@ -109,7 +110,7 @@ class ModelSpec:
                    num_classes=int(m["num_classes"]), dropout=float(m["dropout"]),
                    pretrained=m.get("pretrained"), formulation=m["formulation"],
                    unit=UnitSpec.from_dict(m["unit"]),
-                   stages=MappingProxyType({s: StageSpec.from_dict(m["stages"][s]) for s in STAGES}))
+                   stages={s: StageSpec.from_dict(m["stages"][s]) for s in STAGES})
 
 
 @dataclass(frozen=True)
@@ -267,8 +268,7 @@ class Params:
                    train=TrainSpec.from_dict(d.get("train") or {}),
                    test=TestSpec.from_dict(d.get("test") or {}),
                    resources=Resources.from_dict(d.get("resources") or {}),
-                   pretrained_weights=MappingProxyType(
-                       {k: PretrainedWeight.from_dict(v) for k, v in declared.items()}),
+                   pretrained_weights={k: PretrainedWeight.from_dict(v) for k, v in declared.items()},
                    raw=_frozen(d))
 
     def to_dict(self) -> dict:

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from smallbig import config
+from smallbig.spec.pretrained import workflow_files
 from smallbig.spec import memory_plan as mem
 from smallbig.spec.tables import load_tables, required_ensembles, required_evaluations
 
@@ -123,13 +124,8 @@ def eval_gpu_hours(p: dict, protocol: str) -> float:
 
 def pretrained_files(params: dict[str, dict]) -> dict:
     """The declared ImageNet files these experiments load (the workflow's `pretrained` jobs,
-    workflow/rules/pretrained.smk): smallbig.models.weights.workflow_files."""
-    from smallbig.models import weights
-
-    try:
-        return weights.workflow_files(params)
-    except weights.PretrainedError as e:
-        raise config.ParamsError(str(e)) from None
+    workflow/rules/pretrained.smk)."""
+    return workflow_files(params)
 
 
 def load_all(overlay: str | None = None) -> dict[str, dict]:
@@ -194,7 +190,9 @@ def make_plan(overlay: str | None = None, tables_path: str | None = None,
 
     per_table = {}
     for t in tables:
-        exps, ev, ens = set(), set(), set()
+        exps: set[str] = set()
+        ev: set[tuple[str, str]] = set()
+        ens: set[str] = set()
         for r in t["rows"]:
             if r["kind"] == "external":
                 continue

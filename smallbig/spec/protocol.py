@@ -6,13 +6,15 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from smallbig.errors import InputError
+
 if TYPE_CHECKING:
     from smallbig.spec.params import TestSpec
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InputError):
     """Not a CLIPSxCROPS protocol; the message says what was given and what is expected."""
 
 

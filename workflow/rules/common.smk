@@ -201,12 +201,20 @@ def launch_of(exp):
             "mpi": "srun", "tasks": n, "nodes": n // GPUS_PER_NODE}
 
 
-# Memory plan (smallbig/engine/memory.py, params/memory.json): with config `gpu_mem_gb` (the
+# Memory plan (smallbig/spec/memory_plan.py, params/memory.json): with config `gpu_mem_gb` (the
 # slurm and local profiles' GPU_MEM_GB) a training whose per_gpu_batch does not fit its GPUs is
-# refused here, before anything is submitted.
-if config.get("gpu_mem_gb") and EXPERIMENTS and workflow.is_main_process:
-    from smallbig.engine.memory import check_memory
+# refused here, before anything is submitted. torch is imported only if an experiment has no
+# current entry in params/memory.json and must be measured (smallbig/engine/memory.py).
+def _measure_memory(params, **kwargs):
+    from smallbig.engine.memory import measure
 
+    return measure(params, **kwargs)
+
+
+if config.get("gpu_mem_gb") and EXPERIMENTS and workflow.is_main_process:
+    from smallbig.spec.memory_plan import check_memory, set_measurer
+
+    set_measurer(_measure_memory)
     try:
         check_memory(PARAMS, float(config["gpu_mem_gb"]))
     except sbconfig.ParamsError as e:
