@@ -80,7 +80,7 @@ def eval_per_view_rate(p: dict, n_videos: int) -> dict:
     def one(entry):
         n = len(open_video(ds.root / entry.path))
         views = []
-        for c, idx in enumerate(sampling.test_indices(n, d, 10)):
+        for _c, idx in enumerate(sampling.test_indices(n, d, 10)):
             for k in range(3):
                 frames = open_video(ds.root / entry.path).get(idx)
                 x = sampling.resize_short(sampling.frames_tensor(frames), t["short_side"])

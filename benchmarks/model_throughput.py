@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     for model, form in tqdm(configs, desc="model throughput"):
         proc = subprocess.run([sys.executable, __file__, "--single", model, form, *passthrough],
                               capture_output=True, text=True, cwd=REPO)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             results.append({"model": model, "formulation": form, "error": proc.stderr.strip()[-2000:]})
             tqdm.write(f"{model} {form}: FAILED\n{proc.stderr[-2000:]}")
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         results.append(json.loads(line[0][len("RESULT "):]))
         tqdm.write(json.dumps(results[-1]))
     meta = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": args.device,
         "host": platform.node(), "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__,

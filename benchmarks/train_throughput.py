@@ -16,7 +16,6 @@ peak (H100/H200 SXM: 989 TFLOP/s) for every mode (fp32 uses TF32 tensor cores), 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys

@@ -15,14 +15,13 @@ import argparse
 import os
 import sys
 
-from smallbig import __version__
-from smallbig import config_cli
-from smallbig.spec import plan
+from smallbig import __version__, config_cli
 from smallbig.analysis import cli as analysis_cli
 from smallbig.data import cli as data_cli
 from smallbig.engine import cli as engine_cli
 from smallbig.models import cli as models_cli
 from smallbig.models import weights as pretrained_cli
+from smallbig.spec import plan
 
 
 def build_parser() -> argparse.ArgumentParser:

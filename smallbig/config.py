@@ -18,8 +18,9 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import jsonschema
 import yaml
@@ -219,7 +220,7 @@ def feature_size(crop: int, stage: str) -> int:
     """Spatial size of a stage's output for a square input crop (stem /4, stride-2 convs after)."""
     size = -(-crop // 2)  # conv1 7x7 stride 2 pad 3
     size = -(-size // 2)  # max-pool 3x3 stride 2 pad 1
-    for name in STAGES[1:STAGES.index(stage) + 1]:
+    for _name in STAGES[1:STAGES.index(stage) + 1]:
         size = -(-size // 2)
     return size
 

@@ -9,8 +9,9 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def not_regular(path: str | Path) -> str | None:

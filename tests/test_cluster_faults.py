@@ -25,7 +25,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,12 +36,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tracking_server import TrackingServer
 
 from smallbig import config
 from smallbig.engine import metrics
 from smallbig.engine.checkpoint import load_checkpoint
-
-from tracking_server import TrackingServer
 
 pytestmark = pytest.mark.slow  # end to end: CLI subprocesses, MLflow servers, a tmpfs
 SMALLBIG = [sys.executable, "-m", "smallbig"]
@@ -534,7 +532,7 @@ def test_mlflow_telemetry_stays_off(toy, tmp_path):
     home.mkdir()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = _env(HOME=str(home), XDG_CONFIG_HOME=None, MLFLOW_DISABLE_TELEMETRY=None, DO_NOT_TRACK=None,
-               MLFLOW_TRACKING_URI=uri, **{k: None for k in CI_VARS})
+               MLFLOW_TRACKING_URI=uri, **dict.fromkeys(CI_VARS))
     res = subprocess.run(SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(tmp_path / "run"),
                                      "--no-progress"], capture_output=True, text=True, env=env,
                          timeout=600)

@@ -15,8 +15,14 @@ from smallbig.data.check import check_entries, check_list
 from smallbig.data.dataset import BadSample, VideoDataset, build_dataset, collate, normalize
 from smallbig.data.kinetics import class_names, parse_annotations, parse_checksums, video_name
 from smallbig.data.lists import DataError, Entry, read_list, write_list
-from smallbig.data.something import (locate, parse_v1_labels, parse_v1_split, parse_v2_labels,
-                                     parse_v2_split, strip_template)
+from smallbig.data.something import (
+    locate,
+    parse_v1_labels,
+    parse_v1_split,
+    parse_v2_labels,
+    parse_v2_split,
+    strip_template,
+)
 from smallbig.data.toy import encode_video, render
 
 torch.set_num_threads(1)

@@ -15,8 +15,7 @@ import torch.nn as nn
 from smallbig import config
 from smallbig.engine import evaluate as E
 from smallbig.engine import metrics
-from smallbig.engine.checkpoint import (CheckpointError, atomic_save, load_checkpoint, prev_path,
-                                        save_rotating)
+from smallbig.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, prev_path, save_rotating
 from smallbig.engine.optim import BatchPolicyError, LRFactor, param_groups, plan_batch
 from smallbig.engine.seeding import EpochSampler, SeededDataset
 from smallbig.engine.train import NonFiniteLossError, train

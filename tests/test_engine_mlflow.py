@@ -7,11 +7,10 @@ import json
 import os
 
 import pytest
+from test_engine import BUILDERS, killing_builders, tiny_params
 
 from smallbig.engine import tracking
 from smallbig.engine.train import train
-
-from test_engine import BUILDERS, killing_builders, tiny_params
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from http_mirror import serve
+
 from smallbig.data.toy import make_toy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_frame_extraction_killed_and_rerun_equals_an_uninterrupted_one(toy, tmp_
     fractions = sorted(rng.uniform(0.15, 0.8) for _ in range(3))
     report = []
     for i, (frac, group) in enumerate(zip(fractions, (False, True, False))):
-        def ready():
+        def ready(frac=frac):
             n, partial = _jpgs(out)
             return n >= frac * total and partial > 0
 
@@ -386,7 +386,7 @@ def test_dvc_push_interrupted_and_rerun(tmp_path):
         before = len(_objects(remote))
         target = before + r.uniform(0.2, 0.6) * (total - before)
         proc = _start(push, log, cwd=repo, env=env)
-        t = _kill_when(proc, lambda: len(_objects(remote)) >= target, sig=sig)
+        t = _kill_when(proc, lambda target=target: len(_objects(remote)) >= target, sig=sig)
         got = len(_objects(remote))
         assert before < got < total, (before, got, total)  # interrupted mid-transfer
         assert proc.returncode != 0

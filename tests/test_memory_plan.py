@@ -119,9 +119,9 @@ def test_an_unlisted_autocast_op_stops_the_emulation():
             return torch.addcmul(x, x, x)  # CUDA "promote" op, left out of the lists below
 
     policy = {**mem.CUDA_AUTOCAST_POLICY, "promote": frozenset()}
-    with pytest.raises(mem.MemoryMeasurementError, match="addcmul"):
-        with mem.autocast_emulation(torch.bfloat16, policy):
-            Odd()(torch.empty(2, 3, device="meta"))
+    with pytest.raises(mem.MemoryMeasurementError, match="addcmul"), \
+            mem.autocast_emulation(torch.bfloat16, policy):
+        Odd()(torch.empty(2, 3, device="meta"))
 
 
 def test_saved_bytes_are_linear_in_the_batch(tmp_path):

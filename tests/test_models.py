@@ -12,7 +12,6 @@ from smallbig.models import build_model, feature_maps, set_formulation
 from smallbig.models.layers import SmallBigUnit, pool_frames, pool_reference, to_frames
 from smallbig.models.resnet import STAGES
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

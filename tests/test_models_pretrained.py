@@ -10,9 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smallbig.config import experiment_path, load_params
-from smallbig.models import build_model, load_pretrained_2d, set_formulation
+from smallbig.models import build_model, load_pretrained_2d
 from smallbig.models.pretrained import PretrainedError
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from http_mirror import serve
 
 from smallbig import cli, config
 from smallbig.config import ParamsError, load_params
 from smallbig.models import weights as W
 from smallbig.models.weights import SOURCE_DEPTH
-from http_mirror import serve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -362,7 +362,7 @@ def test_training_loads_the_verified_file_and_refuses_a_missing_or_wrong_one(r50
     monkeypatch.chdir(tmp_path)
     params = _train_params(digest)
     logs: list[str] = []
-    kw = dict(device="cpu", track=False, progress=False, builders=_builders(), log=logs.append)
+    kw = {"device": "cpu", "track": False, "progress": False, "builders": _builders(), "log": logs.append}
     # missing: a clear error that says how to get it
     with pytest.raises(PretrainedError, match=r"not found.*smallbig pretrained fetch test-r50"):
         train(params, tmp_path / "run0", **kw)

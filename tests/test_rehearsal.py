@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from slurm.cluster import SlurmCluster, make_test_profile, missing_binaries
 from slurm.workspace import REPO, VENV_BIN, copy_repo, env
 from tracking_server import TrackingServer

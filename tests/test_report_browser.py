@@ -5,8 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 import synthetic_results as S
+
 from smallbig.analysis.browser import _check_links, check_report, find_chromium
 from smallbig.cli import main
 

@@ -6,16 +6,22 @@ import json
 
 import numpy as np
 import pytest
-
 import synthetic_results as S
+
 from smallbig.analysis.collect import Results
 from smallbig.analysis.figures import views_curve, write_figures
 from smallbig.analysis.html import EMBEDDED_BANNER, write_index
-from smallbig.analysis.report_tables import (build_tables, render_csv, render_html_table,
-                                             render_latex, render_markdown, tex_escape,
-                                             write_tables)
-from smallbig.spec.tables import load_tables
+from smallbig.analysis.report_tables import (
+    build_tables,
+    render_csv,
+    render_html_table,
+    render_latex,
+    render_markdown,
+    tex_escape,
+    write_tables,
+)
 from smallbig.cli import main
+from smallbig.spec.tables import load_tables
 
 K = 10  # classes
 

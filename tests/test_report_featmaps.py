@@ -8,7 +8,7 @@ import torch
 import yaml
 from PIL import Image
 
-from smallbig.analysis.featmaps import channel_mean_maps, featmap_figure, write_featmaps, _upsample
+from smallbig.analysis.featmaps import _upsample, channel_mean_maps, featmap_figure, write_featmaps
 from smallbig.config import experiment_path, load_params, params_hash
 from smallbig.models import build_model
 

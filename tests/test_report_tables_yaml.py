@@ -4,9 +4,16 @@ import copy
 import pytest
 import yaml
 
-from smallbig.spec.tables import (TABLES_PATH, TablesError, experiment_tables, load_tables,
-                                      required_ensembles, required_evaluations, validate_tables)
-from smallbig.config import experiment_ids, load_params, experiment_path
+from smallbig.config import experiment_ids, experiment_path, load_params
+from smallbig.spec.tables import (
+    TABLES_PATH,
+    TablesError,
+    experiment_tables,
+    load_tables,
+    required_ensembles,
+    required_evaluations,
+    validate_tables,
+)
 
 # rows of /work/shared/paper/tables.md (Table 11: one row per dataset the paper gives numbers for)
 EXPECTED_ROWS = {2: 3, 3: 5, 4: 6, 5: 5, 6: 7, 7: 3, 8: 4, 9: 2, 10: 26, 11: 26}

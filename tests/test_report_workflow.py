@@ -10,8 +10,8 @@ import json
 import re
 
 import pytest
-
 from slurm.workspace import snakemake
+
 from smallbig.analysis.browser import check_report
 from smallbig.spec.tables import load_tables
 

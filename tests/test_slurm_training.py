@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from slurm.cluster import SlurmCluster, make_test_profile, missing_binaries
 from slurm.workspace import REPO, VENV_BIN, copy_repo, env
 from tracking_server import TrackingServer
@@ -82,7 +81,7 @@ class Workspace:
                 "--configfile", "workflow/config/embedded.yaml", str(cfg)]
 
     def start(self, run: str, exp: str, profile: str = "default", **kw) -> subprocess.Popen:
-        out = open(self.root / f"snakemake-{run}-{exp}.log", "w")
+        out = open(self.root / f"snakemake-{run}-{exp}.log", "w")  # noqa: SIM115 - handed to Popen
         return subprocess.Popen(self.command(run, [self.ckpt(run, exp)], profile, **kw),
                                 cwd=self.root, env=env(), stdout=out, stderr=subprocess.STDOUT,
                                 text=True)
@@ -92,7 +91,7 @@ class Workspace:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            raise AssertionError(f"snakemake {run} {exp} did not finish in {timeout:.0f} s:\n"
+            raise AssertionError(  # noqa: B904 - the timeout itself says nothing moref"snakemake {run} {exp} did not finish in {timeout:.0f} s:\n"
                                  f"{self.snakemake_log(run, exp)[-4000:]}\n{self.train_log(run, exp)[-3000:]}")
         text = self.snakemake_log(run, exp)
         assert proc.returncode == 0, f"snakemake failed ({proc.returncode}):\n{text[-5000:]}\n" \

@@ -12,11 +12,11 @@ import time
 
 import pytest
 import torch
+from test_engine import BUILDERS, _weights, tiny_params
 
 from smallbig.engine.checkpoint import load_checkpoint
 from smallbig.engine.stopping import Deadline, StopFlag, parse_slurm_time
 from smallbig.engine.train import train
-from test_engine import BUILDERS, _weights, tiny_params
 
 torch.set_num_threads(1)
 

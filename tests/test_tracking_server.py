@@ -15,14 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from slurm.workspace import VENV_BIN, copy_repo
+from test_engine import BUILDERS, tiny_params
+from tracking_server import TrackingServer, mlflow_server
 
 from smallbig.engine import tracking
 from smallbig.engine import tracking_server as ts
 from smallbig.engine.train import train
-
-from slurm.workspace import VENV_BIN, copy_repo
-from test_engine import BUILDERS, tiny_params
-from tracking_server import TrackingServer, mlflow_server
 
 
 def _get(url: str, host: str | None = None) -> int:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from slurm.cluster import make_test_profile
+from slurm.workspace import REPO, VENV_BIN, copy_repo, env, job_counts, jobs_of, snakemake
 
 from smallbig import config
 from smallbig.spec.tables import load_tables, required_ensembles
-from slurm.cluster import make_test_profile
-from slurm.workspace import REPO, VENV_BIN, copy_repo, env, job_counts, jobs_of, snakemake
 
 
 @pytest.fixture(scope="module")

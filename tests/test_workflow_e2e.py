@@ -9,18 +9,15 @@ target (Table 2). Each works in a scratch copy of the repository."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-
 from slurm.cluster import SlurmCluster, make_test_profile, missing_binaries
-from slurm.workspace import REPO, VENV_BIN, copy_repo, env, job_counts, jobs_of, snakemake
+from slurm.workspace import REPO, VENV_BIN, copy_repo, env, jobs_of, snakemake
 
 pytestmark = pytest.mark.slow
 

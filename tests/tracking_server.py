@@ -61,9 +61,9 @@ class TrackingServer:
         """Start the server and wait for its URI file; a port taken meanwhile is retried."""
         env = {k: v for k, v in os.environ.items()
                if k not in ("MLFLOW_TRACKING_URI", "SMALLBIG_NO_MLFLOW")}
-        for attempt in range(3):
+        for _attempt in range(3):
             port = self.port or free_port()
-            log = open(self.log, "a")
+            log = open(self.log, "a")  # noqa: SIM115 - handed to Popen, closed below
             self.proc = subprocess.Popen(self._command(port), stdout=log, stderr=subprocess.STDOUT,
                                          env=env, cwd=self.root)
             log.close()
@@ -100,7 +100,7 @@ class TrackingServer:
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
-    def __enter__(self) -> "TrackingServer":
+    def __enter__(self) -> TrackingServer:
         self.start()
         return self
 

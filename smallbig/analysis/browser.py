@@ -109,8 +109,7 @@ _PAGE_FACTS_JS = r"""
 async def _inspect(ws_url: str, url: str, screenshot: Path | None, timeout: float) -> dict:
     errors: list[str] = []
     failed: list[str] = []
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(ws_url, max_msg_size=0) as ws:
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
             counter = 0
             pending: dict[int, asyncio.Future] = {}
             loaded = asyncio.Event()

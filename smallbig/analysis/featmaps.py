@@ -184,7 +184,7 @@ def write_featmaps(results_dir: str | Path, out_dir: str | Path, smallbig: str =
                     rows.append((f"{name} res3", f"failed: {e}"))
             sb = maps.get("SmallBig", {})
             for k, label in (("small_view", "small view"), ("big_view", "big view")):
-                rows.append((f"SmallBig {label}", sb[k] if k in sb else "not available"))
+                rows.append((f"SmallBig {label}", sb.get(k, "not available")))
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(clip["video_id"]).stem)
             stem = out / "featmaps" / safe
             fig = featmap_figure(clip["video"], rows, f"{clip['video_id']} (label {clip['label']}): "

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from smallbig.analysis.collect import DONE, Results, ReportInputError  # noqa: E402
+from smallbig.analysis.collect import DONE, ReportInputError, Results  # noqa: E402
 from smallbig.analysis.report_tables import experiment_ids_in  # noqa: E402
 from smallbig.engine import metrics as M  # noqa: E402
 from smallbig.fsutil import atomic_write, atomic_write_text  # noqa: E402

@@ -57,7 +57,7 @@ def manifest_summary(m: dict) -> str:
 
 
 def _mtime(path: Path) -> str:
-    return _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.UTC).isoformat(timespec="seconds")
 
 
 def _first(d: dict, *keys):
@@ -70,7 +70,7 @@ def _first(d: dict, *keys):
 def run_metadata(results: Results, exp_ids: list[str]) -> dict:
     """Git commit, dataset manifests, hardware, GPU-hours and dates of the run."""
     meta: dict[str, Any] = {"run": results.run, "results_dir": str(results.dir),
-                            "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                            "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                             "git": git_info()}
     datasets: dict[str, dict] = {}
     hardware: set[str] = set()
@@ -122,9 +122,9 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
             if f:
                 ends.append(str(f))
         # without recorded dates: params.yaml written = started, last training file = finished
-        if not (isinstance(tm, dict) and _first(tm, "started", "start_time", "started_at")):
-            if (e["dir"] / "params.yaml").is_file() and e["train_started"]:
-                starts.append(_mtime(e["dir"] / "params.yaml"))
+        if (not (isinstance(tm, dict) and _first(tm, "started", "start_time", "started_at"))
+                and (e["dir"] / "params.yaml").is_file() and e["train_started"]):
+            starts.append(_mtime(e["dir"] / "params.yaml"))
         if not (isinstance(tm, dict) and _first(tm, "finished", "end_time", "finished_at")):
             done = [f for f in (e["dir"] / "train" / n for n in ("train_metrics.json", "history.json"))
                     if f.is_file()]

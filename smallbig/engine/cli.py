@@ -7,6 +7,7 @@ from pathlib import Path
 
 from smallbig import config
 from smallbig.engine import tracking_server  # no torch, no MLflow at import
+
 # signals and the time-limit deadline: no torch there, installed before train imports torch
 from smallbig.engine.stopping import Deadline, StopFlag
 from smallbig.errors import InputError, SmallbigError

@@ -35,7 +35,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from smallbig.config import dump_params
-from smallbig.data import build_dataset, collate as default_collate, normalize as default_normalize
+from smallbig.data import build_dataset
+from smallbig.data import collate as default_collate
+from smallbig.data import normalize as default_normalize
 from smallbig.engine import distributed as D
 from smallbig.engine import metrics, tracking
 from smallbig.engine.checkpoint import CheckpointError, load_model_from_checkpoint
@@ -49,7 +51,7 @@ from smallbig.spec.protocol import Protocol, ProtocolError
 SHARD_RE = re.compile(r"^scores\.shard-(\d+)-of-(\d+)\.npz$")
 
 
-def protocol_of(text: "str | Protocol") -> Protocol:
+def protocol_of(text: str | Protocol) -> Protocol:
     """Protocol.parse; a bad protocol is bad input (InputError, exit 2)."""
     try:
         return Protocol.parse(text)
@@ -226,7 +228,7 @@ def build_metrics(scores: dict, experiment: str, protocol: str, per_view_gflops:
 
 
 # --------------------------------------------------------------------------- evaluate
-def evaluate(params: "dict | Params", checkpoint: str | Path, out_dir: str | Path,
+def evaluate(params: dict | Params, checkpoint: str | Path, out_dir: str | Path,
              protocol: str | None = None, shard: tuple[int, int] | None = None,
              device: str | None = None, track: bool = True, progress: bool = True,
              view_subset=None) -> dict | None:
@@ -375,7 +377,7 @@ def merge_shards(out_dir: str | Path) -> dict:
             "skipped": np.concatenate([p.get("skipped", np.array([], dtype=str)) for p in parts]).astype(str)}
 
 
-def merge(params: "dict | Params", out_dir: str | Path, run=None, extra=None) -> dict:
+def merge(params: dict | Params, out_dir: str | Path, run=None, extra=None) -> dict:
     """scores.npz + metrics.json of OUT from all its shards (merge_shards)."""
     raw = params.to_dict() if isinstance(params, Params) else params
     out_dir = Path(out_dir)

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +71,36 @@ from torch.utils._pytree import tree_leaves
 
 from smallbig.models.resnet import build_model
 from smallbig.spec import memory_plan as _plan
+
 # the pure part (cache, formula, what fits), re-exported: callers use smallbig.engine.memory
 from smallbig.spec.memory_plan import (  # noqa: F401
-    BYTES_PER_PARAM_STATE, FIT_BATCHES, FORMULA, FRAGMENTATION, GIB, MEMORY_JSON,
-    MEMORY_MODEL_VERSION, PRECISIONS, WORKSPACE_GIB, accum_steps, advice, amp_precision,
-    batch_to_use, check_memory, estimate, load_cache, lookup, max_batch, measure_all,
-    memory_error_message, memory_errors, memory_plan, per_clip_bytes, save_cache, shape_fields,
-    shape_hash)
+    BYTES_PER_PARAM_STATE,
+    FIT_BATCHES,
+    FORMULA,
+    FRAGMENTATION,
+    GIB,
+    MEMORY_JSON,
+    MEMORY_MODEL_VERSION,
+    PRECISIONS,
+    WORKSPACE_GIB,
+    accum_steps,
+    advice,
+    amp_precision,
+    batch_to_use,
+    check_memory,
+    estimate,
+    load_cache,
+    lookup,
+    max_batch,
+    measure_all,
+    memory_error_message,
+    memory_errors,
+    memory_plan,
+    per_clip_bytes,
+    save_cache,
+    shape_fields,
+    shape_hash,
+)
 
 
 class MemoryMeasurementError(RuntimeError):
@@ -204,7 +226,7 @@ class AutocastEmulation(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def autocast_emulation(dtype=None, policy: Optional[dict] = None):
+def autocast_emulation(dtype=None, policy: dict | None = None):
     """A ``TorchFunctionMode`` applying an autocast casting policy (default: CUDA's) to tensors
     of any device (meta, CPU). It sits above autograd, so the casts are recorded and the ops
     save the cast tensors, as under real autocast. A function with a kernel for the policy's
@@ -255,7 +277,7 @@ def _unpack(t):
     return t
 
 
-def saved_tensor_bytes(model, x, amp_dtype=None, policy: Optional[dict] = None) -> dict:
+def saved_tensor_bytes(model, x, amp_dtype=None, policy: dict | None = None) -> dict:
     """Run ``model`` on ``x`` in train mode (plus the cross-entropy loss on ``logits.float()``
     against class 0), autocast-emulated to ``amp_dtype`` when given, and sum the bytes of the
     distinct storages saved for backward, the parameters' own storages excluded, ``x``'s
@@ -311,7 +333,7 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def simulate_step_peak(model, x, amp_dtype=None, policy: Optional[dict] = None) -> dict:
+def simulate_step_peak(model, x, amp_dtype=None, policy: dict | None = None) -> dict:
     """Allocator-level cross-check of the formula: one training step (forward, loss, backward)
     of ``model`` on ``x`` under a ``TorchDispatchMode`` that adds the bytes of every new
     storage an op returns and subtracts them when the storage dies; -> ``{"peak"}``: the

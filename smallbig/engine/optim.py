@@ -17,7 +17,7 @@ class BatchPolicyError(InputError):
     """The total batch cannot be realised on this machine as params ask. Exit 2."""
 
 
-def _train_spec(train_cfg: "TrainSpec | dict") -> TrainSpec:
+def _train_spec(train_cfg: TrainSpec | dict) -> TrainSpec:
     """`params.train` typed (a mapping: what it leaves out comes from params/base.yaml)."""
     return train_cfg if isinstance(train_cfg, TrainSpec) else TrainSpec.from_dict(train_cfg)
 
@@ -39,7 +39,7 @@ class BatchPlan:
         return asdict(self)
 
 
-def plan_batch(train_cfg: "TrainSpec | dict", world_size: int) -> BatchPlan:
+def plan_batch(train_cfg: TrainSpec | dict, world_size: int) -> BatchPlan:
     """Accumulate: total = per_gpu_batch * world * k must equal batch_size exactly (else an
     error: never a silent change of batch). scale_lr: one micro-batch per step, LR scaled by
     (per_gpu_batch * world) / batch_size."""
@@ -78,7 +78,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, exclude_bn_bias: b
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg: "TrainSpec | dict", lr: float) -> torch.optim.SGD:
+def build_optimizer(model: torch.nn.Module, train_cfg: TrainSpec | dict, lr: float) -> torch.optim.SGD:
     tr = _train_spec(train_cfg)
     groups = param_groups(model, tr.weight_decay, tr.wd_exclude_bn_bias)
     return torch.optim.SGD(groups, lr=lr, momentum=tr.momentum)
@@ -119,7 +119,7 @@ class LRFactor:
         return warm * decay
 
 
-def build_scheduler(optimizer, train_cfg: "TrainSpec | dict", iters_per_epoch: int):
+def build_scheduler(optimizer, train_cfg: TrainSpec | dict, iters_per_epoch: int):
     tr = _train_spec(train_cfg)
     factor = LRFactor(tr.schedule, iters_per_epoch, tr.epochs, list(tr.lr_steps), tr.lr_gamma,
                       tr.warmup_epochs)

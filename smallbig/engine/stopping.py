@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 STOP_AT_ENV = "SMALLBIG_STOP_AT"
 
@@ -118,7 +118,7 @@ class StopFlag:
                     f"(--stop-before-limit)")
         return "not stopped"
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         for s in self.SIGNALS:
             try:
                 self._old[s] = signal.signal(s, self._handler)

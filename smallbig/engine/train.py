@@ -17,16 +17,16 @@ The MLflow run then has the status KILLED; a failure ends it FAILED (a resume th
 before loading a checkpoint, ends the run it was to continue FAILED).
 """
 from __future__ import annotations
-from __future__ import annotations
 
 import contextlib
 import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,17 +39,35 @@ from smallbig.config import dump_params, params_hash
 from smallbig.data import build_dataset, collate, normalize
 from smallbig.engine import distributed as D
 from smallbig.engine import metrics, tracking
-from smallbig.engine.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint,
-                                        load_checkpoint, remove_dead_tmp, restore_rng,
-                                        restore_training_state, rng_state, save_rotating,
-                                        training_state, unwrap)
+from smallbig.engine.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    find_resume_checkpoint,
+    load_checkpoint,
+    remove_dead_tmp,
+    restore_rng,
+    restore_training_state,
+    rng_state,
+    save_rotating,
+    training_state,
+    unwrap,
+)
 from smallbig.engine.optim import BatchPlan, build_optimizer, build_scheduler, plan_batch
+
 # the engine's errors and what training and evaluation share (re-exported here: callers and
 # tests import NonFiniteLossError / TrainingError from smallbig.engine.train)
-from smallbig.engine.runtime import (NonFiniteLossError, TrainingError, amp_settings,  # noqa: F401
-                                     apply_channels_last, batch_labels, now_iso, peak_mem_mb,
-                                     to_input)
+from smallbig.engine.runtime import (  # noqa: F401
+    NonFiniteLossError,
+    TrainingError,
+    amp_settings,
+    apply_channels_last,
+    batch_labels,
+    now_iso,
+    peak_mem_mb,
+    to_input,
+)
 from smallbig.engine.seeding import EpochSampler, SeededDataset, WorkerInit, mix_seed, seed_everything
+
 # signals and the time-limit deadline; no torch there, so the CLI installs it before importing us
 from smallbig.engine.stopping import StopFlag
 from smallbig.fsutil import atomic_write_json
@@ -198,11 +216,10 @@ def _checkpoint_to_resume(r: TrainRun, resume: bool, state: dict) -> dict | None
     out_dir, info = r.out_dir, r.info
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "last.pt").exists() or (out_dir / "checkpoint.pt").exists():
-        if not resume:
-            raise CheckpointError(
-                f"{out_dir}: already holds a checkpoint (last.pt/checkpoint.pt); pass --resume to "
-                f"continue it, or choose another --out")
+    if ((out_dir / "last.pt").exists() or (out_dir / "checkpoint.pt").exists()) and not resume:
+        raise CheckpointError(
+            f"{out_dir}: already holds a checkpoint (last.pt/checkpoint.pt); pass --resume to "
+            f"continue it, or choose another --out")
     if not resume:
         return None
     if info.is_main:

@@ -9,7 +9,8 @@ device, so no memory is allocated and no weights are initialised for real.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -71,14 +72,14 @@ def count_macs(model: torch.nn.Module, num_frames: int, crop: int, batch: int = 
     return counter.get_total_flops() // 2
 
 
-def build_meta_model(model: "ModelSpec | Mapping[str, Any]") -> torch.nn.Module:
+def build_meta_model(model: ModelSpec | Mapping[str, Any]) -> torch.nn.Module:
     """The configured model on the meta device (no memory; `build_model` never loads weights)."""
     spec = model_spec(model)
     with torch.device("meta"):
         return build_model(spec)
 
 
-def primary_protocol(params: "Params | Mapping[str, Any]") -> tuple[Protocol, int]:
+def primary_protocol(params: Params | Mapping[str, Any]) -> tuple[Protocol, int]:
     """The params' first test protocol and its crop size."""
     p = Params.from_dict(params)
     return p.primary_protocol, p.primary_protocol.crop_size(p.test)
@@ -91,7 +92,7 @@ def _pct(ours: float, ref: float) -> float:
 _IGNORED_MODEL_KEYS = ("pretrained", "formulation", "dropout")
 
 
-def is_paper_configuration(params: "Params | Mapping[str, Any]") -> bool:
+def is_paper_configuration(params: Params | Mapping[str, Any]) -> bool:
     """True when the params' model and frame count are those of the experiment's own file
     (not scaled down by an overlay), so that the paper's figures apply."""
     p = Params.from_dict(params)
@@ -101,13 +102,13 @@ def is_paper_configuration(params: "Params | Mapping[str, Any]") -> bool:
         return False
 
     def strip(m: ModelSpec) -> ModelSpec:
-        ignored: dict[str, Any] = {k: None for k in _IGNORED_MODEL_KEYS}
+        ignored: dict[str, Any] = dict.fromkeys(_IGNORED_MODEL_KEYS)
         return dataclasses.replace(m, **ignored)
 
     return strip(own.model) == strip(p.model) and own.data.num_frames == p.data.num_frames
 
 
-def model_info(params: "Params | Mapping[str, Any]", model: Optional[torch.nn.Module] = None) -> dict:
+def model_info(params: Params | Mapping[str, Any], model: torch.nn.Module | None = None) -> dict:
     """Size and compute of the params' model.
 
     Keys: ``id``, ``params`` (int), ``params_m``, ``num_frames``, ``gmacs_224`` (per view, T

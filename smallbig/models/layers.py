@@ -20,13 +20,13 @@ Both formulations have identical parameters and state-dict keys; tests check the
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PoolDim = Union[int, str]
+PoolDim = int | str
 Pool = tuple[PoolDim, int, int]  # [kt|'T', kh, kw]
 
 
@@ -195,7 +195,7 @@ class SmallBigUnit(nn.Module):
             self.bn_big = BatchNorm(cout)
             zero_bn(self.bn_big)
         self.record = False  # feature_maps(): keep the two BN outputs of the last forward
-        self.recorded: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         kt, kh, kw = self.pool

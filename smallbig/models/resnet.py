@@ -10,15 +10,25 @@ global temporal pooling of ``T×k×k`` units is computed from the input, so any 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from smallbig.config import validate_model
-from smallbig.models.layers import (BatchNorm, ConvBN, ExtraUnit, NonLocal, SimpleExtraUnit,
-                                    SmallBigUnit, fold_bn, from_frames, to_frames)
+from smallbig.models.layers import (
+    BatchNorm,
+    ConvBN,
+    ExtraUnit,
+    NonLocal,
+    SimpleExtraUnit,
+    SmallBigUnit,
+    fold_bn,
+    from_frames,
+    to_frames,
+)
 from smallbig.spec.params import ModelSpec, StageSpec, UnitSpec
 
 STAGES = ("res2", "res3", "res4", "res5")
@@ -191,7 +201,7 @@ def set_formulation(model: nn.Module, formulation: str) -> nn.Module:
         raise ValueError(f"formulation must be 'efficient' or 'reference', got {formulation!r}")
     for m in model.modules():
         if hasattr(m, "efficient"):
-            setattr(m, "efficient", formulation == "efficient")
+            m.efficient = formulation == "efficient"
     return model
 
 
@@ -201,7 +211,7 @@ def set_channels_last(model: VideoResNet, on: bool = True) -> VideoResNet:
     return model
 
 
-def model_spec(model: "ModelSpec | Mapping[str, Any]") -> ModelSpec:
+def model_spec(model: ModelSpec | Mapping[str, Any]) -> ModelSpec:
     """A params file's ``model`` section, typed: a ModelSpec as it is; a mapping (even a partial
     one) is checked by the params validation (ParamsError, a ValueError, naming the key) and
     completed from params/base.yaml."""
@@ -210,7 +220,7 @@ def model_spec(model: "ModelSpec | Mapping[str, Any]") -> ModelSpec:
     return ModelSpec.from_dict(validate_model(model))
 
 
-def build_model(model: "ModelSpec | Mapping[str, Any]") -> VideoResNet:
+def build_model(model: ModelSpec | Mapping[str, Any]) -> VideoResNet:
     """Build the network of a params file's ``model`` section (see docs/models.md), freshly
     initialised. It never loads weights: ``pretrained`` (an ImageNet name, path or ``none``) is
     the engine's business, which loads it for a fresh training only

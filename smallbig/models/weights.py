@@ -41,7 +41,6 @@ import sys
 import time
 import urllib.error
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 
@@ -215,7 +214,7 @@ def check_declared_in(files: dict[str, tuple[str, dict, str]], params_file: str 
     """Every file of `workflow_files(...)` is declared identically in `params_file` (+ overlay),
     where the workflow's download job reads it; else PretrainedError naming both."""
     declared = declared_weights(params_file, overlay)
-    for file, (name, entry, exp) in sorted(files.items()):
+    for _file, (name, entry, exp) in sorted(files.items()):
         if declared.get(name) != entry:
             raise PretrainedError(
                 f"{exp}: pretrained_weights.{name}: differs from (or is missing in) {params_file}"

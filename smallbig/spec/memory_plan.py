@@ -13,9 +13,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable, Optional
 
 from smallbig import config
 from smallbig.fsutil import atomic_write_text
@@ -62,8 +62,8 @@ def amp_precision(params: dict) -> str:
 
 # --------------------------------------------------------------------------------------------
 # the formula
-def estimate(entry: dict, params: dict, batch: Optional[int] = None,
-             precision: Optional[str] = None) -> dict:
+def estimate(entry: dict, params: dict, batch: int | None = None,
+             precision: str | None = None) -> dict:
     """Bytes per GPU of a training step with ``batch`` clips per GPU (default: the params'
     ``train.per_gpu_batch``) in ``precision`` (default: from ``train.amp``). -> the terms and
     ``total``."""
@@ -100,7 +100,7 @@ def per_clip_bytes(entry: dict, precision: str) -> float:
                                   + entry["input_uint8_per_clip"])
 
 
-def max_batch(entry: dict, params: dict, gpu_mem_gb: float, precision: Optional[str] = None) -> int:
+def max_batch(entry: dict, params: dict, gpu_mem_gb: float, precision: str | None = None) -> int:
     """The largest clips per GPU whose estimate fits ``gpu_mem_gb`` GiB (0: not even one)."""
     prec = precision or amp_precision(params)
     fixed = estimate(entry, params, 0, prec)["total"]
@@ -115,7 +115,7 @@ def max_batch(entry: dict, params: dict, gpu_mem_gb: float, precision: Optional[
     return b
 
 
-def accum_steps(train_cfg: dict, gpus: int, per_gpu_batch: Optional[int] = None) -> Optional[int]:
+def accum_steps(train_cfg: dict, gpus: int, per_gpu_batch: int | None = None) -> int | None:
     """Accumulation steps of ``smallbig.engine.optim.plan_batch`` (without importing torch; this
     layer is below the engine):
     ``batch_size / (per_gpu_batch x gpus)`` under policy accumulate when that is exact, 1 under
@@ -130,7 +130,7 @@ def accum_steps(train_cfg: dict, gpus: int, per_gpu_batch: Optional[int] = None)
     return paper // (per * gpus)
 
 
-def batch_to_use(params: dict, limit: int) -> Optional[tuple[int, int]]:
+def batch_to_use(params: dict, limit: int) -> tuple[int, int] | None:
     """(per_gpu_batch, accumulation steps): the largest per_gpu_batch <= ``limit`` that keeps
     the paper's total batch (``train.batch_size``) exactly on ``resources.gpus`` GPUs (policy
     accumulate); under scale_lr ``(limit, 1)`` (the LR is scaled instead); None if none."""
@@ -176,7 +176,7 @@ def save_cache(cache: dict, path: Path | str = MEMORY_JSON) -> None:
     atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 
-def lookup(params: dict, cache: dict) -> tuple[Optional[dict], str]:
+def lookup(params: dict, cache: dict) -> tuple[dict | None, str]:
     """(entry, status): status 'cached' (hash matches), 'stale' (the experiment's shape fields
     changed since it was measured) or 'missing'. A stale entry is never returned."""
     entry = cache.get("experiments", {}).get(params.get("id", ""))
@@ -197,7 +197,7 @@ def _torch_version() -> str:
 # --------------------------------------------------------------------------------------------
 # the measurer (smallbig.engine.memory.measure, plugged in by the engine)
 Measurer = Callable[..., dict]  # (params, precisions=..., check=...) -> a cache entry
-_MEASURER: Optional[Measurer] = None
+_MEASURER: Measurer | None = None
 
 
 def set_measurer(measurer: Measurer) -> None:
@@ -221,7 +221,7 @@ def measure_for_plan(params: dict) -> dict:
     return measurer()(params, precisions=(amp_precision(params),))
 
 
-def memory_plan(params_by_exp: dict[str, dict], gpu_mem_gb: Optional[float] = None,
+def memory_plan(params_by_exp: dict[str, dict], gpu_mem_gb: float | None = None,
                 cache_path: Path | str = MEMORY_JSON,
                 measurer: Callable[[dict], dict] = measure_for_plan) -> dict[str, dict]:
     """Per experiment id: the estimate at its configured per-GPU batch and precision and, with

@@ -14,9 +14,10 @@ that file, so code never writes a default again (no `.get("crop_size", 224)`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from smallbig.spec.protocol import Protocol
 
@@ -67,7 +68,7 @@ class UnitSpec:
     bn: str  # individual | single
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "UnitSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> UnitSpec:
         return cls(pool=d["pool"], share=bool(d["share"]), bn=d["bn"])
 
 
@@ -79,7 +80,7 @@ class StageSpec:
     nonlocal_: bool = False
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "StageSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> StageSpec:
         units = {k: tuple(v) for k, v in (d.get("smallbig") or {}).items()}
         return cls(block=d["block"], smallbig=units, extra=d.get("extra", "none"),
                    nonlocal_=bool(d.get("nonlocal", False)))
@@ -97,7 +98,7 @@ class ModelSpec:
     stages: Mapping[str, StageSpec]
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
         m = _merged("model", d)
         if "stages" in d:  # stages are replaced whole, never merged with the base's
             m["stages"] = copy.deepcopy(dict(d["stages"]))
@@ -133,7 +134,7 @@ class DataSpec:
     limit_val: int | None
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DataSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
         m = _merged("data", d)
         if "source" in d:  # replaced whole
             m["source"] = copy.deepcopy(d["source"])
@@ -172,7 +173,7 @@ class TrainSpec:
     clips_per_sec_per_gpu: float
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainSpec:
         m = _merged("train", d)
         return cls(epochs=int(m["epochs"]), batch_size=int(m["batch_size"]),
                    per_gpu_batch=int(m["per_gpu_batch"]), batch_policy=m["batch_policy"],
@@ -199,13 +200,13 @@ class TestSpec:
     __test__ = False  # not a pytest test class
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TestSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> TestSpec:
         m = _merged("test", d)
         return cls(short_side=int(m["short_side"]), multi_crop_size=int(m["multi_crop_size"]),
                    single_crop_size=int(m["single_crop_size"]), batch_size=int(m["batch_size"]),
                    protocols=tuple(Protocol.parse(p) for p in m["protocols"]))
 
-    def crop_size(self, protocol: "str | Protocol") -> int:
+    def crop_size(self, protocol: str | Protocol) -> int:
         return Protocol.parse(protocol).crop_size(self)
 
 
@@ -218,7 +219,7 @@ class Resources:
     eval_runtime_min: int
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Resources":
+    def from_dict(cls, d: Mapping[str, Any]) -> Resources:
         m = _merged("resources", d)
         return cls(**{k: int(m[k]) for k in ("gpus", "cpus_per_gpu", "mem_gb", "train_runtime_min",
                                               "eval_runtime_min")})
@@ -233,7 +234,7 @@ class PretrainedWeight:
     size: int | None = None
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PretrainedWeight":
+    def from_dict(cls, d: Mapping[str, Any]) -> PretrainedWeight:
         return cls(url=d["url"], sha256=d["sha256"], depth=int(d["depth"]), file=d["file"],
                    size=d.get("size"))
 
@@ -253,7 +254,7 @@ class Params:
     raw: Mapping[str, Any] = field(repr=False, compare=False)
 
     @classmethod
-    def from_dict(cls, d: "Mapping[str, Any] | Params") -> "Params":
+    def from_dict(cls, d: Mapping[str, Any] | Params) -> Params:
         """From a validated params mapping (what `config.load_params` returns); sections or keys
         it leaves out come from params/base.yaml."""
         if isinstance(d, Params):

@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 
 from smallbig import config
-from smallbig.spec.pretrained import workflow_files
 from smallbig.spec import memory_plan as mem
+from smallbig.spec.pretrained import workflow_files
 from smallbig.spec.tables import load_tables, required_ensembles, required_evaluations
 
 EVAL_SPEEDUP = 3.0

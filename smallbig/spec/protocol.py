@@ -32,7 +32,7 @@ class Protocol:
                                 f"1 or 3 (e.g. 10x3)")
 
     @classmethod
-    def parse(cls, text: "str | Protocol") -> "Protocol":
+    def parse(cls, text: str | Protocol) -> Protocol:
         """'10x3' (also '10X3', '10×3', spaces around) -> Protocol(10, 3)."""
         if isinstance(text, Protocol):
             return text
@@ -49,7 +49,7 @@ class Protocol:
     def views(self) -> int:
         return self.clips * self.crops
 
-    def crop_size(self, test: "TestSpec") -> int:
+    def crop_size(self, test: TestSpec) -> int:
         """The test crop: 3-crop protocols use `test.multi_crop_size` (256), 1-crop protocols a
         centre crop of `test.single_crop_size` (224)."""
         return test.multi_crop_size if self.crops == 3 else test.single_crop_size

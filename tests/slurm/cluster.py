@@ -125,7 +125,7 @@ PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
 
     # ---------------------------------------------------------------- daemons
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.workdir / "log" / f"{name}.out", "ab")
+        log = open(self.workdir / "log" / f"{name}.out", "ab")  # noqa: SIM115 - handed to the daemon process
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         time.sleep(0.5)
@@ -140,7 +140,7 @@ PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
                 text += "\n".join(f.read_text(errors="replace").splitlines()[-n:]) + "\n"
         return text
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         missing = missing_binaries()
         if missing:
             raise SlurmError(f"not installed: {', '.join(missing)} (run `make system-deps`)")
