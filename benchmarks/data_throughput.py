@@ -9,6 +9,7 @@ Measures, on the Kinetics-style embedded dataset (160x120 h264 videos):
      video (the dataset's test mode) vs decode per view (every view decodes its own frames).
 Writes benchmarks/results/data_throughput.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,19 +35,34 @@ from smallbig.data.toy import make_toy  # noqa: E402
 
 def params(root: Path, src: Path, fmt: str) -> dict:
     return {
-        "data": {"dataset": "kinetics400", "root": str(root), "source": {"base_url": str(src)},
-                 "format": fmt, "num_frames": 8, "sampling": "dense", "frame_stride": 4,
-                 "train_short_side": [256, 320], "crop_size": 224, "flip": True,
-                 "frame_short_side": 256},
+        "data": {
+            "dataset": "kinetics400",
+            "root": str(root),
+            "source": {"base_url": str(src)},
+            "format": fmt,
+            "num_frames": 8,
+            "sampling": "dense",
+            "frame_stride": 4,
+            "train_short_side": [256, 320],
+            "crop_size": 224,
+            "flip": True,
+            "frame_short_side": 256,
+        },
         "test": {"short_side": 256, "multi_crop_size": 256, "single_crop_size": 224},
     }
 
 
 def train_rate(p: dict, workers: int, seconds: float, batch: int = 8) -> dict:
     ds = build_dataset(p, "train", "train")
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                         collate_fn=collate, persistent_workers=workers > 0,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=collate,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(0),
+    )
     clips, batches, t0, warm = 0, 0, None, 2
     while True:
         for b in loader:
@@ -86,7 +102,7 @@ def eval_per_view_rate(p: dict, n_videos: int) -> dict:
                 x = sampling.resize_short(sampling.frames_tensor(frames), t["short_side"])
                 y0, x0 = sampling.crop_boxes(*x.shape[-2:], t["multi_crop_size"], 3)[k]
                 s = t["multi_crop_size"]
-                views.append(x[..., y0:y0 + s, x0:x0 + s].permute(1, 0, 2, 3).contiguous())
+                views.append(x[..., y0 : y0 + s, x0 : x0 + s].permute(1, 0, 2, 3).contiguous())
         return torch.stack(views)
 
     one(ds.entries[0])
@@ -116,8 +132,13 @@ def main() -> int:
     prepare(pv, progress=False)
     prepare(pf, progress=False)
     res = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "torch_threads_main": torch.get_num_threads(), "loadavg_start": os.getloadavg()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "torch_threads_main": torch.get_num_threads(),
+            "loadavg_start": os.getloadavg(),
+        },
         "dataset": "embedded Kinetics-style (160x120 h264, 48-72 frames), upscaled to short side 256-320",
         "train_workers": args.workers,
     }
@@ -130,11 +151,14 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     md = [
-        "# Data throughput (embedded dataset)", "",
+        "# Data throughput (embedded dataset)",
+        "",
         f"Machine: {res['machine']['cpus']} CPUs, {res['machine']['platform']}, torch {res['machine']['torch']}; "
         f"load average at start {np.round(res['machine']['loadavg_start'], 1).tolist()} (other jobs running "
-        f"lower these numbers).", "",
-        "| measurement | rate |", "|---|---|",
+        f"lower these numbers).",
+        "",
+        "| measurement | rate |",
+        "|---|---|",
         f"| train clips/s, 8x224^2, {args.workers} workers, videos (decord) | {res['train_video']['clips_per_s']:.1f} |",
         f"| train clips/s, 8x224^2, {args.workers} workers, JPEG frames | {res['train_frames']['clips_per_s']:.1f} |",
         f"| eval videos/s, 10x3 views of 256^2, decode once | {res['eval_10x3_decode_once']['videos_per_s']:.2f} |",

@@ -12,6 +12,7 @@ iteration is reported too). CUDA peak memory = ``torch.cuda.max_memory_allocated
 FLOPs per clip for MFU = 3 × 2 × (counted MACs of one forward) (backward ≈ 2 × forward);
 MFU = achieved FLOP/s / (``--peak-tflops`` × 1e12); default 989 = H100 SXM dense bf16.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,12 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="device peak for MFU (989 = H100 SXM bf16 dense)")
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/model_throughput_<device>)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="device peak for MFU (989 = H100 SXM bf16 dense)"
+    )
+    p.add_argument(
+        "--out", default=None, help="output stem (default benchmarks/results/model_throughput_<device>)"
+    )
     p.add_argument("--single", nargs=2, metavar=("MODEL", "FORMULATION"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -111,8 +115,10 @@ def run_single(args) -> dict:
     flops_per_clip = 3 * 2 * macs
     achieved = clips_per_s * flops_per_clip
     out = {
-        "model": exp_id, "formulation": formulation,
-        "clips_per_s": round(clips_per_s, 3), "sec_per_iter": round(elapsed / args.iters, 3),
+        "model": exp_id,
+        "formulation": formulation,
+        "clips_per_s": round(clips_per_s, 3),
+        "sec_per_iter": round(elapsed / args.iters, 3),
         "gmacs_fwd_per_clip": round(macs / 1e9, 3),
         "achieved_tflops": round(achieved / 1e12, 4),
     }
@@ -138,9 +144,24 @@ def main(argv=None) -> int:
 
     stem = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"model_throughput_{args.device}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    passthrough = ["--device", args.device, "--batch", str(args.batch), "--frames", str(args.frames),
-                   "--crop", str(args.crop), "--warmup", str(args.warmup), "--iters", str(args.iters),
-                   "--amp", args.amp, "--peak-tflops", str(args.peak_tflops)]
+    passthrough = [
+        "--device",
+        args.device,
+        "--batch",
+        str(args.batch),
+        "--frames",
+        str(args.frames),
+        "--crop",
+        str(args.crop),
+        "--warmup",
+        str(args.warmup),
+        "--iters",
+        str(args.iters),
+        "--amp",
+        args.amp,
+        "--peak-tflops",
+        str(args.peak_tflops),
+    ]
     if args.channels_last:
         passthrough.append("--channels-last")
     if args.compile:
@@ -150,24 +171,35 @@ def main(argv=None) -> int:
     results = []
     configs = [(m, f) for m in args.models for f in args.formulations]
     for model, form in tqdm(configs, desc="model throughput"):
-        proc = subprocess.run([sys.executable, __file__, "--single", model, form, *passthrough],
-                              capture_output=True, text=True, cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--single", model, form, *passthrough],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             results.append({"model": model, "formulation": form, "error": proc.stderr.strip()[-2000:]})
             tqdm.write(f"{model} {form}: FAILED\n{proc.stderr[-2000:]}")
             continue
-        results.append(json.loads(line[0][len("RESULT "):]))
+        results.append(json.loads(line[0][len("RESULT ") :]))
         tqdm.write(json.dumps(results[-1]))
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": args.device,
-        "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
         "threads": args.threads or torch.get_num_threads(),
-        "batch": args.batch, "frames": args.frames, "crop": args.crop,
-        "warmup": args.warmup, "iters": args.iters, "amp": args.amp,
-        "channels_last": args.channels_last, "compile": args.compile,
+        "batch": args.batch,
+        "frames": args.frames,
+        "crop": args.crop,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
         "peak_tflops": args.peak_tflops if args.device == "cuda" else None,
         "step": "forward + cross-entropy + backward (no optimizer step), train mode",
         "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
@@ -179,12 +211,16 @@ def main(argv=None) -> int:
 
 
 def to_markdown(meta: dict, results: list[dict]) -> str:
-    lines = [f"# Model throughput ({meta['device']}, {meta['date']})", "",
-             f"Batch {meta['batch']} × {meta['frames']}×{meta['crop']}², {meta['step']}; "
-             f"amp {meta['amp']}, channels-last {meta['channels_last']}, compile {meta['compile']}; "
-             f"torch {meta['torch']}, {meta['threads']} threads on {meta['cpu_count']} CPUs "
-             f"({meta['cpu']}); {meta['warmup']} warm-up + {meta['iters']} timed iterations; "
-             f"load average at the end {meta['load_average_1_5_15']}.", ""]
+    lines = [
+        f"# Model throughput ({meta['device']}, {meta['date']})",
+        "",
+        f"Batch {meta['batch']} × {meta['frames']}×{meta['crop']}², {meta['step']}; "
+        f"amp {meta['amp']}, channels-last {meta['channels_last']}, compile {meta['compile']}; "
+        f"torch {meta['torch']}, {meta['threads']} threads on {meta['cpu_count']} CPUs "
+        f"({meta['cpu']}); {meta['warmup']} warm-up + {meta['iters']} timed iterations; "
+        f"load average at the end {meta['load_average_1_5_15']}.",
+        "",
+    ]
     cuda = meta["device"] == "cuda"
     head = "| model | formulation | clips/s | s/iter | peak memory MB | GMACs/clip (fwd) | TFLOP/s |"
     head += " MFU |" if cuda else " RSS before MB |"
@@ -194,10 +230,15 @@ def to_markdown(meta: dict, results: list[dict]) -> str:
             lines.append(f"| {r['model']} | {r['formulation']} | failed | | | | | |")
             continue
         last = f"{100 * r['mfu']:.1f}%" if cuda else f"{r['rss_before_mb']:.0f}"
-        lines.append(f"| {r['model']} | {r['formulation']} | {r['clips_per_s']:.3f} | {r['sec_per_iter']:.2f} "
-                     f"| {r['peak_mem_mb']:.0f} | {r['gmacs_fwd_per_clip']:.2f} | {r['achieved_tflops']:.3f} | {last} |")
-    lines += ["", f"Memory: {results[0].get('mem_method', '')}." if results else "",
-              "FLOPs per clip = 3 × 2 × forward MACs (model_info's counting)."]
+        lines.append(
+            f"| {r['model']} | {r['formulation']} | {r['clips_per_s']:.3f} | {r['sec_per_iter']:.2f} "
+            f"| {r['peak_mem_mb']:.0f} | {r['gmacs_fwd_per_clip']:.2f} | {r['achieved_tflops']:.3f} | {last} |"
+        )
+    lines += [
+        "",
+        f"Memory: {results[0].get('mem_method', '')}." if results else "",
+        "FLOPs per clip = 3 × 2 × forward MACs (model_info's counting).",
+    ]
     if cuda:
         lines.append(f"MFU = achieved FLOP/s / {meta['peak_tflops']} TFLOP/s.")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ peak (H100/H200 SXM: 989 TFLOP/s) for every mode (fp32 uses TF32 tensor cores), 
   python benchmarks/train_throughput.py                       # CPU, writes results/train_throughput_cpu.*
   python benchmarks/train_throughput.py --device cuda         # GPU, writes results/train_throughput_cuda.*
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,16 @@ CPU_EXPERIMENTS = ["k400-r23-c2d", "k400-r23-sb-full", "k400-r50-sb-full", "sthv
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
 
 
-def measure(params: dict, device: torch.device, batch: int, amp: str, channels_last: bool,
-            compile_: bool, warmup: int, iters: int) -> dict:
+def measure(
+    params: dict,
+    device: torch.device,
+    batch: int,
+    amp: str,
+    channels_last: bool,
+    compile_: bool,
+    warmup: int,
+    iters: int,
+) -> dict:
     torch.manual_seed(0)
     model = build_model(params["model"])
     cl_input = apply_channels_last(model) if channels_last else False
@@ -84,8 +93,14 @@ def measure(params: dict, device: torch.device, batch: int, amp: str, channels_l
     dt = time.perf_counter() - t0
     if not torch.isfinite(loss):
         raise RuntimeError("non-finite loss in the benchmark")
-    out = {"clips_per_s": batch * iters / dt, "step_ms": 1000 * dt / iters, "batch": batch,
-           "amp": amp_eff, "channels_last": channels_last, "compile": compile_}
+    out = {
+        "clips_per_s": batch * iters / dt,
+        "step_ms": 1000 * dt / iters,
+        "batch": batch,
+        "amp": amp_eff,
+        "channels_last": channels_last,
+        "compile": compile_,
+    }
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -95,15 +110,37 @@ def write(results: dict, stem: str) -> None:
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"# {stem}", "", f"device: {results['device']}; torch {results['torch']}; "
-             f"{results['date']}; load average at start {results.get('load_average_at_start')}", ""]
+    lines = [
+        f"# {stem}",
+        "",
+        f"device: {results['device']}; torch {results['torch']}; "
+        f"{results['date']}; load average at start {results.get('load_average_at_start')}",
+        "",
+    ]
     rows = results["rows"]
-    cols = [c for c in ("experiment", "mode", "batch", "T", "crop", "gmacs_224", "clips_per_s",
-                        "step_ms", "mfu_pct", "peak_mem_gb") if any(c in r for r in rows)]
+    cols = [
+        c
+        for c in (
+            "experiment",
+            "mode",
+            "batch",
+            "T",
+            "crop",
+            "gmacs_224",
+            "clips_per_s",
+            "step_ms",
+            "mfu_pct",
+            "peak_mem_gb",
+        )
+        if any(c in r for r in rows)
+    ]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-                                       for c in cols) + " |")
+        lines.append(
+            "| "
+            + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+            + " |"
+        )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -123,11 +160,15 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "load_average_at_start": [round(x, 2) for x in __import__("os").getloadavg()],
-               "rows": []}
+    results = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_at_start": [round(x, 2) for x in __import__("os").getloadavg()],
+        "rows": [],
+    }
     if device.type == "cpu":
         overlay = config.REPO_ROOT / "params" / "embedded.yaml"
         for exp in args.experiments or CPU_EXPERIMENTS:
@@ -135,8 +176,13 @@ def main(argv=None) -> int:
             batch = args.batch or p["train"]["per_gpu_batch"]
             r = measure(p, device, batch, "none", False, False, args.warmup or 1, args.iters or 3)
             info = model_info(p)
-            r.update(experiment=exp, mode="fp32", T=p["data"]["num_frames"], crop=p["data"]["crop_size"],
-                     gmacs_224=info["gmacs_224"])
+            r.update(
+                experiment=exp,
+                mode="fp32",
+                T=p["data"]["num_frames"],
+                crop=p["data"]["crop_size"],
+                gmacs_224=info["gmacs_224"],
+            )
             print(json.dumps(r), flush=True)
             results["rows"].append(r)
     else:
@@ -153,8 +199,16 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             amp = "bf16" if "bf16" in mode else "none"
             try:
-                r = measure(p, device, batch, amp, "+cl" in mode, "compile" in mode,
-                            args.warmup or (15 if "compile" in mode else 5), args.iters or 20)
+                r = measure(
+                    p,
+                    device,
+                    batch,
+                    amp,
+                    "+cl" in mode,
+                    "compile" in mode,
+                    args.warmup or (15 if "compile" in mode else 5),
+                    args.iters or 20,
+                )
             except Exception as e:  # report, keep the other modes
                 r = {"error": f"{type(e).__name__}: {e}"[:500]}
             r.update(experiment="k400-r50-sb-full", mode=mode, T=8, crop=224, gmacs_224=info["gmacs_224"])

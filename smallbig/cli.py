@@ -9,6 +9,7 @@
   plan        jobs and GPU-hours of the workflow              (smallbig/spec/plan.py)
   report ...  tables, figures, feature maps, HTML report     (smallbig/analysis/cli.py)
 """
+
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,7 @@ Merge rule: mappings merge key by key; lists and scalars are replaced; each entr
 
 Every problem raises :class:`ParamsError` whose message names the file, the key and the problem.
 """
+
 from __future__ import annotations
 
 import copy
@@ -89,8 +90,15 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _type_name(value) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number",
-            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def deep_merge(base: dict, override: dict, _path: tuple = ()) -> dict:
@@ -131,8 +139,9 @@ def _apply_overlay(params: dict, overlay_path: Path) -> dict:
         )
     for section in ("all", "kinetics400", "sthv1", "sthv2", "experiments"):
         if not isinstance(overlay.get(section) or {}, dict):
-            raise ParamsError(f"{overlay_path}: {section}: must be a mapping, got "
-                              f"{_type_name(overlay[section])}")
+            raise ParamsError(
+                f"{overlay_path}: {section}: must be a mapping, got {_type_name(overlay[section])}"
+            )
     out = deep_merge(params, overlay.get("all") or {})
     data = params.get("data")
     dataset = data.get("dataset") if isinstance(data, dict) else None
@@ -140,8 +149,9 @@ def _apply_overlay(params: dict, overlay_path: Path) -> dict:
         out = deep_merge(out, overlay[dataset] or {})
     per_exp = (overlay.get("experiments") or {}).get(params.get("id"))
     if per_exp is not None and not isinstance(per_exp, dict):
-        raise ParamsError(f"{overlay_path}: experiments.{params.get('id')}: must be a mapping, got "
-                          f"{_type_name(per_exp)}")
+        raise ParamsError(
+            f"{overlay_path}: experiments.{params.get('id')}: must be a mapping, got {_type_name(per_exp)}"
+        )
     if per_exp:
         out = deep_merge(out, per_exp)
     return out
@@ -185,8 +195,9 @@ def _schema_check(instance: Any, sub_schema: dict, source: str | Path, prefix: t
         if e.validator == "additionalProperties" and isinstance(e.instance, dict):
             allowed = sorted(e.schema.get("properties", {}))
             extra = sorted(set(e.instance) - set(allowed))
-            what = _UNKNOWN.get(tuple(map(str, path[-2:])), _UNKNOWN.get(str(path[-1]) if path else "",
-                                                                          "unknown key(s)"))
+            what = _UNKNOWN.get(
+                tuple(map(str, path[-2:])), _UNKNOWN.get(str(path[-1]) if path else "", "unknown key(s)")
+            )
             msg = f"{what} {', '.join(map(repr, extra))} (allowed: {', '.join(allowed)})"
         lines.append(f"{source}: {_key(path)}: {msg}")
     more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
@@ -220,7 +231,7 @@ def feature_size(crop: int, stage: str) -> int:
     """Spatial size of a stage's output for a square input crop (stem /4, stride-2 convs after)."""
     size = -(-crop // 2)  # conv1 7x7 stride 2 pad 3
     size = -(-size // 2)  # max-pool 3x3 stride 2 pad 1
-    for _name in STAGES[1:STAGES.index(stage) + 1]:
+    for _name in STAGES[1 : STAGES.index(stage) + 1]:
         size = -(-size // 2)
     return size
 
@@ -236,7 +247,8 @@ def _check_pretrained_set(p: dict, source: str) -> None:
             f"{source}: model.pretrained: not set ({'null' if 'pretrained' in model else 'missing'}); "
             f"every training says what it starts from: a name declared under pretrained_weights "
             f"({names}), the path of a local torchvision-format .pth file, or `none` to train "
-            f"from scratch")
+            f"from scratch"
+        )
 
 
 def _check_pretrained(p: dict, source: str) -> None:
@@ -247,7 +259,8 @@ def _check_pretrained(p: dict, source: str) -> None:
         if entry["file"] in files:
             raise ParamsError(
                 f"{source}: pretrained_weights.{name}.file: {entry['file']} is also "
-                f"pretrained_weights.{files[entry['file']]}'s file; each name needs its own file")
+                f"pretrained_weights.{files[entry['file']]}'s file; each name needs its own file"
+            )
         files[entry["file"]] = name
     value, depth = p["model"]["pretrained"], p["model"]["depth"]
     kind = classify(value, declared)
@@ -255,12 +268,14 @@ def _check_pretrained(p: dict, source: str) -> None:
         raise ParamsError(
             f"{source}: model.pretrained: {value!r} is not declared under pretrained_weights "
             f"(declared: {', '.join(sorted(declared)) or 'none'}) and is not a path (a path has a "
-            f"'/' or a .pth/.pt suffix); use `none` to train from scratch")
+            f"'/' or a .pth/.pt suffix); use `none` to train from scratch"
+        )
     if kind == "name" and declared[value]["depth"] != SOURCE_DEPTH[depth]:
         raise ParamsError(
             f"{source}: model.pretrained: {value} holds a ResNet-{declared[value]['depth']}, but an "
             f"R{depth} model loads ResNet-{SOURCE_DEPTH[depth]} weights (R23 takes the first "
-            f"blocks of each ResNet-50 stage)")
+            f"blocks of each ResNet-50 stage)"
+        )
 
 
 def _check_stages(model: dict, source: str, frames: int | None = None, crop: int | None = None) -> None:
@@ -271,9 +286,13 @@ def _check_stages(model: dict, source: str, frames: int | None = None, crop: int
         st = model["stages"][name]
         key = f"model.stages.{name}"
         if st["block"] != "smallbig" and "smallbig" in st:
-            raise ParamsError(f"{source}: {key}.smallbig: given, but the stage's block is {st['block']!r} (needs 'smallbig')")
+            raise ParamsError(
+                f"{source}: {key}.smallbig: given, but the stage's block is {st['block']!r} (needs 'smallbig')"
+            )
         if st["block"] == "smallbig" and not st.get("smallbig"):
-            raise ParamsError(f"{source}: {key}.smallbig: block 'smallbig' needs at least one of conv1/conv2/conv3 with its pooling")
+            raise ParamsError(
+                f"{source}: {key}.smallbig: block 'smallbig' needs at least one of conv1/conv2/conv3 with its pooling"
+            )
         for conv, pool in (st.get("smallbig") or {}).items():
             kt, kh, kw = pool
             # A window wider than 2*size-1 covers the whole axis from every position: it is the
@@ -281,16 +300,19 @@ def _check_stages(model: dict, source: str, frames: int | None = None, crop: int
             if frames is not None and kt != "T" and kt > 2 * frames - 1:
                 raise ParamsError(
                     f"{source}: {key}.smallbig.{conv}: temporal pooling {kt} is larger than the "
-                    f"input's {frames} frames allow (at most {2 * frames - 1}; use T for global pooling)")
+                    f"input's {frames} frames allow (at most {2 * frames - 1}; use T for global pooling)"
+                )
             if crop is not None:
                 feat = feature_size(crop, name)
                 if max(kh, kw) > 2 * feat - 1:
                     raise ParamsError(
                         f"{source}: {key}.smallbig.{conv}: pooling {kh}x{kw} is larger than the {name} "
-                        f"feature map ({feat}x{feat} at crop {crop}; at most {2 * feat - 1})")
+                        f"feature map ({feat}x{feat} at crop {crop}; at most {2 * feat - 1})"
+                    )
             if (kt != "T" and kt % 2 == 0) or kh % 2 == 0 or kw % 2 == 0:
                 raise ParamsError(
-                    f"{source}: {key}.smallbig.{conv}: pooling sizes must be odd ('same' padding), got {pool}")
+                    f"{source}: {key}.smallbig.{conv}: pooling sizes must be odd ('same' padding), got {pool}"
+                )
 
 
 def _semantic_checks(p: dict, source: str) -> None:

@@ -1,4 +1,5 @@
 """`smallbig params ...`: list, validate and resolve experiment params."""
+
 from __future__ import annotations
 
 import argparse

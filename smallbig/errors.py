@@ -8,6 +8,7 @@
 
 Each message names the file (and line) and the problem. A subclass may set `label` (printed
 as `smallbig COMMAND: LABEL: message`)."""
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@ on a FIFO blocks until a writer appears, forever in a batch job; a device or soc
 a list, a params file, a checkpoint or a scores file means), and the one atomic-write helper every
 output goes through (`atomic_write*`: temporary file, fsync, rename; a full disk is one clear
 OutputWriteError)."""
+
 from __future__ import annotations
 
 import errno
@@ -25,18 +26,26 @@ def not_regular(path: str | Path) -> str | None:
         return f"unreadable ({e.strerror or e})"
     if stat.S_ISREG(mode):
         return None
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
 
 
 # --------------------------------------------------------------------------- atomic writes
-_WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-                 errno.EFBIG: "file size limit exceeded", errno.EIO: "I/O error",
-                 errno.EROFS: "read-only file system"}
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit exceeded",
+    errno.EIO: "I/O error",
+    errno.EROFS: "read-only file system",
+}
 
 
 def write_failure(e: BaseException, directory: str | Path) -> str | None:
@@ -52,8 +61,9 @@ def write_failure(e: BaseException, directory: str | Path) -> str | None:
             return _WRITE_ERRNOS.get(x.errno, x.strerror or os.strerror(x.errno))
         x = x.__cause__ or x.__context__
     text = str(e).lower()
-    if isinstance(e, RuntimeError) and any(p in text for p in (
-            "unexpected pos", "file write failed", "iostream error", "write failed")):
+    if isinstance(e, RuntimeError) and any(
+        p in text for p in ("unexpected pos", "file write failed", "iostream error", "write failed")
+    ):
         try:
             st = os.statvfs(directory)
             if st.f_bavail * st.f_frsize < (1 << 20):
@@ -91,8 +101,9 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object], *, keep_previous: Path | None = None,
-                 what: str = "it") -> Path:
+def atomic_write(
+    path: str | Path, write: Callable[[Path], object], *, keep_previous: Path | None = None, what: str = "it"
+) -> Path:
     """`write(tmp)` into a temporary file beside `path`, fsync, then rename over `path` (atomic on
     POSIX): a process killed at any moment leaves the old file or the new one, never half of one.
     `keep_previous`: first rename the file being replaced to this path. A write failure (disk
@@ -115,8 +126,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, keep_prev
             why = write_failure(e, path.parent)
             if why is None:
                 raise
-            raise OutputWriteError(f"{path}: {why} while writing {what} ({first_os_error(e)}); "
-                                   f"nothing was replaced, no partial file left") from None
+            raise OutputWriteError(
+                f"{path}: {why} while writing {what} ({first_os_error(e)}); "
+                f"nothing was replaced, no partial file left"
+            ) from None
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)

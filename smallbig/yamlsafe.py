@@ -16,6 +16,7 @@ the file abuse the reader.
 Nothing here imports anything heavy; the checks run on the composed node graph, before any
 Python object is built, so a 1 KB alias bomb costs microseconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,12 +50,15 @@ def read_text(path: Path, max_bytes: int = MAX_BYTES) -> str:
     if kind == "missing":
         raise YamlInputError(f"{path}: file not found")
     if kind:
-        raise YamlInputError(f"{path}: is {kind}, not a YAML file" if kind.startswith("a ")
-                             else f"{path}: {kind}")
+        raise YamlInputError(
+            f"{path}: is {kind}, not a YAML file" if kind.startswith("a ") else f"{path}: {kind}"
+        )
     st = os.stat(path)
     if st.st_size > max_bytes:
-        raise YamlInputError(f"{path}: {st.st_size / 1e6:.1f} MB; a YAML input may be at most "
-                             f"{max_bytes / 1e6:g} MB (is this the right file?)")
+        raise YamlInputError(
+            f"{path}: {st.st_size / 1e6:.1f} MB; a YAML input may be at most "
+            f"{max_bytes / 1e6:g} MB (is this the right file?)"
+        )
     try:
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
@@ -66,8 +70,10 @@ def read_text(path: Path, max_bytes: int = MAX_BYTES) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise YamlInputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                             f"{e.start}); is this a binary file?") from None
+        raise YamlInputError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+            f"{e.start}); is this a binary file?"
+        ) from None
     if "\x00" in text:
         line = text[: text.index("\x00")].count("\n") + 1
         raise YamlInputError(f"{path}:{line}: contains NUL bytes; is this a binary file?")
@@ -84,16 +90,26 @@ def _construct_mapping(loader: _Loader, node: MappingNode, deep: bool = False) -
         if key_node.tag == _MERGE_TAG:
             continue
         if not isinstance(key_node, ScalarNode):
-            raise ConstructorError(None, None, "a mapping key must be a plain string, not a "
-                                   f"{'list' if isinstance(key_node, SequenceNode) else 'mapping'}",
-                                   key_node.start_mark)
+            raise ConstructorError(
+                None,
+                None,
+                "a mapping key must be a plain string, not a "
+                f"{'list' if isinstance(key_node, SequenceNode) else 'mapping'}",
+                key_node.start_mark,
+            )
         key = loader.construct_object(key_node)
         if not isinstance(key, str):
-            raise ConstructorError(None, None, f"key {_short(key)} is not a string (quote it)",
-                                   key_node.start_mark)
+            raise ConstructorError(
+                None, None, f"key {_short(key)} is not a string (quote it)", key_node.start_mark
+            )
         if key in seen:
-            raise ConstructorError(None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); "
-                                   "YAML would silently keep the last value", key_node.start_mark)
+            raise ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {seen[key] + 1}); "
+                "YAML would silently keep the last value",
+                key_node.start_mark,
+            )
         seen[key] = key_node.start_mark.line
     loader.flatten_mapping(node)
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
@@ -102,8 +118,9 @@ def _construct_mapping(loader: _Loader, node: MappingNode, deep: bool = False) -
 def _construct_float(loader: _Loader, node: ScalarNode) -> float:
     value = yaml.SafeLoader.construct_yaml_float(loader, node)
     if not math.isfinite(value):
-        raise ConstructorError(None, None, f"{node.value!r}: NaN and infinity are not allowed",
-                               node.start_mark)
+        raise ConstructorError(
+            None, None, f"{node.value!r}: NaN and infinity are not allowed", node.start_mark
+        )
     return value
 
 
@@ -124,8 +141,12 @@ def _check_graph(root: Node, max_nodes: int, max_depth: int) -> None:
         if k in size:
             return size[k]
         if k in active:
-            raise ConstructorError(None, None, "an alias refers to the node that contains it "
-                                   "(a recursive structure)", node.start_mark)
+            raise ConstructorError(
+                None,
+                None,
+                "an alias refers to the node that contains it (a recursive structure)",
+                node.start_mark,
+            )
         active.add(k)
         n = 1
         if isinstance(node, SequenceNode):
@@ -140,8 +161,12 @@ def _check_graph(root: Node, max_nodes: int, max_depth: int) -> None:
                     break
         active.discard(k)
         if n > max_nodes:
-            raise ConstructorError(None, None, f"expands to more than {max_nodes:,} values through "
-                                   "aliases/anchors (an alias bomb?)", node.start_mark)
+            raise ConstructorError(
+                None,
+                None,
+                f"expands to more than {max_nodes:,} values through aliases/anchors (an alias bomb?)",
+                node.start_mark,
+            )
         size[k] = n
         return n
 
@@ -174,8 +199,10 @@ def parse(text: str, path, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPT
         return loader.construct_document(root)
     except yaml.reader.ReaderError as e:
         line = text[: e.position].count("\n") + 1
-        raise YamlInputError(f"{path}:{line}: character #x{e.character:04x} is not allowed in YAML "
-                             "(a control character; is this a binary file?)") from None
+        raise YamlInputError(
+            f"{path}:{line}: character #x{e.character:04x} is not allowed in YAML "
+            "(a control character; is this a binary file?)"
+        ) from None
     except yaml.YAMLError as e:
         raise YamlInputError(_where(path, e)) from None
     except RecursionError:

@@ -3,6 +3,7 @@
 `embedded_run` (session scope): ONE `snakemake --profile embedded` run (every table and
 figure) in a scratch copy of the repository, shared by tests/test_workflow_e2e.py and
 tests/test_report_workflow.py; returns (copy, wall seconds)."""
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,9 @@ def embedded_run(tmp_path_factory):
 
     root = copy_repo(tmp_path_factory.mktemp("embedded") / "repo")
     t0 = time.time()
-    snakemake(root, "--profile", "embedded", timeout=3600,
-              MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+    snakemake(
+        root, "--profile", "embedded", timeout=3600, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}"
+    )
     seconds = time.time() - t0
     (root / "embedded-wall-seconds.txt").write_text(f"{seconds:.0f}\n")
     print(f"\nembedded workflow: {seconds:.0f} s")

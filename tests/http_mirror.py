@@ -6,6 +6,7 @@ dropped half way on demand, and a log of the requests.
         handler.ignore_range = True          # answer 200 with the whole file to any Range
         ... handler.log == [("a.bin", None), ("a.bin", "bytes=1000-")]
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,10 +18,10 @@ from pathlib import Path
 
 class Mirror(http.server.BaseHTTPRequestHandler):
     root: Path
-    drop_first: dict = {}   # relative path -> bytes sent before the first response is cut off
-    ignore_range = False    # a server that does not support Range
-    log_head = True         # log HEAD requests too
-    log: list = []          # (relative path, Range header)
+    drop_first: dict = {}  # relative path -> bytes sent before the first response is cut off
+    ignore_range = False  # a server that does not support Range
+    log_head = True  # log HEAD requests too
+    log: list = []  # (relative path, Range header)
 
     def log_message(self, *a):  # quiet
         pass
@@ -70,8 +71,11 @@ class Mirror(http.server.BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def serve(root: str | Path, log_head: bool = True):
     """Yield (base URL, handler class) of a fresh server for the files under `root`."""
-    handler = type("H", (Mirror,), {"root": Path(root), "drop_first": {}, "log": [],
-                                    "ignore_range": False, "log_head": log_head})
+    handler = type(
+        "H",
+        (Mirror,),
+        {"root": Path(root), "drop_first": {}, "log": [], "ignore_range": False, "log_head": log_head},
+    )
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()

@@ -1,6 +1,7 @@
 """The structure docs/architecture.md promises, checked on the source: packages depend one way
 (spec below models/data, below engine, below analysis; the CLI edge above all), no import cycle
 between modules, and no function in the engine over 80 lines."""
+
 from __future__ import annotations
 
 import ast
@@ -87,8 +88,10 @@ def test_layers_point_one_way():
 
 
 def test_no_import_cycle_between_modules():
-    graph = {m: {i for i in _imports(p, top_level_only=True) if i in MODULES and i != m}
-             for m, p in MODULES.items()}
+    graph = {
+        m: {i for i in _imports(p, top_level_only=True) if i in MODULES and i != m}
+        for m, p in MODULES.items()
+    }
     state: dict[str, int] = {}
     cycles = []
 
@@ -96,7 +99,7 @@ def test_no_import_cycle_between_modules():
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                cycles.append(" -> ".join(stack[stack.index(n):] + [n]))
+                cycles.append(" -> ".join(stack[stack.index(n) :] + [n]))
             elif n not in state:
                 visit(n, stack + [n])
         state[m] = 2

@@ -19,6 +19,7 @@
 A SIGTERM in the first second of `smallbig train` ending in exit 3 is
 tests/test_stopping.py::test_cli_sigterm_right_after_start_exits_3.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,16 +47,33 @@ pytestmark = pytest.mark.slow  # end to end: CLI subprocesses, MLflow servers, a
 SMALLBIG = [sys.executable, "-m", "smallbig"]
 REPO = Path(__file__).resolve().parents[1]
 # MLflow skips telemetry by itself when it sees a CI or pytest variable: the telemetry test drops them
-CI_VARS = ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL",
-           "TRAVIS", "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE",
-           "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME",
-           "RUNBOT_WORKER_ID")
+CI_VARS = (
+    "PYTEST_CURRENT_TEST",
+    "GITHUB_ACTIONS",
+    "CI",
+    "CIRCLECI",
+    "GITLAB_CI",
+    "JENKINS_URL",
+    "TRAVIS",
+    "TF_BUILD",
+    "BITBUCKET_BUILD_NUMBER",
+    "CODEBUILD_BUILD_ARN",
+    "BUILDKITE",
+    "TEAMCITY_VERSION",
+    "CLOUD_RUN_EXECUTION",
+    "RUNBOT_HOST_URL",
+    "RUNBOT_BUILD_NAME",
+    "RUNBOT_WORKER_ID",
+)
 
 
 def _env(**over) -> dict:
     """The jobs' environment: one thread (bitwise-repeatable runs), no inherited MLflow settings."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "SMALLBIG_NO_MLFLOW") and not k.startswith("MLFLOW_HTTP")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "SMALLBIG_NO_MLFLOW") and not k.startswith("MLFLOW_HTTP")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.update({k: v for k, v in over.items() if v is not None})
     for k in [k for k, v in over.items() if v is None]:
@@ -71,25 +89,38 @@ def toy(tmp_path_factory):
     from smallbig.data.toy import make_toy
 
     root = tmp_path_factory.mktemp("cluster-faults")
-    make_toy(root / "src", datasets=("kinetics400",), per_class={"train": 4, "val": 2, "test": 1},
-             progress=False)
-    p = config.load_params(config.experiment_path("k400-r23-sb-full"),
-                           config.REPO_ROOT / "params" / "embedded.yaml")
-    p["data"].update(root=str(root / "k400"), source={"base_url": str(root / "src" / "kinetics400")},
-                     crop_size=48, train_short_side=[52, 60], frame_stride=2, num_workers=0)
+    make_toy(
+        root / "src", datasets=("kinetics400",), per_class={"train": 4, "val": 2, "test": 1}, progress=False
+    )
+    p = config.load_params(
+        config.experiment_path("k400-r23-sb-full"), config.REPO_ROOT / "params" / "embedded.yaml"
+    )
+    p["data"].update(
+        root=str(root / "k400"),
+        source={"base_url": str(root / "src" / "kinetics400")},
+        crop_size=48,
+        train_short_side=[52, 60],
+        frame_stride=2,
+        num_workers=0,
+    )
     p["model"].update(base_width=4, pretrained="none")
     p["test"].update(short_side=52, multi_crop_size=52, single_crop_size=48, batch_size=4)
-    p["train"].update(epochs=2, batch_size=4, per_gpu_batch=2, lr=0.05, checkpoint_every_iters=3,
-                      val_every_epochs=1, seed=0)
+    p["train"].update(
+        epochs=2, batch_size=4, per_gpu_batch=2, lr=0.05, checkpoint_every_iters=3, val_every_epochs=1, seed=0
+    )
     prepare(p, progress=False, workers=1)
     config.validate(p)
     config.dump_params(p, root / "params.yaml")
     p3 = dict(p, train=dict(p["train"], epochs=3))
     config.dump_params(p3, root / "params3.yaml")
     t0 = time.time()
-    res = subprocess.run(SMALLBIG + ["train", str(root / "params.yaml"), "--out", str(root / "ref"),
-                                     "--no-progress"], capture_output=True, text=True,
-                         env=_env(SMALLBIG_NO_MLFLOW="1"), timeout=600)
+    res = subprocess.run(
+        SMALLBIG + ["train", str(root / "params.yaml"), "--out", str(root / "ref"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=_env(SMALLBIG_NO_MLFLOW="1"),
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     (root / "ref-seconds.txt").write_text(f"{time.time() - t0:.2f}\n")
     return root
@@ -155,9 +186,13 @@ def _start_gated(tmp_path, args, gate_at, **env):
     gate.mkdir(exist_ok=True)
     script = tmp_path / "gated_train.py"
     script.write_text(GATED)
-    proc = subprocess.Popen([sys.executable, str(script), *args],
-                            env=_env(GATE_DIR=str(gate), GATE_AT=",".join(map(str, gate_at)), **env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        env=_env(GATE_DIR=str(gate), GATE_AT=",".join(map(str, gate_at)), **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, gate
 
 
@@ -188,9 +223,12 @@ def test_server_killed_mid_training_training_finishes_and_reports_the_gap(toy, t
     uri = server.start()
     out = tmp_path / "run"
     try:
-        proc, gate = _start_gated(tmp_path, ["train", str(toy / "params3.yaml"), "--out", str(out),
-                                             "--no-progress"], [CLIPS_PER_EPOCH + 1],
-                                  MLFLOW_TRACKING_URI=uri)
+        proc, gate = _start_gated(
+            tmp_path,
+            ["train", str(toy / "params3.yaml"), "--out", str(out), "--no-progress"],
+            [CLIPS_PER_EPOCH + 1],
+            MLFLOW_TRACKING_URI=uri,
+        )
         _wait_gate(gate, CLIPS_PER_EPOCH + 1, proc)  # epoch 1 done and sent, epoch 2 starting
         server.proc.kill()  # the server dies (SIGKILL: no clean shutdown)
         server.proc.wait()
@@ -207,14 +245,15 @@ def test_server_killed_mid_training_training_finishes_and_reports_the_gap(toy, t
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1, 2, 3]
     run_id = json.loads((out / "train_metrics.json").read_text())["mlflow_run_id"]
     log = (out / "train.log").read_text()
-    assert f"WARNING: MLflow store {uri} unreachable (connection refused) while sending metrics (step 2) " \
-           f"of run {run_id}" in log, log
+    assert (
+        f"WARNING: MLflow store {uri} unreachable (connection refused) while sending metrics (step 2) "
+        f"of run {run_id}" in log
+    ), log
     assert f"WARNING: MLflow store {uri} still unreachable at the end" in log, log
     assert "loss" in log and "step(s) 2, 3" in log and "artifact(s) history.json, train_metrics.json" in log
     unsent = json.loads((out / "mlflow-unsent.json").read_text())
     assert unsent["run_id"] == run_id and unsent["tracking_uri"] == uri
-    steps = sorted({m["step"] for r in unsent["records"] for m in r.get("metrics", [])
-                    if m["key"] == "loss"})
+    steps = sorted({m["step"] for r in unsent["records"] for m in r.get("metrics", []) if m["key"] == "loss"})
     assert steps == [2, 3]
     assert {"terminate": "FINISHED"} in unsent["records"]
     # the server's store got epoch 1 (sent before the kill), nothing after
@@ -234,9 +273,13 @@ def test_server_back_later_gets_the_kept_metrics(toy, tmp_path):
     out = tmp_path / "run"
     g2, g3 = CLIPS_PER_EPOCH + 1, 2 * CLIPS_PER_EPOCH + 1
     try:
-        proc, gate = _start_gated(tmp_path, ["train", str(toy / "params3.yaml"), "--out", str(out),
-                                             "--no-progress"], [g2, g3],
-                                  MLFLOW_TRACKING_URI=uri, SMALLBIG_MLFLOW_RETRY_S="0")
+        proc, gate = _start_gated(
+            tmp_path,
+            ["train", str(toy / "params3.yaml"), "--out", str(out), "--no-progress"],
+            [g2, g3],
+            MLFLOW_TRACKING_URI=uri,
+            SMALLBIG_MLFLOW_RETRY_S="0",
+        )
         _wait_gate(gate, g2, proc)
         server.proc.kill()
         server.proc.wait()
@@ -255,7 +298,8 @@ def test_server_back_later_gets_the_kept_metrics(toy, tmp_path):
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         assert {"history.json", "train_metrics.json", "params.yaml"} <= {
-            a.path for a in client.list_artifacts(run_id)}
+            a.path for a in client.list_artifacts(run_id)
+        }
     finally:
         server.stop()
     log = (out / "train.log").read_text()
@@ -298,9 +342,13 @@ def test_server_that_never_answers_costs_seconds_not_minutes(toy, tmp_path):
     uri = f"http://127.0.0.1:{hole.port}"
     try:
         t0 = time.time()
-        res = subprocess.run(SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out),
-                                         "--no-progress"], capture_output=True, text=True,
-                             env=_env(MLFLOW_TRACKING_URI=uri), timeout=600)
+        res = subprocess.run(
+            SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out), "--no-progress"],
+            capture_output=True,
+            text=True,
+            env=_env(MLFLOW_TRACKING_URI=uri),
+            timeout=600,
+        )
         seconds = time.time() - t0
     finally:
         hole.close()
@@ -310,8 +358,10 @@ def test_server_that_never_answers_costs_seconds_not_minutes(toy, tmp_path):
     ref = float((toy / "ref-seconds.txt").read_text())
     # MLflow's defaults: 7 retries x 120 s per call. Ours: 2 tries x 10 s, once.
     assert seconds < ref + 45, f"{seconds:.0f} s with a silent server vs {ref:.0f} s without MLflow"
-    assert (f"WARNING: MLflow store {uri} unreachable (no answer within 10 s): this train is NOT "
-            f"recorded in MLflow") in res.stderr
+    assert (
+        f"WARNING: MLflow store {uri} unreachable (no answer within 10 s): this train is NOT "
+        f"recorded in MLflow"
+    ) in res.stderr
     assert _same_weights(toy / "ref" / "checkpoint.pt", out / "checkpoint.pt")
     assert json.loads((out / "train_metrics.json").read_text())["mlflow_run_id"] is None
     print(f"\nsilent server: training {seconds:.1f} s, without MLflow {ref:.1f} s")
@@ -336,18 +386,26 @@ def _run_id_for(client, out: Path) -> str:
 
 
 def _train(toy, out, uri, *extra, params="params.yaml"):
-    return subprocess.run(SMALLBIG + ["train", str(toy / params), "--out", str(out), "--no-progress",
-                                      *extra], capture_output=True, text=True,
-                          env=_env(MLFLOW_TRACKING_URI=uri), timeout=600)
+    return subprocess.run(
+        SMALLBIG + ["train", str(toy / params), "--out", str(out), "--no-progress", *extra],
+        capture_output=True,
+        text=True,
+        env=_env(MLFLOW_TRACKING_URI=uri),
+        timeout=600,
+    )
 
 
 def test_failed_resume_ends_the_run_failed_not_running(toy, tmp_path, sqlite_store):
     from mlflow.tracking import MlflowClient
 
     uri, out = sqlite_store, tmp_path / "run"
-    proc = subprocess.Popen(SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out),
-                                        "--no-progress"], env=_env(MLFLOW_TRACKING_URI=uri),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out), "--no-progress"],
+        env=_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     t0 = time.time()
     while not (out / "last.prev.pt").exists():  # two checkpoints written
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -375,9 +433,13 @@ def test_failure_after_the_run_resumed_ends_it_failed(toy, tmp_path, sqlite_stor
     from mlflow.tracking import MlflowClient
 
     uri, out = sqlite_store, tmp_path / "run"
-    proc = subprocess.Popen(SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out),
-                                        "--no-progress"], env=_env(MLFLOW_TRACKING_URI=uri),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out), "--no-progress"],
+        env=_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     t0 = time.time()
     while not (out / "last.pt").exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -389,9 +451,13 @@ def test_failure_after_the_run_resumed_ends_it_failed(toy, tmp_path, sqlite_stor
     client = MlflowClient(uri)
     run_id = _run_id_for(client, out)
     assert client.get_run(run_id).info.status == "KILLED"  # a preemption stop: KILLED, exit 3
-    proc, _ = _start_gated(tmp_path, ["train", str(toy / "params.yaml"), "--out", str(out),
-                                      "--no-progress", "--resume"], [],
-                           MLFLOW_TRACKING_URI=uri, FAIL_AT="1")
+    proc, _ = _start_gated(
+        tmp_path,
+        ["train", str(toy / "params.yaml"), "--out", str(out), "--no-progress", "--resume"],
+        [],
+        MLFLOW_TRACKING_URI=uri,
+        FAIL_AT="1",
+    )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "Input/output error (injected)" in err, err[-3000:]
     run = client.get_run(run_id)
@@ -416,8 +482,9 @@ def _mount_tmpfs(path: Path, size: int) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if os.environ.get("SMALLBIG_TEST_NO_MOUNT"):  # exercise the fallback
         return False
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     return r.returncode == 0
 
 
@@ -425,6 +492,7 @@ def _limit_file_size(limit: int):
     def preexec():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG, not death
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return preexec
 
 
@@ -443,21 +511,27 @@ def test_disk_full_while_writing_a_checkpoint(toy, tmp_path):
         else:
             # no mount here: a first process stops (SIGTERM) after its first checkpoint, the
             # resume runs under a file size limit smaller than a checkpoint (EFBIG)
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             while not (out / "last.pt").exists():
                 assert proc.poll() is None, proc.communicate()[1][-3000:]
                 time.sleep(0.01)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=300) == 3
             kept = {p.name: load_checkpoint(p)["iteration"] for p in out.glob("*.pt")}
-            res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env,
-                                 timeout=600, preexec_fn=_limit_file_size(size // 2))
+            res = subprocess.run(
+                cmd + ["--resume"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=600,
+                preexec_fn=_limit_file_size(size // 2),
+            )
             why = "file size limit exceeded"
         assert res.returncode == 1, res.stderr[-3000:]
         err = [line for line in res.stderr.splitlines() if "error" in line]
         assert len(err) == 1 and err[0].startswith(
-            f"smallbig train: error: {out / 'last.pt'}: {why} while writing checkpoint"), res.stderr
+            f"smallbig train: error: {out / 'last.pt'}: {why} while writing checkpoint"
+        ), res.stderr
         assert "Traceback" not in res.stderr
         assert "intact: " + ", ".join(sorted(kept)) in err[0]
         for name, iteration in kept.items():  # the previous checkpoints are whole
@@ -483,8 +557,9 @@ def test_evaluate_sigkilled_at_random_moments_then_rerun_gives_the_same_scores(t
     cmd = SMALLBIG + ["evaluate", str(toy / "params.yaml"), "--checkpoint", str(ck), "--no-progress"]
     env = _env(SMALLBIG_NO_MLFLOW="1")
     t0 = time.time()
-    res = subprocess.run(cmd + ["--out", str(tmp_path / "whole")], capture_output=True, text=True,
-                         env=env, timeout=600)
+    res = subprocess.run(
+        cmd + ["--out", str(tmp_path / "whole")], capture_output=True, text=True, env=env, timeout=600
+    )
     ref_seconds = time.time() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     ref = metrics.load_scores(tmp_path / "whole" / "scores.npz")
@@ -499,13 +574,18 @@ def test_evaluate_sigkilled_at_random_moments_then_rerun_gives_the_same_scores(t
     rng = random.Random(11)
     moments = sorted(rng.uniform(0.3, 1.0) * ref_seconds for _ in range(3))
     for at in moments:
-        proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cmd + ["--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         time.sleep(at)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
         names = sorted(p.name for p in out.iterdir())
-        stale = json.loads((out / "metrics.json").read_text()).get("stale") if (out / "metrics.json").exists() else None
+        stale = (
+            json.loads((out / "metrics.json").read_text()).get("stale")
+            if (out / "metrics.json").exists()
+            else None
+        )
         if not stale:  # this evaluation got going: its outputs are complete or absent
             if (out / "metrics.json").exists():
                 assert (out / "scores.npz").exists(), names
@@ -521,8 +601,9 @@ def test_evaluate_sigkilled_at_random_moments_then_rerun_gives_the_same_scores(t
         assert np.array_equal(got[key], ref[key]), key
     assert got["logits"].tobytes() == ref["logits"].tobytes()  # bitwise
     m = json.loads((out / "metrics.json").read_text())
-    assert {k: v for k, v in m.items() if k != "seconds"} == \
-        {k: v for k, v in ref_metrics.items() if k != "seconds"}
+    assert {k: v for k, v in m.items() if k != "seconds"} == {
+        k: v for k, v in ref_metrics.items() if k != "seconds"
+    }
     print(f"\nevaluate killed at {', '.join(f'{t:.2f}' for t in moments)} s of {ref_seconds:.2f} s")
 
 
@@ -531,20 +612,39 @@ def test_mlflow_telemetry_stays_off(toy, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = _env(HOME=str(home), XDG_CONFIG_HOME=None, MLFLOW_DISABLE_TELEMETRY=None, DO_NOT_TRACK=None,
-               MLFLOW_TRACKING_URI=uri, **dict.fromkeys(CI_VARS))
-    res = subprocess.run(SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(tmp_path / "run"),
-                                     "--no-progress"], capture_output=True, text=True, env=env,
-                         timeout=600)
+    env = _env(
+        HOME=str(home),
+        XDG_CONFIG_HOME=None,
+        MLFLOW_DISABLE_TELEMETRY=None,
+        DO_NOT_TRACK=None,
+        MLFLOW_TRACKING_URI=uri,
+        **dict.fromkeys(CI_VARS),
+    )
+    res = subprocess.run(
+        SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(tmp_path / "run"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "train_metrics.json").read_text())["mlflow_run_id"]
     telemetry = home / ".config" / "mlflow" / "telemetry.json"
     assert not telemetry.exists(), telemetry.read_text()
     # control: MLflow itself, same environment, telemetry not disabled -> it writes the file
-    control = subprocess.run([sys.executable, "-c",
-                              "from mlflow.tracking import MlflowClient; import sys; "
-                              "MlflowClient(sys.argv[1]).search_experiments(); "
-                              "import time; time.sleep(1)", uri],
-                             capture_output=True, text=True, env=env, timeout=300)
+    control = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from mlflow.tracking import MlflowClient; import sys; "
+            "MlflowClient(sys.argv[1]).search_experiments(); "
+            "import time; time.sleep(1)",
+            uri,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert control.returncode == 0, control.stderr[-2000:]
     assert telemetry.exists(), "control: MLflow wrote no telemetry file (test cannot fail)"

@@ -1,4 +1,5 @@
 """Data layer: sampling, views, parsers, bad files, loaders (fast; no network)."""
+
 from __future__ import annotations
 
 import json
@@ -118,8 +119,8 @@ def _frames(T=4, H=120, W=160):
     yy, xx = np.mgrid[0:H, 0:W]
     f = np.zeros((T, H, W, 3), np.uint8)
     for t in range(T):
-        f[t, ..., 0] = (xx * 255 // (W - 1))
-        f[t, ..., 1] = (yy * 255 // (H - 1))
+        f[t, ..., 0] = xx * 255 // (W - 1)
+        f[t, ..., 1] = yy * 255 // (H - 1)
         f[t, ..., 2] = t * 40
     return f
 
@@ -145,7 +146,7 @@ def test_test_views_count_order_and_geometry():
     for v in range(6):
         c, k = v // 3, v % 3
         x0 = [0, (85 - 64) // 2, 85 - 64][k]
-        expect = resized[torch.as_tensor(clips[c])][..., :, x0:x0 + 64].permute(1, 0, 2, 3)
+        expect = resized[torch.as_tensor(clips[c])][..., :, x0 : x0 + 64].permute(1, 0, 2, 3)
         assert torch.equal(views[v], expect)
     # crop 0 starts at the left edge, crop 2 ends at the right edge (red channel = x position)
     assert views[0, 0, 0, :, 0].float().mean() < 10 and views[2, 0, 0, :, -1].float().mean() > 245
@@ -193,12 +194,18 @@ def test_parse_protocol():
 # --------------------------------------------------------------------------- parsers
 def test_kinetics_csv_quoted_labels(tmp_path):
     p = tmp_path / "train.csv"
-    p.write_text('label,youtube_id,time_start,time_end,split\n'
-                 '"passing American football (in game)",-abc_def-12,13,23,train\n'
-                 '"dancing, ballet",xyz0123456_,0,10,train\n'
-                 'abseiling,zzzzzzzzzzz,100.0,110.0,train\n')
+    p.write_text(
+        "label,youtube_id,time_start,time_end,split\n"
+        '"passing American football (in game)",-abc_def-12,13,23,train\n'
+        '"dancing, ballet",xyz0123456_,0,10,train\n'
+        "abseiling,zzzzzzzzzzz,100.0,110.0,train\n"
+    )
     rows = parse_annotations(p)
-    assert [r["label"] for r in rows] == ["passing American football (in game)", "dancing, ballet", "abseiling"]
+    assert [r["label"] for r in rows] == [
+        "passing American football (in game)",
+        "dancing, ballet",
+        "abseiling",
+    ]
     assert rows[0]["name"] == "-abc_def-12_000013_000023.mp4"
     assert rows[2]["name"] == "zzzzzzzzzzz_000100_000110.mp4"
     assert class_names(rows) == ["abseiling", "dancing, ballet", "passing American football (in game)"]
@@ -220,12 +227,28 @@ def test_sthv2_parsers(tmp_path):
     lab = parse_v2_labels(labels)
     assert lab == {"Putting something next to something": 1, "Holding something": 0}
     train = tmp_path / "train.json"
-    train.write_text(json.dumps([
-        {"id": "78687", "label": "putting a cup next to a pen", "template": "Putting [something] next to [something]",
-         "placeholders": ["a cup", "a pen"]},
-        {"id": 42, "label": "holding pen", "template": "Holding [something]", "placeholders": ["pen"]}]))
+    train.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "78687",
+                    "label": "putting a cup next to a pen",
+                    "template": "Putting [something] next to [something]",
+                    "placeholders": ["a cup", "a pen"],
+                },
+                {
+                    "id": 42,
+                    "label": "holding pen",
+                    "template": "Holding [something]",
+                    "placeholders": ["pen"],
+                },
+            ]
+        )
+    )
     assert parse_v2_split(train, lab) == [("78687", 1), ("42", 0)]
-    assert strip_template("Moving [something] away from [something]") == "Moving something away from something"
+    assert (
+        strip_template("Moving [something] away from [something]") == "Moving something away from something"
+    )
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "1", "template": "Dropping [something]"}]))
     with pytest.raises(DataError, match="bad.json: item 0 .*not in the labels"):
@@ -254,7 +277,9 @@ def test_something_locate_names_every_missing_file(tmp_path):
     msg = str(e.value)
     assert "20bn-something-something-v2-01" in msg
     assert "something-something-v2-train.json" in msg and "something-something-v2-validation.json" in msg
-    assert "labels.json" not in msg.replace("something-something-v2-labels.json", "").replace("labels/train.json", "")
+    assert "labels.json" not in msg.replace("something-something-v2-labels.json", "").replace(
+        "labels/train.json", ""
+    )
 
 
 def test_lists_roundtrip(tmp_path):
@@ -318,9 +343,23 @@ def corpus(tmp_path_factory):
     (v / "text.mp4").write_text("this is not a video\n" * 20)
     _audio_only(v / "audio_only.mp4")
     (v / "directory.mp4").mkdir()
-    entries = [Entry(f"videos/{n}", i % 2, None) for i, n in enumerate(
-        ["good_a.mp4", "good_b.mp4", "one_frame.mp4", "zero.mp4", "truncated.mp4", "truncated_tail.mp4",
-         "text.mp4", "audio_only.mp4", "directory.mp4", "missing.mp4"])]
+    entries = [
+        Entry(f"videos/{n}", i % 2, None)
+        for i, n in enumerate(
+            [
+                "good_a.mp4",
+                "good_b.mp4",
+                "one_frame.mp4",
+                "zero.mp4",
+                "truncated.mp4",
+                "truncated_tail.mp4",
+                "text.mp4",
+                "audio_only.mp4",
+                "directory.mp4",
+                "missing.mp4",
+            ]
+        )
+    ]
     write_list(root / "val.txt", entries, "video")
     write_list(root / "train.txt", entries, "video")
     return root
@@ -339,8 +378,9 @@ EXPECTED_REASONS = {
 
 
 def test_check_reports_every_bad_file_with_its_reason(corpus):
-    report = check_list(corpus / "val.txt", corpus, corpus / "report.json", min_frames=8, workers=2,
-                        progress=False)
+    report = check_list(
+        corpus / "val.txt", corpus, corpus / "report.json", min_frames=8, workers=2, progress=False
+    )
     assert report["ok"] == 2
     got = {b["path"]: b["reason"] for b in report["bad"]}
     assert set(got) == set(EXPECTED_REASONS)
@@ -351,15 +391,43 @@ def test_check_reports_every_bad_file_with_its_reason(corpus):
 
 def test_check_cli_exit_codes(corpus, tmp_path):
     out = tmp_path / "r.json"
-    cmd = [sys.executable, "-m", "smallbig", "data", "check", "--list", str(corpus / "val.txt"),
-           "--root", str(corpus), "--out", str(out), "--decode-all", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "smallbig",
+        "data",
+        "check",
+        "--list",
+        str(corpus / "val.txt"),
+        "--root",
+        str(corpus),
+        "--out",
+        str(out),
+        "--decode-all",
+        "--quiet",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rep = json.loads(out.read_text())
     assert set(rep) == {"ok", "bad"} and rep["ok"] == 3 and len(rep["bad"]) == 7  # no --min-frames
     assert "videos/one_frame.mp4" not in {b["path"] for b in rep["bad"]}
-    r = subprocess.run([sys.executable, "-m", "smallbig", "data", "check", "--list", str(tmp_path / "nope.txt"),
-                        "--root", str(corpus), "--out", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smallbig",
+            "data",
+            "check",
+            "--list",
+            str(tmp_path / "nope.txt"),
+            "--root",
+            str(corpus),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "nope.txt" in r.stderr
 
 
@@ -389,9 +457,17 @@ def test_check_survives_a_crashing_decoder(corpus, monkeypatch):
 
 
 def _params(root, dataset="kinetics400", **data):
-    d = {"dataset": dataset, "root": str(root), "format": "video", "num_frames": 4,
-         "sampling": "dense" if dataset == "kinetics400" else "segment", "frame_stride": 4,
-         "train_short_side": [64, 72], "crop_size": 56, "flip": dataset == "kinetics400"}
+    d = {
+        "dataset": dataset,
+        "root": str(root),
+        "format": "video",
+        "num_frames": 4,
+        "sampling": "dense" if dataset == "kinetics400" else "segment",
+        "frame_stride": 4,
+        "train_short_side": [64, 72],
+        "crop_size": 56,
+        "flip": dataset == "kinetics400",
+    }
     d.update(data)
     return {"data": d, "test": {"short_side": 64, "multi_crop_size": 64, "single_crop_size": 56}}
 
@@ -422,7 +498,9 @@ def test_quarantine_left_out_of_training_and_counted_in_eval(corpus, tmp_path):
 
     root = tmp_path / "q"
     shutil.copytree(corpus, root, symlinks=True)
-    rep = check_list(root / "val.txt", root, root / "quarantine.json", min_frames=8, workers=1, progress=False)
+    rep = check_list(
+        root / "val.txt", root, root / "quarantine.json", min_frames=8, workers=1, progress=False
+    )
     assert len(rep["bad"]) == 8
     params = _params(root)
     train = build_dataset(params, "train", "train")

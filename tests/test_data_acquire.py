@@ -1,6 +1,7 @@
 """Data layer end to end on the embedded dataset: toy generation, acquisition from a local mirror
 (file path, file:// and a 127.0.0.1 HTTP server with interrupted downloads), Something-Something
 archive parts, frame extraction, and loaders over the prepared directories."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,10 +37,19 @@ def toy(tmp_path_factory):
 
 
 def _params(root, dataset, source, fmt="video", **data):
-    d = {"dataset": dataset, "root": str(root), "source": source, "format": fmt, "num_frames": 4,
-         "sampling": "dense" if dataset == "kinetics400" else "segment", "frame_stride": 4,
-         "train_short_side": [64, 72], "crop_size": 56, "flip": dataset == "kinetics400",
-         "frame_short_side": 64}
+    d = {
+        "dataset": dataset,
+        "root": str(root),
+        "source": source,
+        "format": fmt,
+        "num_frames": 4,
+        "sampling": "dense" if dataset == "kinetics400" else "segment",
+        "frame_stride": 4,
+        "train_short_side": [64, 72],
+        "crop_size": 56,
+        "flip": dataset == "kinetics400",
+        "frame_short_side": 64,
+    }
     d.update(data)
     return {"data": d, "test": {"short_side": 64, "multi_crop_size": 64, "single_crop_size": 56}}
 
@@ -52,9 +62,16 @@ def _sha(p: Path) -> str:
 def test_toy_layout_matches_the_real_datasets(toy):
     out, summary = toy
     k = out / "kinetics400"
-    for rel in ("annotations/train.csv", "annotations/val.csv", "annotations/test.csv",
-                "train/k400_train_path.txt", "val/k400_val_path.txt", "test/k400_test_path.txt",
-                "replacement_for_corrupted_k400.tgz", "SHA256SUMS"):
+    for rel in (
+        "annotations/train.csv",
+        "annotations/val.csv",
+        "annotations/test.csv",
+        "train/k400_train_path.txt",
+        "val/k400_val_path.txt",
+        "test/k400_test_path.txt",
+        "replacement_for_corrupted_k400.tgz",
+        "SHA256SUMS",
+    ):
         assert (k / rel).is_file(), rel
     csv_text = (k / "annotations/train.csv").read_text()
     assert csv_text.splitlines()[0] == "label,youtube_id,time_start,time_end,split"
@@ -68,15 +85,18 @@ def test_toy_layout_matches_the_real_datasets(toy):
         digest, rel = line.split("  ")
         assert _sha(k / rel) == digest
     s2 = out / "sthv2"
-    assert sorted(p.name for p in s2.glob("20bn-*")) == ["20bn-something-something-v2-00",
-                                                          "20bn-something-something-v2-01"]
+    assert sorted(p.name for p in s2.glob("20bn-*")) == [
+        "20bn-something-something-v2-00",
+        "20bn-something-something-v2-01",
+    ]
     labels = json.loads((s2 / "something-something-v2-labels.json").read_text())
     assert len(labels) == len(SS_TEMPLATES) and "Putting something next to something" in labels
     train = json.loads((s2 / "something-something-v2-train.json").read_text())
     assert all("[something]" in it["template"] for it in train)
     s1 = out / "sthv1"
-    assert (s1 / "something-something-v1-labels.csv").read_text().splitlines()[0] == \
-        SS_TEMPLATES[0].replace("[", "").replace("]", "")
+    assert (s1 / "something-something-v1-labels.csv").read_text().splitlines()[0] == SS_TEMPLATES[0].replace(
+        "[", ""
+    ).replace("]", "")
     assert ";" in (s1 / "something-something-v1-train.csv").read_text().splitlines()[0]
     assert summary["kinetics400"]["videos"] == {"train": 15, "val": 7, "test": 8}
 
@@ -112,7 +132,7 @@ def test_toy_classes_differ_over_time_not_per_frame():
 
     def disk_rows(kind, seed):
         f = render(kind, 48, np.random.default_rng(seed)).astype(np.int32)
-        sat = (np.abs(f[..., 0] - f[..., 1]) > 80)  # the coloured disk
+        sat = np.abs(f[..., 0] - f[..., 1]) > 80  # the coloured disk
         return np.array([np.nonzero(m.any(1))[0].mean() for m in sat])
 
     up = np.stack([disk_rows("up", s) for s in range(6)])
@@ -123,7 +143,17 @@ def test_toy_classes_differ_over_time_not_per_frame():
 
 def test_toy_cli_sizes(tmp_path):
     """`smallbig data toy --per-class`: the sizes reach the generator; bad sizes fail clearly."""
-    run = [sys.executable, "-m", "smallbig", "data", "toy", "--out", str(tmp_path / "t"), "--datasets", "kinetics400"]
+    run = [
+        sys.executable,
+        "-m",
+        "smallbig",
+        "data",
+        "toy",
+        "--out",
+        str(tmp_path / "t"),
+        "--datasets",
+        "kinetics400",
+    ]
     r = subprocess.run(run + ["--per-class", "train=x"], capture_output=True, text=True)
     assert r.returncode != 0 and "--per-class 'train=x'" in r.stderr
     r = subprocess.run(run + ["--per-class", "train=1"], capture_output=True, text=True)
@@ -144,7 +174,7 @@ def _disk_tracks(kind, seeds, n=48):
     for seed in seeds:
         f = render(kind, n, np.random.default_rng(seed)).astype(np.int32)
         sat = np.abs(f[..., 0] - f[..., 1]) > 80
-        yy, xx = np.mgrid[0:sat.shape[1], 0:sat.shape[2]]
+        yy, xx = np.mgrid[0 : sat.shape[1], 0 : sat.shape[2]]
         area = sat.sum((1, 2)).astype(float)
         cy = (sat * yy).sum((1, 2)) / np.maximum(area, 1)
         cx = (sat * xx).sum((1, 2)) / np.maximum(area, 1)
@@ -229,10 +259,19 @@ def test_prepare_cli_reports_a_bad_source(tmp_path):
     import yaml
 
     repo = Path(__file__).resolve().parents[1]
-    p.write_text(yaml.safe_dump({"extends": str(repo / "params/experiments/k400-r23-c2d.yaml"),
-                                 "data": {"root": str(tmp_path / "r"), "source": {"base_url": str(tmp_path / "none")}}}))
-    r = subprocess.run([sys.executable, "-m", "smallbig", "data", "prepare", str(p), "--quiet"],
-                       capture_output=True, text=True)
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "extends": str(repo / "params/experiments/k400-r23-c2d.yaml"),
+                "data": {"root": str(tmp_path / "r"), "source": {"base_url": str(tmp_path / "none")}},
+            }
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "smallbig", "data", "prepare", str(p), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "annotations/train.csv" in r.stderr and "not found" in r.stderr
 
 
@@ -274,7 +313,9 @@ def test_server_ignoring_range_restarts_cleanly(mirror, toy, tmp_path):
 def test_checksum_mismatch_keeps_data_and_fails(mirror, tmp_path):
     url, _ = mirror
     with pytest.raises(download.DownloadError, match="SHA-256 mismatch"):
-        download.fetch(f"{url}/val/part_0.tar.gz", tmp_path / "y.tgz", sha256="0" * 64, retries=1, progress=False)
+        download.fetch(
+            f"{url}/val/part_0.tar.gz", tmp_path / "y.tgz", sha256="0" * 64, retries=1, progress=False
+        )
     assert (tmp_path / "y.tgz.bad-checksum").stat().st_size > 0 and not (tmp_path / "y.tgz").exists()
     with pytest.raises(download.DownloadError, match="404"):
         download.fetch(f"{url}/nope.tgz", tmp_path / "z", retries=1, progress=False)
@@ -285,8 +326,9 @@ def test_prepare_over_http_with_a_dropped_connection(mirror, toy, tmp_path):
     out, _ = toy
     h.drop_first["train/part_2.tar.gz"] = 1000
     root = tmp_path / "k400"
-    m = prepare(_params(root, "kinetics400", {"base_url": url, "checksums": "SHA256SUMS"}), progress=False,
-                workers=1)
+    m = prepare(
+        _params(root, "kinetics400", {"base_url": url, "checksums": "SHA256SUMS"}), progress=False, workers=1
+    )
     assert m["splits"]["train"]["count"] == 15
     assert ("train/part_2.tar.gz", "bytes=1000-") in h.log  # retried with a resume
 
@@ -340,8 +382,23 @@ def test_something_missing_part_is_named(toy, tmp_path):
     msg = str(e.value)
     assert "20bn-something-something-v2-00" in msg and "something-something-v2-validation.json" in msg
     assert "labels.json" not in msg and "train.json" not in msg
-    r = subprocess.run([sys.executable, "-m", "smallbig", "data", "check", "--list", str(d / "nope.txt"),
-                        "--root", str(d), "--out", str(tmp_path / "o.json")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smallbig",
+            "data",
+            "check",
+            "--list",
+            str(d / "nope.txt"),
+            "--root",
+            str(d),
+            "--out",
+            str(tmp_path / "o.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     # the last part missing (not detectable by numbering): extraction fails naming the archive
     shutil.copy(out / "sthv2/something-something-v2-validation.json", d)

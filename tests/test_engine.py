@@ -2,6 +2,7 @@
 batch plan, LR schedules, weight-decay groups, deterministic data order, gradient accumulation,
 checkpoint errors and fallback, params-hash refusal, NaN detection, shard merge, ensemble.
 The real model + embedded dataset path is covered end to end in test_engine_e2e.py."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,17 @@ def tiny_params(**train_over) -> dict:
     p["data"].update(num_frames=2, crop_size=16, num_workers=0, root="/nonexistent-toy")
     p["model"]["num_classes"] = 5
     p["model"]["pretrained"] = "none"  # a BN-free toy model: no ImageNet file
-    p["train"].update(epochs=2, batch_size=8, per_gpu_batch=4, lr=0.05, amp="none",
-                      checkpoint_every_iters=2, val_every_epochs=1, seed=3, warmup_epochs=0)
+    p["train"].update(
+        epochs=2,
+        batch_size=8,
+        per_gpu_batch=4,
+        lr=0.05,
+        amp="none",
+        checkpoint_every_iters=2,
+        val_every_epochs=1,
+        seed=3,
+        warmup_epochs=0,
+    )
     p["train"].update(train_over)
     return p
 
@@ -51,7 +61,7 @@ class ArrayClips(torch.utils.data.Dataset):
         v = self.x[i]
         if self.mode == "train":
             a, b = int(np.random.randint(0, 5)), int(torch.randint(0, 5, ()))
-            v = v[:, :, a:a + 16, b:b + 16]
+            v = v[:, :, a : a + 16, b : b + 16]
             if np.random.rand() < 0.5:
                 v = v.flip(-1)
         else:
@@ -60,8 +70,13 @@ class ArrayClips(torch.utils.data.Dataset):
 
 
 def _model(cfg):  # no BatchNorm: accumulation must equal the big batch
-    return nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
-                         nn.Flatten(), nn.Linear(4, cfg["num_classes"]))
+    return nn.Sequential(
+        nn.Conv3d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(4, cfg["num_classes"]),
+    )
 
 
 def _dataset(params, split, mode, protocol=None):
@@ -70,9 +85,12 @@ def _dataset(params, split, mode, protocol=None):
 
 def _collate(batch):
     good = [b for b in batch if b is not None]
-    return {"video": torch.stack([b["video"] for b in good]),
-            "label": torch.tensor([b["label"] for b in good]),
-            "video_id": [b["video_id"] for b in good], "skipped": []}
+    return {
+        "video": torch.stack([b["video"] for b in good]),
+        "label": torch.tensor([b["label"] for b in good]),
+        "video_id": [b["video_id"] for b in good],
+        "skipped": [],
+    }
 
 
 def _normalize(x, mean, std):
@@ -112,7 +130,7 @@ def test_lr_schedules():
     assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
     assert cos(25) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
     step = LRFactor("step", 10, 50, lr_steps=[30, 40, 45], gamma=0.1)
-    assert [step(i * 10) for i in (0, 29, 30, 39, 40, 45)] == pytest.approx([1, 1, .1, .1, .01, .001])
+    assert [step(i * 10) for i in (0, 29, 30, 39, 40, 45)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.001])
     assert step(299) == 1 and step(300) == pytest.approx(0.1)  # changes exactly at the epoch
     warm = LRFactor("cosine", 10, 10, warmup_epochs=2)
     assert warm(0) == pytest.approx(1 / 20) and warm(19) == pytest.approx(1.0)
@@ -151,12 +169,18 @@ def test_data_order_is_a_function_of_seed_epoch_and_position():
 
 def test_loader_workers_do_not_change_batches():
     from torch.utils.data import DataLoader
+
     out = []
     for workers in (0, 2):
         s = EpochSampler(16, 1, samples_per_rank=16)
         s.set_epoch(1)
-        dl = DataLoader(SeededDataset(ArrayClips(16, "train")), batch_size=4, sampler=s,
-                        num_workers=workers, collate_fn=_collate)
+        dl = DataLoader(
+            SeededDataset(ArrayClips(16, "train")),
+            batch_size=4,
+            sampler=s,
+            num_workers=workers,
+            collate_fn=_collate,
+        )
         out.append(torch.cat([b["video"] for b in dl]))
     assert torch.equal(out[0], out[1])
 
@@ -211,8 +235,7 @@ def test_in_process_stop_and_resume_is_bitwise(tmp_path):
     ck = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert ck["iteration"] == 2 and ck["epoch"] == 0  # mid-epoch: 4 iterations per epoch
     assert not (tmp_path / "cut" / "checkpoint.pt").exists()
-    assert train(tiny_params(epochs=3), tmp_path / "cut", resume=True, builders=BUILDERS,
-                 progress=False) == 0
+    assert train(tiny_params(epochs=3), tmp_path / "cut", resume=True, builders=BUILDERS, progress=False) == 0
     wa, wb = _weights(tmp_path / "full" / "checkpoint.pt"), _weights(tmp_path / "cut" / "checkpoint.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ha = json.loads((tmp_path / "full" / "history.json").read_text())
@@ -225,8 +248,7 @@ def test_resume_refuses_other_params_and_never_overwrites(tmp_path):
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
         train(tiny_params(epochs=1), tmp_path / "r", builders=BUILDERS, progress=False)
     with pytest.raises(CheckpointError, match="different params"):
-        train(tiny_params(epochs=1, lr=0.01), tmp_path / "r", resume=True, builders=BUILDERS,
-              progress=False)
+        train(tiny_params(epochs=1, lr=0.01), tmp_path / "r", resume=True, builders=BUILDERS, progress=False)
 
 
 def test_non_finite_loss_names_the_iteration(tmp_path):
@@ -286,10 +308,16 @@ def _fake_scores(seed, n=12, clips=4, crops=3, k=6, ids=None):
     rng = np.random.default_rng(seed)
     clip_idx = np.repeat(np.arange(clips), crops)
     crop_idx = np.tile(np.arange(crops), clips)
-    return {"logits": rng.normal(size=(n, clips * crops, k)).astype(np.float32) * 3,
-            "labels": rng.integers(0, k, n), "video_ids": np.array(ids or [f"v{i:02d}" for i in range(n)]),
-            "clip_idx": clip_idx, "crop_idx": crop_idx, "num_clips": np.int64(clips),
-            "num_crops": np.int64(crops), "skipped": np.array(["bad1"])}
+    return {
+        "logits": rng.normal(size=(n, clips * crops, k)).astype(np.float32) * 3,
+        "labels": rng.integers(0, k, n),
+        "video_ids": np.array(ids or [f"v{i:02d}" for i in range(n)]),
+        "clip_idx": clip_idx,
+        "crop_idx": crop_idx,
+        "num_clips": np.int64(clips),
+        "num_crops": np.int64(crops),
+        "skipped": np.array(["bad1"]),
+    }
 
 
 def _hand_top1(prob_rows, labels):
@@ -312,8 +340,13 @@ def test_merge_shards_equals_whole(tmp_path):
     whole = _fake_scores(0)
     for i in range(3):
         sel = np.arange(i, 12, 3)
-        part = dict(whole, logits=whole["logits"][sel], labels=whole["labels"][sel],
-                    video_ids=whole["video_ids"][sel], skipped=np.array([f"bad{i}"]))
+        part = dict(
+            whole,
+            logits=whole["logits"][sel],
+            labels=whole["labels"][sel],
+            video_ids=whole["video_ids"][sel],
+            skipped=np.array([f"bad{i}"]),
+        )
         E.save_scores(tmp_path / f"scores.shard-{i}-of-3.npz", part)
     merged = E.merge_shards(tmp_path)
     assert np.array_equal(merged["video_ids"], whole["video_ids"])
@@ -349,8 +382,19 @@ def test_ensemble_cli_arithmetic(tmp_path):
         (tmp_path / name).mkdir()
         E.save_scores(tmp_path / name / "scores.npz", s)
         (tmp_path / name / "metrics.json").write_text(json.dumps({"gflops_per_view": 10.0}))
-    rc = main(["ensemble", str(tmp_path / "a" / "scores.npz"), str(tmp_path / "b" / "scores.npz"),
-               "--out", str(tmp_path / "ens"), "--name", "a+b", "--views", "2x3"])
+    rc = main(
+        [
+            "ensemble",
+            str(tmp_path / "a" / "scores.npz"),
+            str(tmp_path / "b" / "scores.npz"),
+            "--out",
+            str(tmp_path / "ens"),
+            "--name",
+            "a+b",
+            "--views",
+            "2x3",
+        ]
+    )
     assert rc == 0
     m = json.loads((tmp_path / "ens" / "metrics.json").read_text())
     keep = np.isin(a["clip_idx"], [0, 3])  # 2 of 4 clips: the first and the last, 3 crops
@@ -367,8 +411,9 @@ def test_ensemble_cli_arithmetic(tmp_path):
 
 
 def test_scale_lr_channels_last_and_cpu_amp_are_recorded(tmp_path, capsys):
-    p = tiny_params(epochs=1, batch_size=16, per_gpu_batch=4, batch_policy="scale_lr",
-                    channels_last=True, amp="bf16")
+    p = tiny_params(
+        epochs=1, batch_size=16, per_gpu_batch=4, batch_policy="scale_lr", channels_last=True, amp="bf16"
+    )
     assert train(p, tmp_path / "s", builders=BUILDERS, progress=False) == 0
     m = json.loads((tmp_path / "s" / "train_metrics.json").read_text())
     assert m["batch_plan"]["accum_steps"] == 1 and m["batch_plan"]["total_batch"] == 4

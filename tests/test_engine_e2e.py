@@ -3,6 +3,7 @@
 training lowers the loss; SIGTERM mid-epoch and SIGKILL between checkpoints + --resume end with
 exactly the weights of an uninterrupted run; the multi-view evaluation saves per-view logits
 whose subsets equal fresh evaluations; sharded evaluation merges to the whole; clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -35,16 +36,25 @@ def toy(tmp_path_factory):
     from smallbig.data.toy import make_toy
 
     root = tmp_path_factory.mktemp("engine-e2e")
-    make_toy(root / "src", datasets=("kinetics400",), per_class={"train": 4, "val": 2, "test": 1},
-             progress=False)
-    p = config.load_params(config.experiment_path("k400-r23-sb-full"),
-                           config.REPO_ROOT / "params" / "embedded.yaml")
-    p["data"].update(root=str(root / "k400"), source={"base_url": str(root / "src" / "kinetics400")},
-                     crop_size=48, train_short_side=[52, 60], frame_stride=2, num_workers=0)
+    make_toy(
+        root / "src", datasets=("kinetics400",), per_class={"train": 4, "val": 2, "test": 1}, progress=False
+    )
+    p = config.load_params(
+        config.experiment_path("k400-r23-sb-full"), config.REPO_ROOT / "params" / "embedded.yaml"
+    )
+    p["data"].update(
+        root=str(root / "k400"),
+        source={"base_url": str(root / "src" / "kinetics400")},
+        crop_size=48,
+        train_short_side=[52, 60],
+        frame_stride=2,
+        num_workers=0,
+    )
     p["model"]["base_width"] = 4
     p["test"].update(short_side=52, multi_crop_size=52, single_crop_size=48, batch_size=4)
-    p["train"].update(epochs=2, batch_size=4, per_gpu_batch=2, lr=0.05, checkpoint_every_iters=3,
-                      val_every_epochs=2, seed=0)
+    p["train"].update(
+        epochs=2, batch_size=4, per_gpu_batch=2, lr=0.05, checkpoint_every_iters=3, val_every_epochs=2, seed=0
+    )
     prepare(p, progress=False, workers=1)
     config.validate(p)
     config.dump_params(p, root / "params.yaml")
@@ -78,9 +88,13 @@ def _same_weights(a, b) -> bool:
 
 def _start_train(toy, out, *extra):
     env = dict(os.environ, SMALLBIG_NO_MLFLOW="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen(SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out),
-                                        "--no-progress", *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out), "--no-progress", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path: Path, proc, timeout=180):
@@ -97,16 +111,33 @@ def _wait_for(path: Path, proc, timeout=180):
 def test_reference_run_outputs(reference):
     ck = load_checkpoint(reference / "checkpoint.pt")
     assert ck["iteration"] == 14 and ck["epoch"] == 2
-    assert set(ck) >= {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "iteration",
-                       "params", "params_hash", "smallbig_version"}
+    assert set(ck) >= {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "epoch",
+        "iteration",
+        "params",
+        "params_hash",
+        "smallbig_version",
+    }
     assert ck["params_hash"] == config.params_hash(config.load_resolved(reference.parent / "params.yaml"))
     hist = json.loads((reference / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2] and hist[0]["val_top1"] is None
     assert 0 <= hist[1]["val_top1"] <= 100
     tm = json.loads((reference / "train_metrics.json").read_text())
-    assert tm["batch_plan"] == {"policy": "accumulate", "world_size": 1, "per_gpu_batch": 2,
-                                "accum_steps": 2, "total_batch": 4, "paper_batch": 4,
-                                "base_lr": 0.05, "lr": 0.05}
+    assert tm["batch_plan"] == {
+        "policy": "accumulate",
+        "world_size": 1,
+        "per_gpu_batch": 2,
+        "accum_steps": 2,
+        "total_batch": 4,
+        "paper_batch": 4,
+        "base_lr": 0.05,
+        "lr": 0.05,
+    }
     model, params = load_model_from_checkpoint(reference / "checkpoint.pt")
     assert params["id"] == "k400-r23-sb-full" and not model.training
     with torch.no_grad():
@@ -124,9 +155,13 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise(toy, reference):
     ck = load_checkpoint(out / "last.pt")
     assert 3 <= ck["iteration"] < 14 and ck["iteration"] % 7 != 0, ck["iteration"]  # mid-epoch
     assert not (out / "checkpoint.pt").exists()
-    res = subprocess.run(SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out),
-                                     "--resume", "--no-progress"], capture_output=True, text=True,
-                         env=dict(os.environ, SMALLBIG_NO_MLFLOW="1", OMP_NUM_THREADS="1"), timeout=300)
+    res = subprocess.run(
+        SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out), "--resume", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, SMALLBIG_NO_MLFLOW="1", OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"iteration {ck['iteration']}/14" in res.stderr
     assert _same_weights(reference / "checkpoint.pt", out / "checkpoint.pt")
@@ -146,9 +181,13 @@ def test_sigkill_between_checkpoints_then_resume(toy, reference):
     assert not (out / "checkpoint.pt").exists()
     killed_at = load_checkpoint(out / "last.pt")["iteration"]
     assert killed_at < 14
-    res = subprocess.run(SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out),
-                                     "--resume", "--no-progress"], capture_output=True, text=True,
-                         env=dict(os.environ, SMALLBIG_NO_MLFLOW="1", OMP_NUM_THREADS="1"), timeout=300)
+    res = subprocess.run(
+        SMALLBIG + ["train", str(toy / "params.yaml"), "--out", str(out), "--resume", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, SMALLBIG_NO_MLFLOW="1", OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert _same_weights(reference / "checkpoint.pt", out / "checkpoint.pt")
     assert not list(out.glob(".*.tmp"))  # no temporary file left behind
@@ -166,8 +205,9 @@ def test_resume_refuses_different_params(toy, reference, tmp_path, capsys):
 def test_loss_decreases_over_a_few_dozen_iterations(toy, tmp_path):
     p = config.load_resolved(toy / "params.yaml")
     p["data"]["limit_train"] = 8
-    p["train"].update(epochs=30, batch_size=8, per_gpu_batch=8, lr=0.1, val_every_epochs=30,
-                      checkpoint_every_iters=1000)
+    p["train"].update(
+        epochs=30, batch_size=8, per_gpu_batch=8, lr=0.1, val_every_epochs=30, checkpoint_every_iters=1000
+    )
     config.dump_params(p, tmp_path / "fit.yaml")
     assert main(["train", str(tmp_path / "fit.yaml"), "--out", str(tmp_path / "fit"), "--no-progress"]) == 0
     losses = [h["loss"] for h in json.loads((tmp_path / "fit" / "history.json").read_text())]
@@ -194,11 +234,36 @@ def test_evaluate_10x3_saves_views_and_subsets_match_fresh_runs(toy, reference):
     from smallbig.engine.evaluate import evaluate
 
     out = toy / "eval-10x3"
-    assert main(["evaluate", str(toy / "params.yaml"), "--checkpoint", str(reference / "checkpoint.pt"),
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(toy / "params.yaml"),
+                "--checkpoint",
+                str(reference / "checkpoint.pt"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("experiment", "protocol", "num_clips", "num_crops", "top1", "top5", "mean_class_acc",
-                "per_class_acc", "num_videos", "skipped", "gflops_per_view", "gflops_x_views", "subsets"):
+    for key in (
+        "experiment",
+        "protocol",
+        "num_clips",
+        "num_crops",
+        "top1",
+        "top5",
+        "mean_class_acc",
+        "per_class_acc",
+        "num_videos",
+        "skipped",
+        "gflops_per_view",
+        "gflops_x_views",
+        "subsets",
+    ):
         assert key in m, key
     assert (m["protocol"], m["num_clips"], m["num_crops"], m["num_videos"]) == ("10x3", 10, 3, 15)
     assert m["gflops_x_views"] == pytest.approx(m["gflops_per_view"] * 30)
@@ -212,15 +277,23 @@ def test_evaluate_10x3_saves_views_and_subsets_match_fresh_runs(toy, reference):
     model, _ = load_model_from_checkpoint(reference / "checkpoint.pt")
     row = list(s["video_ids"]).index(ds[3]["video_id"])
     item = ds[3]
-    assert np.array_equal(item["clip_idx"].numpy(), s["clip_idx"]) and np.array_equal(item["crop_idx"].numpy(), s["crop_idx"])
+    assert np.array_equal(item["clip_idx"].numpy(), s["clip_idx"]) and np.array_equal(
+        item["crop_idx"].numpy(), s["crop_idx"]
+    )
     with torch.no_grad():
         for j in (0, 13, 29):
-            x = normalize(item["video"][j:j + 1], params["data"]["mean"], params["data"]["std"])
+            x = normalize(item["video"][j : j + 1], params["data"]["mean"], params["data"]["std"])
             np.testing.assert_allclose(model(x)[0].numpy(), s["logits"][row, j], rtol=1e-4, atol=1e-5)
     # subsets computed from the saved logits == a fresh evaluation of only those views
     for clips, crops in ((2, 3), (1, 1), (4, 1)):
-        fresh = evaluate(params, reference / "checkpoint.pt", toy / f"fresh-{clips}x{crops}",
-                         view_subset=(clips, crops), track=False, progress=False)
+        fresh = evaluate(
+            params,
+            reference / "checkpoint.pt",
+            toy / f"fresh-{clips}x{crops}",
+            view_subset=(clips, crops),
+            track=False,
+            progress=False,
+        )
         sub = m["subsets"][f"{clips}x{crops}"]
         assert fresh["top1"] == pytest.approx(sub["top1"]) and fresh["top5"] == pytest.approx(sub["top5"])
         assert fresh["num_views"] == sub["num_views"] == clips * crops
@@ -230,8 +303,15 @@ def test_evaluate_10x3_saves_views_and_subsets_match_fresh_runs(toy, reference):
 
 
 def test_sharded_evaluation_merges_to_the_whole(toy, reference):
-    base = ["evaluate", str(toy / "params.yaml"), "--checkpoint", str(reference / "checkpoint.pt"),
-            "--protocol", "1x1", "--no-progress"]
+    base = [
+        "evaluate",
+        str(toy / "params.yaml"),
+        "--checkpoint",
+        str(reference / "checkpoint.pt"),
+        "--protocol",
+        "1x1",
+        "--no-progress",
+    ]
     assert main(base + ["--out", str(toy / "whole-1x1")]) == 0
     for i in range(2):
         assert main(base + ["--out", str(toy / "shards-1x1"), "--shard", f"{i}/2"]) == 0
@@ -264,9 +344,26 @@ def test_two_process_cpu_ddp_with_torchrun(toy, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "ddp"
     env = dict(os.environ, SMALLBIG_NO_MLFLOW="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29400 + os.getpid() % 500),
-                          "-m", "smallbig", "train", str(toy / "params.yaml"), "--out", str(out),
-                          "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29400 + os.getpid() % 500),
+            "-m",
+            "smallbig",
+            "train",
+            str(toy / "params.yaml"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     tm = json.loads((out / "train_metrics.json").read_text())
     assert tm["world_size"] == 2 and tm["batch_plan"]["accum_steps"] == 1
@@ -288,10 +385,23 @@ def test_undecodable_videos_are_counted_as_skipped(toy, reference, tmp_path):
     config.dump_params(p, tmp_path / "params.yaml")
     victim = (root / "val.txt").read_text().split()[0]
     (root / victim).write_bytes(b"\x00" * 100)  # truncated/corrupted video file
-    assert main(["evaluate", str(tmp_path / "params.yaml"), "--checkpoint", str(reference / "checkpoint.pt"),
-                 "--out", str(tmp_path / "ev"), "--protocol", "1x1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "params.yaml"),
+                "--checkpoint",
+                str(reference / "checkpoint.pt"),
+                "--out",
+                str(tmp_path / "ev"),
+                "--protocol",
+                "1x1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["skipped"] == 1 and m["num_videos"] == 14
     s = metrics.load_scores(tmp_path / "ev" / "scores.npz")
     assert len(s["skipped"]) == 1 and s["skipped"][0] not in set(s["video_ids"].tolist())
-

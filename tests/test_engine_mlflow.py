@@ -1,5 +1,6 @@
 """MLflow tracking: a training run records params, per-epoch metrics, artifacts and tags; 8
 concurrent writer processes against one fresh SQLite store lose no run."""
+
 from __future__ import annotations
 
 import hashlib
@@ -34,6 +35,7 @@ def use_store(store, monkeypatch):
 
 def test_default_store_is_repo_sqlite(monkeypatch):
     from smallbig.config import REPO_ROOT
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri() == f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
     assert tracking.artifact_root(tracking.tracking_uri()) == (REPO_ROOT / "mlruns").as_uri()
@@ -136,8 +138,13 @@ def test_eight_concurrent_writers_lose_no_run(use_store, tmp_path):
 
     root, uri = use_store
     (tmp_path / "launch.py").write_text(LAUNCHER)
-    res = subprocess.run([sys.executable, str(tmp_path / "launch.py"), "8"], capture_output=True, text=True,
-                         env=dict(os.environ, MLFLOW_TRACKING_URI=uri), timeout=400)
+    res = subprocess.run(
+        [sys.executable, str(tmp_path / "launch.py"), "8"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MLFLOW_TRACKING_URI=uri),
+        timeout=400,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["exitcodes"] == [0] * 8
@@ -166,8 +173,13 @@ def test_concurrent_writers_on_a_store_that_does_not_exist_yet(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     (tmp_path / "launch.py").write_text(LAUNCHER)
     env = {k: v for k, v in os.environ.items() if k != "SMALLBIG_NO_MLFLOW"}  # other tests set it
-    res = subprocess.run([sys.executable, str(tmp_path / "launch.py"), "4"], capture_output=True, text=True,
-                         env=dict(env, MLFLOW_TRACKING_URI=uri), timeout=400)
+    res = subprocess.run(
+        [sys.executable, str(tmp_path / "launch.py"), "4"],
+        capture_output=True,
+        text=True,
+        env=dict(env, MLFLOW_TRACKING_URI=uri),
+        timeout=400,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["exitcodes"] == [0] * 4
@@ -183,7 +195,8 @@ def test_dvc_hash_from_dvc_file_or_lock(tmp_path):
     assert tracking.dvc_hash(data) is None
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  prepare:\n    cmd: smallbig data prepare\n    outs:\n"
-        "    - path: data/k400\n      md5: feedbeef.dir\n      size: 10\n")
+        "    - path: data/k400\n      md5: feedbeef.dir\n      size: 10\n"
+    )
     assert tracking.dvc_hash(data) == "feedbeef.dir"
     (tmp_path / "data" / "k400.dvc").write_text("outs:\n- md5: abc123.dir\n  path: k400\n")
     assert tracking.dvc_hash(data) == "abc123.dir"  # a .dvc file next to the data wins

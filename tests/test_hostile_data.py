@@ -4,6 +4,7 @@ every bad item named with its reason, the unusual but valid ones accepted.
 
 The corpus is generated here with the ffmpeg binary of imageio-ffmpeg (and Python for the
 special files); see docs/reliability.md for the table of kinds and outcomes."""
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,9 @@ def _run(cmd, timeout=180, **kw):
 # name -> what the check must say (prefix of the reason); None: a valid video, accepted
 VIDEO_KINDS = {
     "good.mp4": None,
-    "tiny16x16.mp4": None,               # decord mis-shapes 16 px wide frames: read with PyAV
-    "tiny72x40.mp4": None,               # the width of dmlc/decord#336
-    "odd17x9.mp4": None,                 # odd width and height (yuv444p)
+    "tiny16x16.mp4": None,  # decord mis-shapes 16 px wide frames: read with PyAV
+    "tiny72x40.mp4": None,  # the width of dmlc/decord#336
+    "odd17x9.mp4": None,  # odd width and height (yuv444p)
     "one_frame.mp4": None,
     "two_frames.mp4": None,
     "vp9.webm": None,
@@ -103,21 +104,71 @@ def corpus(tmp_path_factory):
     (v / "zero_bytes.mp4").write_bytes(b"")
     (v / "text.mp4").write_text("not a video at all\n" * 30)
     (v / "random_bytes.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
-    fast = _video(root / "faststart.mp4", "96x64", 48, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "12",
-                  "-movflags", "+faststart").read_bytes()
+    fast = _video(
+        root / "faststart.mp4",
+        "96x64",
+        48,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-g",
+        "12",
+        "-movflags",
+        "+faststart",
+    ).read_bytes()
     (v / "cut_in_header.mp4").write_bytes(fast[: len(fast) // 20])
     (v / "cut_at_half.mp4").write_bytes(fast[: len(fast) // 2])
     (v / "cut_near_end.mp4").write_bytes(fast[: len(fast) * 95 // 100])
     end = _video(root / "moov_at_end.mp4", "96x64", 24).read_bytes()
     (v / "moov_missing.mp4").write_bytes(end[: end.rfind(b"moov") - 4])  # everything but the moov atom
-    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "libmp3lame", "-f", "mp3",
-            str(v / "mp3_audio_only.mp4"))
-    _ffmpeg("-i", str(v / "mp3_audio_only.mp4"), "-f", "lavfi", "-i", "color=c=red:size=32x32:d=0.04",
-            "-map", "0:a", "-map", "1:v", "-c:a", "copy", "-c:v", "mjpeg",
-            "-disposition:v", "attached_pic", "-id3v2_version", "3", "-f", "mp3", str(v / "mp3_with_cover_art.mp4"))
+    _ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:duration=1",
+        "-c:a",
+        "libmp3lame",
+        "-f",
+        "mp3",
+        str(v / "mp3_audio_only.mp4"),
+    )
+    _ffmpeg(
+        "-i",
+        str(v / "mp3_audio_only.mp4"),
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=red:size=32x32:d=0.04",
+        "-map",
+        "0:a",
+        "-map",
+        "1:v",
+        "-c:a",
+        "copy",
+        "-c:v",
+        "mjpeg",
+        "-disposition:v",
+        "attached_pic",
+        "-id3v2_version",
+        "3",
+        "-f",
+        "mp3",
+        str(v / "mp3_with_cover_art.mp4"),
+    )
     _video(v / "av1.mp4", "64x48", 8, "-c:v", "libaom-av1", "-cpu-used", "8")
-    _video(v / "huge_8192x8192.mp4", "8192x8192", 1, "-c:v", "libx264", "-preset", "ultrafast",
-           "-pix_fmt", "yuv420p", src="color")
+    _video(
+        v / "huge_8192x8192.mp4",
+        "8192x8192",
+        1,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        src="color",
+    )
     names = sorted(VIDEO_KINDS)
     lines = [f"videos/{n} {i % 8}" for i, n in enumerate(names)]
     (root / "all.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -129,8 +180,23 @@ def check_report(corpus):
     """One `smallbig data check` of every video kind (a subprocess, under a timeout)."""
     out = corpus / "report.json"
     t0 = time.time()
-    r = _run(SMALLBIG + ["data", "check", "--list", str(corpus / "all.txt"), "--root", str(corpus),
-                         "--out", str(out), "--quiet", "--workers", "2"], timeout=180)
+    r = _run(
+        SMALLBIG
+        + [
+            "data",
+            "check",
+            "--list",
+            str(corpus / "all.txt"),
+            "--root",
+            str(corpus),
+            "--out",
+            str(out),
+            "--quiet",
+            "--workers",
+            "2",
+        ],
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     return {"report": report, "stdout": r.stdout, "seconds": time.time() - t0}
@@ -194,21 +260,45 @@ def test_dataset_refuses_special_files_fast_and_reads_tiny_videos(corpus, tmp_pa
     root.mkdir()
     (root / "classes.json").write_text(json.dumps(CLASSES))
     (root / "videos").symlink_to(corpus / "videos")
-    names = ["good.mp4", "tiny16x16.mp4", "tiny72x40.mp4", "odd17x9.mp4", "one_frame.mp4", "two_frames.mp4",
-             "space and ünïcode clip.mp4", "fifo.mp4", "link_to_fifo.mp4", "socket.mp4", "link_to_dev_zero.mp4",
-             "directory.mp4", "av1.mp4", "huge_8192x8192.mp4"]
-    (root / "val.txt").write_text("".join(f"videos/{n} {i % 8}\n" for i, n in enumerate(names)), encoding="utf-8")
+    names = [
+        "good.mp4",
+        "tiny16x16.mp4",
+        "tiny72x40.mp4",
+        "odd17x9.mp4",
+        "one_frame.mp4",
+        "two_frames.mp4",
+        "space and ünïcode clip.mp4",
+        "fifo.mp4",
+        "link_to_fifo.mp4",
+        "socket.mp4",
+        "link_to_dev_zero.mp4",
+        "directory.mp4",
+        "av1.mp4",
+        "huge_8192x8192.mp4",
+    ]
+    (root / "val.txt").write_text(
+        "".join(f"videos/{n} {i % 8}\n" for i, n in enumerate(names)), encoding="utf-8"
+    )
     r = _run([sys.executable, "-c", DATASET_SCRIPT, str(root)], timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     shapes = {"train": [3, 4, 56, 56], "val": [3, 4, 56, 56], "test": [6, 3, 4, 64, 64]}
     for mode in shapes:
         for n in names[:7]:
-            assert got[f"{mode} videos/{n}"].get("shape") == shapes[mode], (mode, n, got[f"{mode} videos/{n}"])
-        expect = {"fifo.mp4": "not a regular file: FIFO", "link_to_fifo.mp4": "FIFO (named pipe) (symlink to",
-                  "socket.mp4": "not a regular file: socket", "link_to_dev_zero.mp4": "character device",
-                  "directory.mp4": "is a directory", "av1.mp4": "codec av1: not supported by this decord build",
-                  "huge_8192x8192.mp4": "frame size 8192x8192"}
+            assert got[f"{mode} videos/{n}"].get("shape") == shapes[mode], (
+                mode,
+                n,
+                got[f"{mode} videos/{n}"],
+            )
+        expect = {
+            "fifo.mp4": "not a regular file: FIFO",
+            "link_to_fifo.mp4": "FIFO (named pipe) (symlink to",
+            "socket.mp4": "not a regular file: socket",
+            "link_to_dev_zero.mp4": "character device",
+            "directory.mp4": "is a directory",
+            "av1.mp4": "codec av1: not supported by this decord build",
+            "huge_8192x8192.mp4": "frame size 8192x8192",
+        }
         for n, reason in expect.items():
             item = got[f"{mode} videos/{n}"]
             assert reason in item.get("bad", ""), (mode, n, item)
@@ -275,13 +365,33 @@ def test_file_timeout_option_kills_a_slow_real_decode(corpus, tmp_path):
     deadline: reported as hung, the other file still checked; the same file passes without."""
     root = tmp_path / "slow"
     (root / "videos").mkdir(parents=True)
-    _video(root / "videos" / "slow.mp4", "1280x720", 600, "-c:v", "libx264", "-preset", "ultrafast",
-           "-pix_fmt", "yuv420p")
+    _video(
+        root / "videos" / "slow.mp4",
+        "1280x720",
+        600,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+    )
     shutil.copy(corpus / "videos" / "good.mp4", root / "videos" / "good.mp4")
     (root / "l.txt").write_text("videos/slow.mp4 0\nvideos/good.mp4 1\n")
     out = root / "r.json"
-    base = SMALLBIG + ["data", "check", "--list", str(root / "l.txt"), "--root", str(root), "--out", str(out),
-                       "--quiet", "--workers", "1"]
+    base = SMALLBIG + [
+        "data",
+        "check",
+        "--list",
+        str(root / "l.txt"),
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--quiet",
+        "--workers",
+        "1",
+    ]
     t0 = time.time()
     r = _run(base + ["--decode-all", "--file-timeout", "0.5"], timeout=120)
     assert r.returncode == 0, r.stderr
@@ -313,14 +423,28 @@ def test_unreadable_file_is_named(corpus, tmp_path):
         caps = "-dac_override,-dac_read_search"
         prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
     out = root / "r.json"
-    r = _run(prefix + SMALLBIG + ["data", "check", "--list", str(root / "l.txt"), "--root", str(root),
-                                  "--out", str(out), "--quiet"], timeout=120)
+    r = _run(
+        prefix
+        + SMALLBIG
+        + ["data", "check", "--list", str(root / "l.txt"), "--root", str(root), "--out", str(out), "--quiet"],
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     rep = json.loads(out.read_text())
-    assert rep["ok"] == 1 and rep["bad"] == [{"path": "videos/secret.mp4", "reason": "unreadable: Permission denied"}]
-    r = _run(prefix + [sys.executable, "-c", "import sys\nfrom smallbig.data.readers import VideoError, open_video\n"
-                       "try:\n    open_video(sys.argv[1])\nexcept VideoError as e:\n    print(e)\n",
-                       str(root / "videos" / "secret.mp4")], timeout=60)
+    assert rep["ok"] == 1 and rep["bad"] == [
+        {"path": "videos/secret.mp4", "reason": "unreadable: Permission denied"}
+    ]
+    r = _run(
+        prefix
+        + [
+            sys.executable,
+            "-c",
+            "import sys\nfrom smallbig.data.readers import VideoError, open_video\n"
+            "try:\n    open_video(sys.argv[1])\nexcept VideoError as e:\n    print(e)\n",
+            str(root / "videos" / "secret.mp4"),
+        ],
+        timeout=60,
+    )
     assert r.stdout.strip() == f"{root / 'videos' / 'secret.mp4'}: unreadable: Permission denied"
 
 
@@ -335,7 +459,10 @@ LIST_KINDS = {
     "missing_label_field": (b"videos/good.mp4", "expected `path label`"),
     "non_utf8_bytes": (b"videos/caf\xe9.mp4 1", "not valid UTF-8 (byte 0xe9 at column 11)"),
     "nul_byte": (b"videos/go\x00od.mp4 1", "contains a NUL byte"),
-    "duplicate_line": (b"videos/tiny16x16.mp4 1", "duplicate entry 'videos/tiny16x16.mp4' (already on line 2)"),
+    "duplicate_line": (
+        b"videos/tiny16x16.mp4 1",
+        "duplicate entry 'videos/tiny16x16.mp4' (already on line 2)",
+    ),
     "bad_frame_count": (b"frames/x 0 1", "number of frames '0' is not a positive integer"),  # frame lists
     "crlf_line_end": (b"videos/two_frames.mp4 2\r", None),
     "tab_separator": (b"videos/one_frame.mp4\t3", None),
@@ -366,8 +493,10 @@ def test_list_kind_in_build_dataset(corpus, tmp_path, kind):
     if kind == "bad_frame_count":  # in a video list `frames/x 0 1` is the path "frames/x 0"
         fmt, head = "frames", b"frames/a 4 0\nframes/b 4 1\n"
     root = _list_root(tmp_path / kind, corpus, head + line + b"\n\n")
-    params = {"data": {"dataset": "kinetics400", "root": str(root), "format": fmt, "num_frames": 2},
-              "model": {"num_classes": 8}}
+    params = {
+        "data": {"dataset": "kinetics400", "root": str(root), "format": fmt, "num_frames": 2},
+        "model": {"num_classes": 8},
+    }
     if problem is None:
         ds = build_dataset(params, "val", "val")
         assert all("\r" not in e.path and e.path == e.path.strip() for e in ds.entries)
@@ -378,7 +507,8 @@ def test_list_kind_in_build_dataset(corpus, tmp_path, kind):
         with pytest.raises(DataError) as e:
             build_dataset(params, "val", "val")
         assert str(e.value) == f"{root / 'val.txt'}:3: {problem}" or str(e.value).startswith(
-            f"{root / 'val.txt'}:3: {problem}"), str(e.value)
+            f"{root / 'val.txt'}:3: {problem}"
+        ), str(e.value)
 
 
 def test_windows_style_list_is_read(corpus, tmp_path):
@@ -387,12 +517,22 @@ def test_windows_style_list_is_read(corpus, tmp_path):
 
     body = "\ufeffvideos/good.mp4\t0\r\nvideos/space and ünïcode clip.mp4\t1\r\n\r\n".encode()
     root = _list_root(tmp_path / "w", corpus, body)
-    params = {"data": {"dataset": "kinetics400", "root": str(root), "format": "video", "num_frames": 2,
-                       "sampling": "segment"},
-              "test": {"short_side": 64, "single_crop_size": 56}, "model": {"num_classes": 8}}
+    params = {
+        "data": {
+            "dataset": "kinetics400",
+            "root": str(root),
+            "format": "video",
+            "num_frames": 2,
+            "sampling": "segment",
+        },
+        "test": {"short_side": 64, "single_crop_size": 56},
+        "model": {"num_classes": 8},
+    }
     ds = build_dataset(params, "val", "val")
-    assert [(e.path, e.label) for e in ds.entries] == [("videos/good.mp4", 0),
-                                                       ("videos/space and ünïcode clip.mp4", 1)]
+    assert [(e.path, e.label) for e in ds.entries] == [
+        ("videos/good.mp4", 0),
+        ("videos/space and ünïcode clip.mp4", 1),
+    ]
     assert all(ds[i]["video"].shape == (3, 2, 56, 56) for i in range(2))
 
 
@@ -402,9 +542,13 @@ def test_label_bound_from_model_num_classes_too(corpus, tmp_path):
 
     root = _list_root(tmp_path / "r", corpus, HEAD + b"videos/good.mp4 5\n")
     (root / "classes.json").unlink()
-    params = {"data": {"dataset": "kinetics400", "root": str(root), "format": "video", "num_frames": 2},
-              "model": {"num_classes": 4}}
-    with pytest.raises(DataError, match=r"val.txt:3: label 5 is out of range \[0, 4\) \(model.num_classes is 4\)"):
+    params = {
+        "data": {"dataset": "kinetics400", "root": str(root), "format": "video", "num_frames": 2},
+        "model": {"num_classes": 4},
+    }
+    with pytest.raises(
+        DataError, match=r"val.txt:3: label 5 is out of range \[0, 4\) \(model.num_classes is 4\)"
+    ):
         build_dataset(params, "val", "val")
 
 
@@ -424,8 +568,21 @@ def test_data_check_cli_reports_every_list_problem(corpus, tmp_path):
     root = _list_root(tmp_path / "c", corpus, b"")
     (root / "all.txt").write_bytes(body)
     out = root / "r.json"
-    r = _run(SMALLBIG + ["data", "check", "--list", str(root / "all.txt"), "--root", str(root),
-                         "--out", str(out), "--quiet"], timeout=120)
+    r = _run(
+        SMALLBIG
+        + [
+            "data",
+            "check",
+            "--list",
+            str(root / "all.txt"),
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     rep = json.loads(out.read_text())
     assert len(rep["list_problems"]) == len(expect)
@@ -446,8 +603,21 @@ def test_fifo_in_place_of_a_list_or_dataset_file(corpus, tmp_path, which):
     target = root / ("val.txt" if which == "list" else which)
     target.unlink(missing_ok=True)
     os.mkfifo(target)
-    r = _run(SMALLBIG + ["data", "check", "--list", str(root / "val.txt"), "--root", str(root),
-                         "--out", str(root / "r.json"), "--quiet"], timeout=60)
+    r = _run(
+        SMALLBIG
+        + [
+            "data",
+            "check",
+            "--list",
+            str(root / "val.txt"),
+            "--root",
+            str(root),
+            "--out",
+            str(root / "r.json"),
+            "--quiet",
+        ],
+        timeout=60,
+    )
     if which == "manifest.json":  # data check --list does not read the manifest
         assert r.returncode == 0, r.stderr
         with pytest.raises(DataError, match=f"{target}: not a regular file"):
@@ -460,13 +630,23 @@ def test_fifo_in_place_of_a_list_or_dataset_file(corpus, tmp_path, which):
 def _tiny_params(root: Path, out: Path) -> Path:
     from smallbig import config
 
-    p = config.load_params(config.experiment_path("k400-r23-sb-full"), config.REPO_ROOT / "params" / "embedded.yaml")
-    p["data"].update(root=str(root), crop_size=48, train_short_side=[52, 60], frame_stride=2, num_workers=0,
-                     limit_val=None)
+    p = config.load_params(
+        config.experiment_path("k400-r23-sb-full"), config.REPO_ROOT / "params" / "embedded.yaml"
+    )
+    p["data"].update(
+        root=str(root), crop_size=48, train_short_side=[52, 60], frame_stride=2, num_workers=0, limit_val=None
+    )
     p["model"]["base_width"] = 4
     p["test"].update(short_side=52, multi_crop_size=52, single_crop_size=48, batch_size=4, protocols=["1x1"])
-    p["train"].update(epochs=1, batch_size=4, per_gpu_batch=4, lr=0.05, checkpoint_every_iters=100,
-                      val_every_epochs=100, seed=0)
+    p["train"].update(
+        epochs=1,
+        batch_size=4,
+        per_gpu_batch=4,
+        lr=0.05,
+        checkpoint_every_iters=100,
+        val_every_epochs=100,
+        seed=0,
+    )
     config.validate(p)
     config.dump_params(p, out)
     return out
@@ -480,13 +660,37 @@ def trained(corpus, tmp_path_factory):
     root.mkdir()
     (root / "classes.json").write_text(json.dumps(CLASSES))
     (root / "videos").symlink_to(corpus / "videos")
-    good = ["good.mp4", "tiny16x16.mp4", "tiny72x40.mp4", "odd17x9.mp4", "one_frame.mp4", "two_frames.mp4",
-            "vp9.webm", "space and ünïcode clip.mp4"]
-    (root / "train.txt").write_text("".join(f"videos/{n} {i}\n" for i, n in enumerate(good)), encoding="utf-8")
-    (root / "val.txt").write_text("".join(f"videos/{n} {i}\n" for i, n in enumerate(good[:4])), encoding="utf-8")
+    good = [
+        "good.mp4",
+        "tiny16x16.mp4",
+        "tiny72x40.mp4",
+        "odd17x9.mp4",
+        "one_frame.mp4",
+        "two_frames.mp4",
+        "vp9.webm",
+        "space and ünïcode clip.mp4",
+    ]
+    (root / "train.txt").write_text(
+        "".join(f"videos/{n} {i}\n" for i, n in enumerate(good)), encoding="utf-8"
+    )
+    (root / "val.txt").write_text(
+        "".join(f"videos/{n} {i}\n" for i, n in enumerate(good[:4])), encoding="utf-8"
+    )
     params = _tiny_params(root, base / "params.yaml")
-    r = _run(SMALLBIG + ["train", str(params), "--out", str(base / "run"), "--no-progress", "--no-mlflow",
-                         "--device", "cpu"], timeout=300)
+    r = _run(
+        SMALLBIG
+        + [
+            "train",
+            str(params),
+            "--out",
+            str(base / "run"),
+            "--no-progress",
+            "--no-mlflow",
+            "--device",
+            "cpu",
+        ],
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = base / "run" / "checkpoint.pt"
     assert ckpt.exists()
@@ -501,13 +705,31 @@ def test_evaluate_with_a_fifo_and_a_tiny_video(corpus, trained, tmp_path):
     (root / "classes.json").write_text(json.dumps(CLASSES))
     (root / "videos").symlink_to(corpus / "videos")
     (root / "train.txt").write_text("videos/good.mp4 0\n")
-    (root / "val.txt").write_text("videos/fifo.mp4 0\nvideos/tiny16x16.mp4 1\nvideos/odd17x9.mp4 2\n"
-                                  "videos/link_to_fifo.mp4 3\nvideos/good.mp4 4\n")
+    (root / "val.txt").write_text(
+        "videos/fifo.mp4 0\nvideos/tiny16x16.mp4 1\nvideos/odd17x9.mp4 2\n"
+        "videos/link_to_fifo.mp4 3\nvideos/good.mp4 4\n"
+    )
     params = _tiny_params(root, tmp_path / "params.yaml")
     out = tmp_path / "eval"
     t0 = time.time()
-    r = _run(SMALLBIG + ["evaluate", str(params), "--checkpoint", str(trained["ckpt"]), "--out", str(out),
-                         "--protocol", "1x1", "--no-progress", "--no-mlflow", "--device", "cpu"], timeout=300)
+    r = _run(
+        SMALLBIG
+        + [
+            "evaluate",
+            str(params),
+            "--checkpoint",
+            str(trained["ckpt"]),
+            "--out",
+            str(out),
+            "--protocol",
+            "1x1",
+            "--no-progress",
+            "--no-mlflow",
+            "--device",
+            "cpu",
+        ],
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert time.time() - t0 < 240
     assert "(3 videos, 2 skipped)" in r.stdout, r.stdout
@@ -529,7 +751,16 @@ def test_bad_label_list_refused_by_train_and_evaluate(corpus, trained, tmp_path,
     (root / "val.txt").write_text(bad)
     params = _tiny_params(root, tmp_path / "params.yaml")
     out = tmp_path / "out"
-    cmd = SMALLBIG + [command, str(params), "--out", str(out), "--no-progress", "--no-mlflow", "--device", "cpu"]
+    cmd = SMALLBIG + [
+        command,
+        str(params),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-mlflow",
+        "--device",
+        "cpu",
+    ]
     if command == "evaluate":
         cmd += ["--checkpoint", str(trained["ckpt"]), "--protocol", "1x1"]
     r = _run(cmd, timeout=180)

@@ -1,6 +1,7 @@
 """Files other than params and videos that a user hands to `smallbig`: checkpoints, scores files,
 ImageNet weights. A FIFO, a directory, garbage or a truncated file is refused by name (exit 2) —
 never a hang (each run under a timeout), never a traceback."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,14 @@ EXP = REPO / "params" / "experiments" / "k400-r23-sb-full.yaml"
 
 
 def run(args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "smallbig", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO,
-                          env=dict(os.environ, SMALLBIG_NO_MLFLOW="1"))
+    return subprocess.run(
+        [sys.executable, "-m", "smallbig", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=dict(os.environ, SMALLBIG_NO_MLFLOW="1"),
+    )
 
 
 def _fifo(p: Path) -> Path:
@@ -47,7 +53,13 @@ def _make(kind: str, p: Path) -> Path:
 
 
 KINDS = ["fifo", "directory", "garbage", "empty", "link to /dev/zero"]
-EXPECT = {"fifo": "FIFO", "directory": "directory", "garbage": "", "empty": "", "link to /dev/zero": "character device"}
+EXPECT = {
+    "fifo": "FIFO",
+    "directory": "directory",
+    "garbage": "",
+    "empty": "",
+    "link to /dev/zero": "character device",
+}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -71,8 +83,14 @@ def test_truncated_checkpoint_is_named(tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_ensemble_refuses_a_bad_scores_file(tmp_path, kind):
     good = tmp_path / "good.npz"
-    np.savez(good, logits=np.zeros((2, 1, 3)), labels=np.zeros(2, int), video_ids=np.array(["a", "b"]),
-             clip_idx=np.zeros((2, 1), int), crop_idx=np.zeros((2, 1), int))
+    np.savez(
+        good,
+        logits=np.zeros((2, 1, 3)),
+        labels=np.zeros(2, int),
+        video_ids=np.array(["a", "b"]),
+        clip_idx=np.zeros((2, 1), int),
+        crop_idx=np.zeros((2, 1), int),
+    )
     bad = _make(kind, tmp_path / "bad.npz")
     r = run(["ensemble", good, bad, "--out", tmp_path / "ens"])
     assert r.returncode == 2, r.stderr[-2000:]
@@ -82,14 +100,16 @@ def test_ensemble_refuses_a_bad_scores_file(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["fifo", "directory", "garbage", "link to /dev/zero"])
 def test_pretrained_weights_path_refused_by_name(tmp_path, kind):
     w = _make(kind, tmp_path / "w.pth")
-    code = ("from smallbig.models import build_model, load_pretrained_2d\n"
-            "from smallbig.models.weights import PretrainedError\n"
-            "from smallbig.config import load_params\n"
-            f"m = build_model(load_params({str(EXP)!r})['model'])\n"
-            "try:\n"
-            f"    load_pretrained_2d(m, {str(w)!r})\n"
-            "except PretrainedError as e:\n"
-            "    print('REFUSED', e)\n")
+    code = (
+        "from smallbig.models import build_model, load_pretrained_2d\n"
+        "from smallbig.models.weights import PretrainedError\n"
+        "from smallbig.config import load_params\n"
+        f"m = build_model(load_params({str(EXP)!r})['model'])\n"
+        "try:\n"
+        f"    load_pretrained_2d(m, {str(w)!r})\n"
+        "except PretrainedError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stdout.startswith(f"REFUSED {w}") and EXPECT[kind] in r.stdout, r.stdout

@@ -13,6 +13,7 @@ completion and compares the result with an uninterrupted run, file by file:
 
 The measured numbers (where each kill landed, rerun times) are printed (`pytest -s`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,9 @@ def _start(cmd: list[str], log: Path, **kw) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, **kw)
 
 
-def _kill_when(proc: subprocess.Popen, ready, sig=signal.SIGKILL, group=True, timeout=120.0,
-               snapshot=None) -> float:
+def _kill_when(
+    proc: subprocess.Popen, ready, sig=signal.SIGKILL, group=True, timeout=120.0, snapshot=None
+) -> float:
     """Poll `ready()` until true, then send `sig` (to the whole session, or the main process
     alone); wait for the process to end and for every process of its session to be gone.
     `snapshot()`, if given, is taken as soon as the main process has ended and must be the
@@ -152,17 +154,38 @@ def test_frame_extraction_killed_and_rerun_equals_an_uninterrupted_one(toy, tmp_
     from smallbig.data.prepare import prepare
 
     root = tmp_path / "k400"
-    data = {"dataset": "kinetics400", "root": str(root), "format": "video",
-            "source": {"base_url": str(toy), "checksums": "SHA256SUMS"}}
+    data = {
+        "dataset": "kinetics400",
+        "root": str(root),
+        "format": "video",
+        "source": {"base_url": str(toy), "checksums": "SHA256SUMS"},
+    }
     prepare({"data": data}, progress=False, workers=1)
     listing = root / "all.txt"
     listing.write_text((root / "train.txt").read_text() + (root / "val.txt").read_text())
     n_videos = len(listing.read_text().splitlines())
 
     def cmd(subdir):  # upscaled to short side 256: a few seconds of work on 2 cores
-        return [PY, "-m", "smallbig", "data", "frames", "--list", str(listing), "--root", str(root),
-                "--out-list", str(root / f"{subdir}.txt"), "--subdir", subdir, "--short-side", "256",
-                "--workers", "2", "--quiet"]
+        return [
+            PY,
+            "-m",
+            "smallbig",
+            "data",
+            "frames",
+            "--list",
+            str(listing),
+            "--root",
+            str(root),
+            "--out-list",
+            str(root / f"{subdir}.txt"),
+            "--subdir",
+            subdir,
+            "--short-side",
+            "256",
+            "--workers",
+            "2",
+            "--quiet",
+        ]
 
     log = tmp_path / "frames.log"
     ref_s, _ = _finish(cmd("ref"), log)
@@ -175,6 +198,7 @@ def test_frame_extraction_killed_and_rerun_equals_an_uninterrupted_one(toy, tmp_
     fractions = sorted(rng.uniform(0.15, 0.8) for _ in range(3))
     report = []
     for i, (frac, group) in enumerate(zip(fractions, (False, True, False))):
+
         def ready(frac=frac):
             n, partial = _jpgs(out)
             return n >= frac * total and partial > 0
@@ -194,18 +218,40 @@ def test_frame_extraction_killed_and_rerun_equals_an_uninterrupted_one(toy, tmp_
         for f in {k.split("/")[0] for k in done}:  # ... with all its frames
             assert {k for k in done if k.startswith(f + "/")} == {k for k in ref if k.startswith(f + "/")}, f
         assert not (root / "killed.txt").exists()  # the list is written only by a finished run
-        report.append({"kill": i + 1, "whole_session": group, "after_s": round(t, 2),
-                       "target": round(frac, 3), "jpgs_done": len(done) - sum(v == "dir" for v in done.values()),
-                       "folders_done": sum(v == "dir" for v in done.values()), "partial_folders": len(partial),
-                       "jpgs_in_partial": in_partial})
-    kept = {p: p.stat().st_mtime_ns for p in out.glob("*/img_00001.jpg") if not p.parent.name.endswith(".tmp")}
+        report.append(
+            {
+                "kill": i + 1,
+                "whole_session": group,
+                "after_s": round(t, 2),
+                "target": round(frac, 3),
+                "jpgs_done": len(done) - sum(v == "dir" for v in done.values()),
+                "folders_done": sum(v == "dir" for v in done.values()),
+                "partial_folders": len(partial),
+                "jpgs_in_partial": in_partial,
+            }
+        )
+    kept = {
+        p: p.stat().st_mtime_ns for p in out.glob("*/img_00001.jpg") if not p.parent.name.endswith(".tmp")
+    }
     rerun_s, text = _finish(cmd("killed"), log)
     assert f"{n_videos} videos extracted, 0 failed" in text
     assert _tree(out) == ref  # byte-identical JPEGs, same folders, nothing half-written left
     assert (root / "killed.txt").read_text() == (root / "ref.txt").read_text().replace("ref/", "killed/")
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished folders were kept
-    print(json.dumps({"frames": {"videos": n_videos, "jpgs": total, "uninterrupted_s": round(ref_s, 2),
-                                 "kills": report, "rerun_s": round(rerun_s, 2)}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "frames": {
+                    "videos": n_videos,
+                    "jpgs": total,
+                    "uninterrupted_s": round(ref_s, 2),
+                    "kills": report,
+                    "rerun_s": round(rerun_s, 2),
+                }
+            },
+            indent=1,
+        )
+    )
 
 
 # --------------------------------------------------------------------------- download + extraction
@@ -218,7 +264,7 @@ class _Slow:
     def write(self, b) -> int:
         mv = memoryview(b)
         for i in range(0, len(mv), 16384):
-            self.w.write(mv[i:i + 16384])
+            self.w.write(mv[i : i + 16384])
             self.handler.sent += min(16384, len(mv) - i)
             time.sleep(min(16384, len(mv) - i) / self.handler.rate)
         return len(mv)
@@ -252,8 +298,10 @@ def big_mirror(toy, tmp_path_factory):
     tgz = m / "train/part_0.tar.gz"
     rng = np.random.default_rng(SEED)
     buf = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(tgz.read_bytes()), mode="r:gz") as src, \
-            tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as dst:
+    with (
+        tarfile.open(fileobj=io.BytesIO(tgz.read_bytes()), mode="r:gz") as src,
+        tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as dst,
+    ):
         for member in src:
             dst.addfile(member, src.extractfile(member))
         for i in range(FILLERS):
@@ -278,10 +326,18 @@ def test_download_and_extraction_killed_and_rerun(big_mirror, tmp_path):
 
         def cmd(name):
             p = tmp_path / f"{name}.yaml"
-            p.write_text(json.dumps({  # JSON is YAML
-                "extends": str(REPO / "params/experiments/k400-r23-c2d.yaml"),
-                "data": {"root": str(tmp_path / name), "format": "video",
-                         "source": {"base_url": url, "checksums": "SHA256SUMS"}}}))
+            p.write_text(
+                json.dumps(
+                    {  # JSON is YAML
+                        "extends": str(REPO / "params/experiments/k400-r23-c2d.yaml"),
+                        "data": {
+                            "root": str(tmp_path / name),
+                            "format": "video",
+                            "source": {"base_url": url, "checksums": "SHA256SUMS"},
+                        },
+                    }
+                )
+            )
             return [PY, "-m", "smallbig", "data", "prepare", str(p), "--quiet", "--workers", "1"]
 
         ref_s, _ = _finish(cmd("ref"), log)
@@ -307,7 +363,10 @@ def test_download_and_extraction_killed_and_rerun(big_mirror, tmp_path):
         t2 = _kill_when(_start(cmd("killed"), log), lambda: _count(fillers) >= k)
         assert ("train/part_0.tar.gz", f"bytes={have}-") in h.log  # resumed, not restarted
         assert ("train/part_0.tar.gz", None) not in h.log
-        assert not part.exists() and hashlib.sha256(final.read_bytes()).hexdigest() == ref["raw/train/part_0.tar.gz"]
+        assert (
+            not part.exists()
+            and hashlib.sha256(final.read_bytes()).hexdigest() == ref["raw/train/part_0.tar.gz"]
+        )
         extracted = _count(fillers)
         assert k <= extracted < FILLERS  # genuinely mid-extraction
         assert not (work / ".extracted-part_0.tar.gz").exists() and not (work / "tree-part_0.tar.gz").exists()
@@ -316,14 +375,28 @@ def test_download_and_extraction_killed_and_rerun(big_mirror, tmp_path):
         h.log.clear()
         rerun_s, _ = _finish(cmd("killed"), log)
         assert ("train/part_0.tar.gz", None) not in h.log and all(
-            r != "train/part_0.tar.gz" for r, _ in h.log)  # the verified download was kept
+            r != "train/part_0.tar.gz" for r, _ in h.log
+        )  # the verified download was kept
     got = _tree(root)
     assert got == ref  # same files, same bytes: no .part, no .tmp-*, nothing half-extracted
-    print(json.dumps({"download": {"tarball_bytes": size, "uninterrupted_s": round(ref_s, 2),
-                                   "kill1_after_s": round(t1, 2), "kill1_part_bytes": have,
-                                   "kill1_fraction": round(have / size, 3),
-                                   "kill2_after_s": round(t2, 2), "kill2_files_extracted": extracted,
-                                   "kill2_of": FILLERS, "rerun_s": round(rerun_s, 2)}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "download": {
+                    "tarball_bytes": size,
+                    "uninterrupted_s": round(ref_s, 2),
+                    "kill1_after_s": round(t1, 2),
+                    "kill1_part_bytes": have,
+                    "kill1_fraction": round(have / size, 3),
+                    "kill2_after_s": round(t2, 2),
+                    "kill2_files_extracted": extracted,
+                    "kill2_of": FILLERS,
+                    "rerun_s": round(rerun_s, 2),
+                }
+            },
+            indent=1,
+        )
+    )
 
 
 # --------------------------------------------------------------------------- dvc push
@@ -356,10 +429,18 @@ def _check_remote(remote: Path) -> None:
 
 
 def test_dvc_push_interrupted_and_rerun(tmp_path):
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", DVC_GLOBAL_CONFIG_DIR=str(tmp_path / "dvc-global"),
-               DVC_SYSTEM_CONFIG_DIR=str(tmp_path / "dvc-system"), DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"),
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.org", GIT_CONFIG_NOSYSTEM="1")
+    env = dict(
+        os.environ,
+        DVC_NO_ANALYTICS="1",
+        DVC_GLOBAL_CONFIG_DIR=str(tmp_path / "dvc-global"),
+        DVC_SYSTEM_CONFIG_DIR=str(tmp_path / "dvc-system"),
+        DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"),
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.org",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.org",
+        GIT_CONFIG_NOSYSTEM="1",
+    )
     repo, remote, log = tmp_path / "repo", tmp_path / "remote", tmp_path / "dvc.log"
     repo.mkdir()
 
@@ -391,8 +472,16 @@ def test_dvc_push_interrupted_and_rerun(tmp_path):
         assert before < got < total, (before, got, total)  # interrupted mid-transfer
         assert proc.returncode != 0
         _check_remote(remote)
-        kills.append({"signal": sig.name, "after_s": round(t, 2), "rc": proc.returncode,
-                      "objects_before": before, "objects_at_end": got, "of": total})
+        kills.append(
+            {
+                "signal": sig.name,
+                "after_s": round(t, 2),
+                "rc": proc.returncode,
+                "objects_before": before,
+                "objects_at_end": got,
+                "of": total,
+            }
+        )
     status = json.loads(run(DVC, "status", "-c", "--json").strip().splitlines()[-1])
     assert status, "dvc status -c must report the objects the interrupted pushes did not send"
     t0 = time.monotonic()
@@ -410,6 +499,17 @@ def test_dvc_push_interrupted_and_rerun(tmp_path):
     run(DVC, "pull", "-q", cwd=clone)
     assert _tree(clone / "data") == _tree(repo / "data")
     assert sum(1 for p in (clone / "data").rglob("*.bin")) == N_DVC
-    print(json.dumps({"dvc_push": {"objects": total, "kills": kills, "rerun_pushed": pushed,
-                                   "rerun_s": round(rerun_s, 2), "temp_files_left_in_remote": len(leftovers)}},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                "dvc_push": {
+                    "objects": total,
+                    "kills": kills,
+                    "rerun_pushed": pushed,
+                    "rerun_s": round(rerun_s, 2),
+                    "temp_files_left_in_remote": len(leftovers),
+                }
+            },
+            indent=1,
+        )
+    )

@@ -4,6 +4,7 @@ emulation against the real (CPU) autocast, linearity in the batch, scaling with 
 width, the allocator-level cross-check against a real CPU step's peak RSS, the cache
 (params/memory.json) and its staleness check, and the CLI's refusal of a plan that does not
 fit."""
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def small(exp: str, tmp_path, width: int = 8, frames: int = 4, crop: int = 112) -> dict:
     """The experiment's params scaled down (R23 width 8, 4 frames, 112² by default)."""
     ov = tmp_path / f"small-{width}-{frames}-{crop}.yaml"
-    ov.write_text(f"all:\n  model: {{base_width: {width}, pretrained: none}}\n"
-                  f"  data: {{num_frames: {frames}, crop_size: {crop}}}\n")
+    ov.write_text(
+        f"all:\n  model: {{base_width: {width}, pretrained: none}}\n"
+        f"  data: {{num_frames: {frames}, crop_size: {crop}}}\n"
+    )
     return config.load_params(config.experiment_path(exp), overlay=ov)
 
 
@@ -39,8 +42,9 @@ def cpu_pair(p: dict, batch: int = 2):
 
 
 # ------------------------------------------------------------------------------ measurement
-@pytest.mark.parametrize("exp", ["k400-r23-c2d", "k400-r23-sb-full", "k400-r23-nonlocal",
-                                 "k400-r23-i3d311", "sthv1-r50-sb-8f"])
+@pytest.mark.parametrize(
+    "exp", ["k400-r23-c2d", "k400-r23-sb-full", "k400-r23-nonlocal", "k400-r23-i3d311", "sthv1-r50-sb-8f"]
+)
 def test_meta_saved_bytes_equal_a_real_cpu_forward_fp32(exp, tmp_path):
     p = small(exp, tmp_path)
     meta = mem.build_for_memory(p, "meta")
@@ -53,9 +57,13 @@ def test_meta_saved_bytes_equal_a_real_cpu_forward_fp32(exp, tmp_path):
 
 # CPU autocast's policy for the ops of these models (aten/src/ATen/autocast_mode.cpp): the
 # emulation run with it must reproduce the real CPU autocast exactly
-CPU_POLICY = {"lower": mem.AUTOCAST_LOWER, "fp32_opt_dtype": frozenset(),
-              "fp32": frozenset({"max_pool3d", "avg_pool3d", "cross_entropy"}),
-              "promote": frozenset({"cat", "stack"}), "dispatch_key": "AutocastCPU"}
+CPU_POLICY = {
+    "lower": mem.AUTOCAST_LOWER,
+    "fp32_opt_dtype": frozenset(),
+    "fp32": frozenset({"max_pool3d", "avg_pool3d", "cross_entropy"}),
+    "promote": frozenset({"cat", "stack"}),
+    "dispatch_key": "AutocastCPU",
+}
 
 
 def real_cpu_autocast_saved_bytes(model, x) -> int:
@@ -75,8 +83,7 @@ def real_cpu_autocast_saved_bytes(model, x) -> int:
     return sum(b for _, b in seen.values())
 
 
-@pytest.mark.parametrize("exp", ["k400-r23-sb-full", "k400-r23-nonlocal",
-                                 "k400-r23-sb-full-avgpool"])
+@pytest.mark.parametrize("exp", ["k400-r23-sb-full", "k400-r23-nonlocal", "k400-r23-sb-full-avgpool"])
 def test_autocast_emulation_reproduces_the_real_cpu_autocast(exp, tmp_path):
     """The emulation mechanism (casts above autograd, parameter casts cached) given CPU
     autocast's lists equals torch.autocast('cpu') on real tensors, for max/avg 3-D pooling,
@@ -84,8 +91,9 @@ def test_autocast_emulation_reproduces_the_real_cpu_autocast(exp, tmp_path):
     p = small(exp, tmp_path)
     model, x = cpu_pair(p)
     meta = mem.build_for_memory(p, "meta")
-    emulated = mem.saved_tensor_bytes(meta, torch.empty(x.shape, device="meta"), torch.bfloat16,
-                                      CPU_POLICY)["bytes"]
+    emulated = mem.saved_tensor_bytes(meta, torch.empty(x.shape, device="meta"), torch.bfloat16, CPU_POLICY)[
+        "bytes"
+    ]
     assert emulated == real_cpu_autocast_saved_bytes(model, x)
 
 
@@ -119,8 +127,10 @@ def test_an_unlisted_autocast_op_stops_the_emulation():
             return torch.addcmul(x, x, x)  # CUDA "promote" op, left out of the lists below
 
     policy = {**mem.CUDA_AUTOCAST_POLICY, "promote": frozenset()}
-    with pytest.raises(mem.MemoryMeasurementError, match="addcmul"), \
-            mem.autocast_emulation(torch.bfloat16, policy):
+    with (
+        pytest.raises(mem.MemoryMeasurementError, match="addcmul"),
+        mem.autocast_emulation(torch.bfloat16, policy),
+    ):
         Odd()(torch.empty(2, 3, device="meta"))
 
 
@@ -133,8 +143,9 @@ def test_saved_bytes_are_linear_in_the_batch(tmp_path):
         meta = mem.build_for_memory(p, "meta")
         for prec, dt in (("fp32", None), ("bf16", torch.bfloat16)):
             a = entry["activations"][prec]
-            s = {b: mem.saved_tensor_bytes(meta, mem._clip(p, b, "meta"), dt)["bytes"]
-                 for b in (1, 2, 3, 4, 5)}
+            s = {
+                b: mem.saved_tensor_bytes(meta, mem._clip(p, b, "meta"), dt)["bytes"] for b in (1, 2, 3, 4, 5)
+            }
             for b in (2, 3, 4, 5):
                 assert s[b] == a["saved_fixed"] + b * a["saved_per_clip"], (exp, prec, b)
             assert s[4] - s[3] == a["saved_per_clip"]
@@ -153,17 +164,18 @@ def test_activations_grow_with_frames_and_width(tmp_path):
     for prec in ("fp32", "bf16"):
         # (to a few kB: the per-clip features and logits of the head do not grow with T)
         assert f16["activations"][prec]["saved_per_clip"] == pytest.approx(
-            2 * f8["activations"][prec]["saved_per_clip"], rel=1e-3)
+            2 * f8["activations"][prec]["saved_per_clip"], rel=1e-3
+        )
     assert f16["params"] == f8["params"]
     w16 = mem.measure(small("k400-r23-c2d", tmp_path, width=16, frames=8))
     # the fp32 input and its frames copy (2 x 3·T·112²·4 bytes) do not grow; the rest doubles
     inp = 2 * 3 * 8 * 112 * 112 * 4
     assert w16["activations"]["fp32"]["saved_per_clip"] - inp == pytest.approx(
-        2 * (f8["activations"]["fp32"]["saved_per_clip"] - inp), rel=1e-3)
+        2 * (f8["activations"]["fp32"]["saved_per_clip"] - inp), rel=1e-3
+    )
     # SmallBig saves more than C2D (the big views, their pooling indices)
     sb = mem.measure(small("k400-r23-sb-full", tmp_path, frames=8))
-    assert (sb["activations"]["fp32"]["saved_per_clip"]
-            > 2 * f8["activations"]["fp32"]["saved_per_clip"])
+    assert sb["activations"]["fp32"]["saved_per_clip"] > 2 * f8["activations"]["fp32"]["saved_per_clip"]
 
 
 def test_meta_failure_falls_back_to_a_real_cpu_forward(tmp_path, monkeypatch):
@@ -173,7 +185,8 @@ def test_meta_failure_falls_back_to_a_real_cpu_forward(tmp_path, monkeypatch):
     def meta_fails(model, x, *a, **k):
         if x.device.type == "meta":
             raise NotImplementedError(
-                "Could not run 'aten::something' with arguments from the 'Meta' backend")
+                "Could not run 'aten::something' with arguments from the 'Meta' backend"
+            )
         return real(model, x, *a, **k)
 
     monkeypatch.setattr(mem, "saved_tensor_bytes", meta_fails)
@@ -225,8 +238,14 @@ def test_formula_bounds_the_simulated_and_the_real_cpu_peak(tmp_path):
         print(json.dumps(status("VmHWM") - before))
     """)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                       cwd=config.REPO_ROOT, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=config.REPO_ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     real = json.loads(r.stdout.strip().splitlines()[-1])
     # the input x is allocated before the step in the real run; the simulation and the
@@ -337,30 +356,39 @@ def test_a_stale_entry_is_detected_and_never_used(tmp_path):
     cache_path.write_text(json.dumps(cache))
     m = plan.memory_section(params, None, cache_path)
     assert m["experiments"]["k400-r23-c2d"]["status"] == "stale"
-    assert "measured now" in "\n".join(plan.format_memory(m)) and "--measure-memory" in \
-        "\n".join(plan.format_memory(m))
+    assert "measured now" in "\n".join(plan.format_memory(m)) and "--measure-memory" in "\n".join(
+        plan.format_memory(m)
+    )
 
 
 def test_measure_memory_refuses_an_overlay():
-    r = subprocess.run([sys.executable, "-m", "smallbig", "plan", "--measure-memory",
-                        "--overlay", "params/embedded.yaml"], cwd=config.REPO_ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "smallbig", "plan", "--measure-memory", "--overlay", "params/embedded.yaml"],
+        cwd=config.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "full-scale" in r.stderr
     assert "memory.json" in r.stderr
 
 
 # ------------------------------------------------------------------------------ the plan
 def run_plan(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smallbig", "plan", *args], cwd=config.REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "smallbig", "plan", *args],
+        cwd=config.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_plan_with_a_large_gpu_passes_and_prints_each_training():
     r = run_plan("--gpu-mem", "1000")
     assert r.returncode == 0, r.stderr
     ids = config.experiment_ids()
-    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines()
-             if ln.split() and ln.split()[0] in ids}
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.split() and ln.split()[0] in ids}
     assert sorted(lines) == ids
     cache = mem.load_cache()
     for e, ln in lines.items():
@@ -388,8 +416,10 @@ def test_plan_that_does_not_fit_is_refused_with_the_batch_to_use():
         assert e in r.stderr
         if row["use"]:
             b, k = row["use"]
-            assert f"{e}: params/experiments/{e}.yaml: train.per_gpu_batch: " \
-                   f"{row['per_gpu_batch']} needs" in r.stderr
+            assert (
+                f"{e}: params/experiments/{e}.yaml: train.per_gpu_batch: "
+                f"{row['per_gpu_batch']} needs" in r.stderr
+            )
             assert f"use train.per_gpu_batch: {b} with {k} accumulation step(s)" in r.stderr
             # the suggestion fits and keeps the paper's total batch
             assert b * k * row["gpus"] == row["batch_size"]
@@ -402,8 +432,7 @@ def test_plan_that_does_not_fit_is_refused_with_the_batch_to_use():
 
 
 def test_check_memory_raises_params_error():
-    params = {e: p for e, p in full_params().items()
-              if e in ("k400-r23-c2d", "k400-r101-sb-typical-32f")}
+    params = {e: p for e, p in full_params().items() if e in ("k400-r23-c2d", "k400-r101-sb-typical-32f")}
     mem.check_memory(params, 1000)
     with pytest.raises(config.ParamsError) as err:
         mem.check_memory(params, 40)

@@ -1,5 +1,6 @@
 """Model library: every params file builds and trains, any T, efficient == reference, zero init,
 feature maps, clear errors on a bad model config. Small widths and inputs: fast on CPU."""
+
 from __future__ import annotations
 
 import copy
@@ -66,9 +67,19 @@ def test_every_experiment_builds_and_trains(exp_id):
 
 
 # one experiment per model option (depth 23: the blocks are the same at every depth)
-OPTION_IDS = ["k400-r23-c2d", "k400-r23-i3d311", "k400-r23-sb311", "k400-r23-sbT33", "k400-r23-sb-full",
-              "k400-r23-sb-full-avgpool", "k400-r23-sb-full-noshare", "k400-r23-sb-full-singlebn",
-              "k400-r23-nonlocal", "k400-r50-sb-full-simple", "sthv1-r50-sb-8f"]
+OPTION_IDS = [
+    "k400-r23-c2d",
+    "k400-r23-i3d311",
+    "k400-r23-sb311",
+    "k400-r23-sbT33",
+    "k400-r23-sb-full",
+    "k400-r23-sb-full-avgpool",
+    "k400-r23-sb-full-noshare",
+    "k400-r23-sb-full-singlebn",
+    "k400-r23-nonlocal",
+    "k400-r50-sb-full-simple",
+    "sthv1-r50-sb-8f",
+]
 
 
 @pytest.mark.parametrize("exp_id", OPTION_IDS)
@@ -127,7 +138,9 @@ def test_any_T(exp_id):
             assert y.shape == (2, 5) and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("pool", [[3, 1, 1], [3, 3, 3], [3, 5, 5], [1, 3, 3], ["T", 3, 3], ["T", 1, 1], [5, 7, 7]])
+@pytest.mark.parametrize(
+    "pool", [[3, 1, 1], [3, 3, 3], [3, 5, 5], [1, 3, 3], ["T", 3, 3], ["T", 1, 1], [5, 7, 7]]
+)
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @pytest.mark.parametrize("T", [1, 4, 7])
 def test_pooling_separable_equals_3d(pool, mode, T):
@@ -141,8 +154,10 @@ def test_pooling_separable_equals_3d(pool, mode, T):
         torch.testing.assert_close(ref, x.amax(dim=2, keepdim=True))
 
 
-@pytest.mark.parametrize("exp_id", [e for e in OPTION_IDS if not e.endswith("singlebn")]
-                         + ["k400-r23-sb333-T33", "k400-r23-sb-typical"])
+@pytest.mark.parametrize(
+    "exp_id",
+    [e for e in OPTION_IDS if not e.endswith("singlebn")] + ["k400-r23-sb333-T33", "k400-r23-sb-typical"],
+)
 def test_zero_init_equals_plain_net(exp_id):
     """At initialisation every SmallBig / extra-unit / NonLocal variant computes the function of
     the same network without them, given the same conv weights (train and eval mode).
@@ -204,7 +219,11 @@ def test_structure_and_strides():
     i3d = build_model(tiny_cfg("k400-r23-i3d311"))
     assert i3d.res2[0].conv1.conv.kernel_size == (3, 1, 1)
     slow = build_model(tiny_cfg("sthv1-r50-sb-8f"))
-    assert slow.res3[0].conv1.conv.kernel_size == (1, 1, 1) and slow.res4[0].conv1.conv.kernel_size == (3, 1, 1)
+    assert slow.res3[0].conv1.conv.kernel_size == (1, 1, 1) and slow.res4[0].conv1.conv.kernel_size == (
+        3,
+        1,
+        1,
+    )
     assert hasattr(slow.res3[0], "extra") and not hasattr(slow.res2[0], "extra")
     nl = build_model(tiny_cfg("k400-r23-nonlocal"))
     assert sum(hasattr(b, "nonlocal_block") for s in STAGES for b in getattr(nl, s)) == 5
@@ -241,20 +260,83 @@ BAD_CFGS = [
     ({"unit": {"pool": "median"}}, "model.unit.pool"),
     ({"unit": {"size": 3}}, "model.unit: unknown"),
     ({"colour": "red"}, "unknown key"),
-    ({"stages": {"res2": {"block": "2d"}, "res3": {"block": "2d"}, "res4": {"block": "2d"}, "res6": {"block": "2d"}}},
-     "unknown stage name"),
-    ({"stages": {"res2": {"block": "4d"}, "res3": {"block": "2d"}, "res4": {"block": "2d"}, "res5": {"block": "2d"}}},
-     "model.stages.res2.block"),
-    ({"stages": {"res2": {"block": "smallbig"}, "res3": {"block": "2d"}, "res4": {"block": "2d"}, "res5": {"block": "2d"}}},
-     "model.stages.res2.smallbig"),
-    ({"stages": {"res2": {"block": "smallbig", "smallbig": {"conv1": [2, 3, 3]}}, "res3": {"block": "2d"},
-                 "res4": {"block": "2d"}, "res5": {"block": "2d"}}}, "odd"),
-    ({"stages": {"res2": {"block": "smallbig", "smallbig": {"conv4": [3, 3, 3]}}, "res3": {"block": "2d"},
-                 "res4": {"block": "2d"}, "res5": {"block": "2d"}}}, "unknown conv"),
-    ({"stages": {"res2": {"block": "2d", "smallbig": {"conv1": [3, 3, 3]}}, "res3": {"block": "2d"},
-                 "res4": {"block": "2d"}, "res5": {"block": "2d"}}}, "needs 'smallbig'"),
-    ({"stages": {"res2": {"block": "2d", "extra": "fancy"}, "res3": {"block": "2d"},
-                 "res4": {"block": "2d"}, "res5": {"block": "2d"}}}, "model.stages.res2.extra"),
+    (
+        {
+            "stages": {
+                "res2": {"block": "2d"},
+                "res3": {"block": "2d"},
+                "res4": {"block": "2d"},
+                "res6": {"block": "2d"},
+            }
+        },
+        "unknown stage name",
+    ),
+    (
+        {
+            "stages": {
+                "res2": {"block": "4d"},
+                "res3": {"block": "2d"},
+                "res4": {"block": "2d"},
+                "res5": {"block": "2d"},
+            }
+        },
+        "model.stages.res2.block",
+    ),
+    (
+        {
+            "stages": {
+                "res2": {"block": "smallbig"},
+                "res3": {"block": "2d"},
+                "res4": {"block": "2d"},
+                "res5": {"block": "2d"},
+            }
+        },
+        "model.stages.res2.smallbig",
+    ),
+    (
+        {
+            "stages": {
+                "res2": {"block": "smallbig", "smallbig": {"conv1": [2, 3, 3]}},
+                "res3": {"block": "2d"},
+                "res4": {"block": "2d"},
+                "res5": {"block": "2d"},
+            }
+        },
+        "odd",
+    ),
+    (
+        {
+            "stages": {
+                "res2": {"block": "smallbig", "smallbig": {"conv4": [3, 3, 3]}},
+                "res3": {"block": "2d"},
+                "res4": {"block": "2d"},
+                "res5": {"block": "2d"},
+            }
+        },
+        "unknown conv",
+    ),
+    (
+        {
+            "stages": {
+                "res2": {"block": "2d", "smallbig": {"conv1": [3, 3, 3]}},
+                "res3": {"block": "2d"},
+                "res4": {"block": "2d"},
+                "res5": {"block": "2d"},
+            }
+        },
+        "needs 'smallbig'",
+    ),
+    (
+        {
+            "stages": {
+                "res2": {"block": "2d", "extra": "fancy"},
+                "res3": {"block": "2d"},
+                "res4": {"block": "2d"},
+                "res5": {"block": "2d"},
+            }
+        },
+        "model.stages.res2.extra",
+    ),
 ]
 
 
@@ -290,8 +372,15 @@ def test_channels_last_same_result():
         torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
 
 
-REVERSAL_INVARIANT = ["k400-r23-c2d", "k400-r23-sb311", "k400-r23-sb333", "k400-r23-sb-typical",
-                      "k400-r23-sb-full", "k400-r23-sb-full-avgpool", "k400-r23-nonlocal"]
+REVERSAL_INVARIANT = [
+    "k400-r23-c2d",
+    "k400-r23-sb311",
+    "k400-r23-sb333",
+    "k400-r23-sb-typical",
+    "k400-r23-sb-full",
+    "k400-r23-sb-full-avgpool",
+    "k400-r23-nonlocal",
+]
 
 
 @pytest.mark.parametrize("exp_id", REVERSAL_INVARIANT + ["k400-r23-i3d311", "sthv2-r50-sb-8f"])

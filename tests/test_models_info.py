@@ -1,5 +1,6 @@
 """Sizes and compute against the authors' code (model-spec.md), model_info / model-info CLI.
 Models are built on the meta device: no memory, fast."""
+
 from __future__ import annotations
 
 import json

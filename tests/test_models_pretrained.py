@@ -1,5 +1,6 @@
 """ImageNet initialisation: a tiny torchvision-format 2-D ResNet written here (no downloads, no
 torchvision) makes the state-dict file; the video nets loaded from it reproduce its logits."""
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,9 @@ class Bottleneck2d(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = None
         if stride != 1 or cin != planes * 4:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride, bias=False),
-                                            nn.BatchNorm2d(planes * 4))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -51,8 +53,8 @@ class ResNet2d(nn.Module):
         for i, n in enumerate(layers):
             blocks = []
             for j in range(n):
-                blocks.append(Bottleneck2d(cin, width * 2 ** i, 2 if (i > 0 and j == 0) else 1))
-                cin = width * 2 ** i * 4
+                blocks.append(Bottleneck2d(cin, width * 2**i, 2 if (i > 0 and j == 0) else 1))
+                cin = width * 2**i * 4
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.fc = nn.Linear(cin, num_classes)
 
@@ -106,7 +108,9 @@ def r23_from(net50: ResNet2d) -> ResNet2d:
     return net
 
 
-@pytest.mark.parametrize("exp_id", ["k400-r23-c2d", "k400-r23-sb-full", "k400-r23-sb311", "k400-r23-nonlocal"])
+@pytest.mark.parametrize(
+    "exp_id", ["k400-r23-c2d", "k400-r23-sb-full", "k400-r23-sb311", "k400-r23-nonlocal"]
+)
 @pytest.mark.parametrize("formulation", ["efficient", "reference"])
 def test_inflated_net_on_identical_frames_gives_2d_logits(r50_file, exp_id, formulation):
     """C2D (and, thanks to the zero-initialised big-view / extra / NonLocal BNs, every SmallBig
@@ -166,7 +170,9 @@ def test_summary_and_key_mapping(r50_file):
     torch.testing.assert_close(model.res3[1].conv2.conv.weight[:, :, 0], net50.layer2[1].conv2.weight)
     torch.testing.assert_close(model.res3[1].conv2.conv_big.weight[:, :, 0], net50.layer2[1].conv2.weight)
     torch.testing.assert_close(model.res3[0].conv2.bn.running_var, net50.layer2[0].bn2.running_var)
-    torch.testing.assert_close(model.res4[0].downsample.conv.weight[:, :, 0, 0, 0], net50.layer3[0].downsample[0].weight[:, :, 0, 0])
+    torch.testing.assert_close(
+        model.res4[0].downsample.conv.weight[:, :, 0, 0, 0], net50.layer3[0].downsample[0].weight[:, :, 0, 0]
+    )
     torch.testing.assert_close(model.stem.bn.weight, net50.bn1.weight)
     assert model.res3[0].conv1.bn_big.weight.abs().sum() == 0
 

@@ -1,5 +1,6 @@
 """Params files: every experiment validates; invalid params give one clear error naming file,
 key and problem; merging and overlays behave as documented in smallbig/config.py."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,13 +14,31 @@ from smallbig import config
 from smallbig.config import ParamsError, load_params
 
 EXPECTED_IDS = {
-    "k400-r23-c2d", "k400-r23-i3d311", "k400-r23-sb311", "k400-r23-sb311-res345",
-    "k400-r23-sb311-res45", "k400-r23-sb311-res5", "k400-r23-sb333", "k400-r23-sb355",
-    "k400-r23-sb377", "k400-r23-sbT33", "k400-r23-sb333-T33", "k400-r23-sb-typical",
-    "k400-r23-sb-full", "k400-r23-sb-full-avgpool", "k400-r23-sb-full-noshare",
-    "k400-r23-sb-full-singlebn", "k400-r23-nonlocal", "k400-r50-c2d", "k400-r50-sb-full",
-    "k400-r50-sb-full-simple", "k400-r101-sb-typical-32f", "sthv1-r50-sb-8f", "sthv1-r50-sb-16f",
-    "sthv2-r50-sb-8f", "sthv2-r50-sb-16f",
+    "k400-r23-c2d",
+    "k400-r23-i3d311",
+    "k400-r23-sb311",
+    "k400-r23-sb311-res345",
+    "k400-r23-sb311-res45",
+    "k400-r23-sb311-res5",
+    "k400-r23-sb333",
+    "k400-r23-sb355",
+    "k400-r23-sb377",
+    "k400-r23-sbT33",
+    "k400-r23-sb333-T33",
+    "k400-r23-sb-typical",
+    "k400-r23-sb-full",
+    "k400-r23-sb-full-avgpool",
+    "k400-r23-sb-full-noshare",
+    "k400-r23-sb-full-singlebn",
+    "k400-r23-nonlocal",
+    "k400-r50-c2d",
+    "k400-r50-sb-full",
+    "k400-r50-sb-full-simple",
+    "k400-r101-sb-typical-32f",
+    "sthv1-r50-sb-8f",
+    "sthv1-r50-sb-16f",
+    "sthv2-r50-sb-8f",
+    "sthv2-r50-sb-16f",
 }
 
 
@@ -80,16 +99,39 @@ def _exp(tmp_path: Path, **changes) -> Path:
         ({"model__bogus": 1}, "model", "unknown key"),
         ({"train__lr": "fast"}, "train.lr", "is not of type 'number'"),
         ({"model__depth": 34}, "model.depth", "is not one of"),
-        ({"model__stages": {"res1": {"block": "2d"}, "res2": {"block": "2d"}, "res3": {"block": "2d"},
-                            "res4": {"block": "2d"}, "res5": {"block": "2d"}}}, "model.stages", "res1"),
-        ({"model__stages__res5": {"block": "smallbig", "smallbig": {"conv1": [3, 15, 15]}}},
-         "model.stages.res5.smallbig.conv1", "larger than the res5 feature map"),
-        ({"model__stages__res3": {"block": "smallbig", "smallbig": {"conv1": [17, 3, 3]}}},
-         "model.stages.res3.smallbig.conv1", "temporal pooling 17"),
-        ({"model__stages__res3": {"block": "2d", "smallbig": {"conv1": [3, 3, 3]}}},
-         "model.stages.res3.smallbig", "needs 'smallbig'"),
-        ({"model__stages__res3": {"block": "smallbig", "smallbig": {"conv1": [3, 4, 4]}}},
-         "model.stages.res3.smallbig.conv1", "odd"),
+        (
+            {
+                "model__stages": {
+                    "res1": {"block": "2d"},
+                    "res2": {"block": "2d"},
+                    "res3": {"block": "2d"},
+                    "res4": {"block": "2d"},
+                    "res5": {"block": "2d"},
+                }
+            },
+            "model.stages",
+            "res1",
+        ),
+        (
+            {"model__stages__res5": {"block": "smallbig", "smallbig": {"conv1": [3, 15, 15]}}},
+            "model.stages.res5.smallbig.conv1",
+            "larger than the res5 feature map",
+        ),
+        (
+            {"model__stages__res3": {"block": "smallbig", "smallbig": {"conv1": [17, 3, 3]}}},
+            "model.stages.res3.smallbig.conv1",
+            "temporal pooling 17",
+        ),
+        (
+            {"model__stages__res3": {"block": "2d", "smallbig": {"conv1": [3, 3, 3]}}},
+            "model.stages.res3.smallbig",
+            "needs 'smallbig'",
+        ),
+        (
+            {"model__stages__res3": {"block": "smallbig", "smallbig": {"conv1": [3, 4, 4]}}},
+            "model.stages.res3.smallbig.conv1",
+            "odd",
+        ),
         ({"test__protocols": ["10x2"]}, "test.protocols.0", "does not match"),
     ],
 )
@@ -115,17 +157,26 @@ def test_missing_file_bad_yaml_and_extends_loop(tmp_path):
 
 
 def test_merge_rules_and_overlay(tmp_path):
-    base = {"model": {"unit": {"pool": "max", "share": True}, "stages": {"res3": {"block": "smallbig", "smallbig": {"conv1": [3, 1, 1]}}}}}
+    base = {
+        "model": {
+            "unit": {"pool": "max", "share": True},
+            "stages": {"res3": {"block": "smallbig", "smallbig": {"conv1": [3, 1, 1]}}},
+        }
+    }
     over = {"model": {"unit": {"pool": "avg"}, "stages": {"res3": {"block": "2d"}}}}
     merged = config.deep_merge(base, over)
-    assert merged["model"]["unit"] == {"pool": "avg", "share": True}     # mappings merge
-    assert merged["model"]["stages"]["res3"] == {"block": "2d"}           # a stage is replaced whole
-    overlay = _write(tmp_path, "overlay.yaml", {
-        "all": {"model": {"base_width": 8}},
-        "kinetics400": {"train": {"epochs": 2}},
-        "sthv1": {"train": {"epochs": 99}},
-        "experiments": {"k400-r23-sb311": {"train": {"lr": 0.5}}},
-    })
+    assert merged["model"]["unit"] == {"pool": "avg", "share": True}  # mappings merge
+    assert merged["model"]["stages"]["res3"] == {"block": "2d"}  # a stage is replaced whole
+    overlay = _write(
+        tmp_path,
+        "overlay.yaml",
+        {
+            "all": {"model": {"base_width": 8}},
+            "kinetics400": {"train": {"epochs": 2}},
+            "sthv1": {"train": {"epochs": 99}},
+            "experiments": {"k400-r23-sb311": {"train": {"lr": 0.5}}},
+        },
+    )
     p = load_params(config.experiment_path("k400-r23-sb311"), overlay=overlay)
     assert (p["model"]["base_width"], p["train"]["epochs"], p["train"]["lr"]) == (8, 2, 0.5)
     bad = _write(tmp_path, "bad-overlay.yaml", {"everything": {}})
@@ -145,10 +196,13 @@ def test_resolve_roundtrip_and_hash(tmp_path):
 
 
 def test_cli_validate_and_error_exit_code(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "smallbig", "params", "validate"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "smallbig", "params", "validate"], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "25 params file(s) valid" in ok.stdout
     path = _exp(tmp_path, train__epochs=0)
-    bad = subprocess.run([sys.executable, "-m", "smallbig", "params", "validate", str(path)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "smallbig", "params", "validate", str(path)], capture_output=True, text=True
+    )
     assert bad.returncode == 2
     assert str(path) in bad.stderr and "train.epochs" in bad.stderr

@@ -1,6 +1,7 @@
 """Hostile params files: every bad input is one `FILE[:LINE]: problem` line and exit 2 — never a
 traceback, never a hang, never a silently accepted mistake. Plus a seeded fuzz of a few hundred
 malformed documents against the loader, and a closed stdout pipe."""
+
 from __future__ import annotations
 
 import copy
@@ -25,8 +26,9 @@ SMALLBIG = [sys.executable, "-m", "smallbig"]
 
 def run_cli(*args, timeout=60, **kw):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([*SMALLBIG, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env, **kw)
+    return subprocess.run(
+        [*SMALLBIG, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env, **kw
+    )
 
 
 def exp_text(base_path: Path) -> str:
@@ -47,6 +49,7 @@ def _w(text: str | bytes, name="bad.yaml"):
         p = tmp / name
         (p.write_bytes if isinstance(text, bytes) else p.write_text)(text)
         return p
+
     return write
 
 
@@ -80,12 +83,14 @@ def _big(tmp):
 
 def _in_base(text_edit):
     """An experiment whose base file is the real one edited by text_edit."""
+
     def write(tmp):
         base = tmp / "base.yaml"
         base.write_text(text_edit(BASE.read_text()))
         exp = tmp / "exp.yaml"
         exp.write_text(exp_text(base))
         return exp
+
     return write
 
 
@@ -99,10 +104,16 @@ KINDS = [
     ("NUL bytes", _w(b"a: 1\n\x00\x00b: 2\n"), "NUL"),
     ("alias bomb", _w(alias_bomb()), "alias bomb"),
     ("recursive alias", _w("a: &x [1, *x]\n"), "recursive"),
-    ("duplicate top-level key", _w(EXP.read_text().replace("../base.yaml", str(BASE))
-                                   + "id: k400-r50-sb-full\n"), "duplicate key 'id'"),
-    ("duplicate nested key", _in_base(lambda t: t.replace("train:\n", "train:\n  epochs: 3\n  epochs: 4\n", 1)),
-     "duplicate key 'epochs'"),
+    (
+        "duplicate top-level key",
+        _w(EXP.read_text().replace("../base.yaml", str(BASE)) + "id: k400-r50-sb-full\n"),
+        "duplicate key 'id'",
+    ),
+    (
+        "duplicate nested key",
+        _in_base(lambda t: t.replace("train:\n", "train:\n  epochs: 3\n  epochs: 4\n", 1)),
+        "duplicate key 'epochs'",
+    ),
     ("integer key", _w("1: a\n"), "not a string"),
     ("null key", _w("~: a\n"), "not a string"),
     ("list key", _w("? [a, b]\n: c\n"), "plain string"),
@@ -117,14 +128,25 @@ KINDS = [
     ("missing file", lambda tmp: tmp / "nope.yaml", "file not found"),
     ("extends a missing file", _w("extends: nowhere.yaml\n"), "file not found"),
     ("extends loop", _w("extends: bad.yaml\n"), "loops back"),
-    ("extends a binary file", lambda tmp: (_w(b"\xff\xfe\x00garbage", "b.bin")(tmp),
-                                           _w("extends: b.bin\n")(tmp))[1], "not UTF-8"),
+    (
+        "extends a binary file",
+        lambda tmp: (_w(b"\xff\xfe\x00garbage", "b.bin")(tmp), _w("extends: b.bin\n")(tmp))[1],
+        "not UTF-8",
+    ),
     ("NaN value", _in_base(lambda t: t.replace("weight_decay: 1.0e-4", "weight_decay: .nan")), "NaN"),
-    ("infinite value", _in_base(lambda t: t.replace("weight_decay: 1.0e-4", "weight_decay: -.inf")), "infinity"),
+    (
+        "infinite value",
+        _in_base(lambda t: t.replace("weight_decay: 1.0e-4", "weight_decay: -.inf")),
+        "infinity",
+    ),
     ("deep nesting", _w("a: " + "[" * 5000 + "]" * 5000 + "\n"), "nested"),
     ("invalid YAML syntax", _w("model: {depth: 50\n"), ":2:"),
     ("tab indentation", _w("model:\n\tdepth: 50\n"), "spaces, not tabs"),
-    ("python object tag", _w("a: !!python/object/apply:os.system ['echo pwned']\n"), "could not determine a constructor"),
+    (
+        "python object tag",
+        _w("a: !!python/object/apply:os.system ['echo pwned']\n"),
+        "could not determine a constructor",
+    ),
     ("unknown key", _in_base(lambda t: t + "\nbogus_section: 1\n"), "unknown key(s) 'bogus_section'"),
     ("wrong type, huge value", _huge_value, "characters cut"),
 ]
@@ -176,20 +198,79 @@ def test_valid_variants_still_accepted(tmp_path):
 
 
 def test_params_list_into_closed_pipe():
-    r = subprocess.run(f"{sys.executable} -m smallbig params list | head -2", shell=True,
-                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    r = subprocess.run(
+        f"{sys.executable} -m smallbig params list | head -2",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert r.stdout.splitlines() == config.experiment_ids()[:2]
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
 
 
 # --------------------------------------------------------------------------- fuzz
 SPECIAL = list(":{}[]&*!|>'\"%@`#,-? \t\n") + [
-    "&a ", "*a", "<<: ", "!!python/object:os.system ", "~", ".nan", "1e999", "- ", "\r\n",
-    "\ufeff", "é", "0x", "null", "\x07", "\\u0000"]
-VALUES = ["[]", "{}", "null", "-1", "0", "1e9", "'x'", "[1, 2]", "{a: 1}", "true", "2020-01-01",
-          "99999999999999999999999", "'T'", "[T, 3, 3]", "''", "*nope", "&x 3"]
-PY_VALUES = [None, [], {}, -1, 0, 1, 2.5, 10**30, "x", "T", "10x3", "0x0", [1, 2], ["T", 3, 3],
-             [3, 3, 3], {"a": 1}, True, "none", "../x.pth", "res2", "smallbig", "dense"]
+    "&a ",
+    "*a",
+    "<<: ",
+    "!!python/object:os.system ",
+    "~",
+    ".nan",
+    "1e999",
+    "- ",
+    "\r\n",
+    "\ufeff",
+    "é",
+    "0x",
+    "null",
+    "\x07",
+    "\\u0000",
+]
+VALUES = [
+    "[]",
+    "{}",
+    "null",
+    "-1",
+    "0",
+    "1e9",
+    "'x'",
+    "[1, 2]",
+    "{a: 1}",
+    "true",
+    "2020-01-01",
+    "99999999999999999999999",
+    "'T'",
+    "[T, 3, 3]",
+    "''",
+    "*nope",
+    "&x 3",
+]
+PY_VALUES = [
+    None,
+    [],
+    {},
+    -1,
+    0,
+    1,
+    2.5,
+    10**30,
+    "x",
+    "T",
+    "10x3",
+    "0x0",
+    [1, 2],
+    ["T", 3, 3],
+    [3, 3, 3],
+    {"a": 1},
+    True,
+    "none",
+    "../x.pth",
+    "res2",
+    "smallbig",
+    "dense",
+]
 
 
 def _mutate_text(rng: random.Random, text: str) -> str:
@@ -201,7 +282,7 @@ def _mutate_text(rng: random.Random, text: str) -> str:
             text = text[:i] + rng.choice(SPECIAL) + text[i:]
         elif op == 1 and text:
             i = rng.randrange(len(text))
-            text = text[:i] + text[i + 1:]
+            text = text[:i] + text[i + 1 :]
         elif op == 2:
             text = text[: rng.randrange(len(text) + 1)]
         elif op == 3 and lines:

@@ -4,6 +4,7 @@ the atomic rename, mismatches kept aside, exit codes), `make-test-file` (torchvi
 and shapes, without torchvision), params validation of `model.pretrained`, the workflow's
 download jobs, and the engine loading (and refusing) the verified file for a fresh training.
 Nothing here touches the network: the "torchvision" files are generated."""
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,9 @@ def r50(tmp_path_factory) -> tuple[Path, str]:
     return path, digest
 
 
-def _params_file(tmp_path: Path, url: str, sha256: str, size: int | None = None,
-                 name: str = "test-r50", file: str = FILE) -> Path:
+def _params_file(
+    tmp_path: Path, url: str, sha256: str, size: int | None = None, name: str = "test-r50", file: str = FILE
+) -> Path:
     entry = {"url": url, "sha256": sha256, "depth": 50, "file": file}
     if size is not None:
         entry["size"] = size
@@ -109,7 +111,9 @@ def test_existing_partial_file_is_continued(r50, mirror, tmp_path, monkeypatch):
     assert _sha(tmp_path / FILE) == digest and not part.exists()
 
 
-def test_wrong_hash_exits_2_names_both_hashes_and_keeps_the_download_aside(r50, mirror, tmp_path, monkeypatch, capsys):
+def test_wrong_hash_exits_2_names_both_hashes_and_keeps_the_download_aside(
+    r50, mirror, tmp_path, monkeypatch, capsys
+):
     src, digest = r50
     url, _ = mirror
     monkeypatch.chdir(tmp_path)
@@ -121,13 +125,28 @@ def test_wrong_hash_exits_2_names_both_hashes_and_keeps_the_download_aside(r50, 
     bad = tmp_path / (FILE + ".bad-sha256")
     assert _sha(bad) == digest and str(bad.name) in err  # kept, not deleted
     # the same through the command line: exit code 2
-    r = subprocess.run([sys.executable, "-m", "smallbig", "pretrained", "fetch", "test-r50",
-                        "--params", str(tmp_path / "weights.yaml"), "--no-progress"],
-                       cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smallbig",
+            "pretrained",
+            "fetch",
+            "test-r50",
+            "--params",
+            str(tmp_path / "weights.yaml"),
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and wrong in r.stderr and digest in r.stderr
 
 
-def test_a_present_file_with_a_wrong_hash_is_moved_aside_and_fetched_again(r50, mirror, tmp_path, monkeypatch):
+def test_a_present_file_with_a_wrong_hash_is_moved_aside_and_fetched_again(
+    r50, mirror, tmp_path, monkeypatch
+):
     src, digest = r50
     url, h = mirror
     monkeypatch.chdir(tmp_path)
@@ -172,15 +191,18 @@ def test_bad_requests_exit_2(r50, mirror, tmp_path, monkeypatch, capsys):
     url, _ = mirror
     monkeypatch.chdir(tmp_path)
     pf = _params_file(tmp_path, url + ".missing", digest)
-    assert _fetch("test-r50", "--params", str(pf)) == 2          # 404
+    assert _fetch("test-r50", "--params", str(pf)) == 2  # 404
     assert "not found" in capsys.readouterr().err
-    assert _fetch("nope", "--params", str(pf)) == 2              # not declared
+    assert _fetch("nope", "--params", str(pf)) == 2  # not declared
     assert "not declared" in capsys.readouterr().err
-    assert _fetch("--params", str(pf)) == 2                      # nothing asked
+    assert _fetch("--params", str(pf)) == 2  # nothing asked
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"pretrained_weights": {"x": {"url": url, "sha256": "xyz", "depth": 50,
-                                                                 "file": FILE}}}))
-    assert _fetch("x", "--params", str(bad)) == 2                # invalid declaration
+    bad.write_text(
+        yaml.safe_dump(
+            {"pretrained_weights": {"x": {"url": url, "sha256": "xyz", "depth": 50, "file": FILE}}}
+        )
+    )
+    assert _fetch("x", "--params", str(bad)) == 2  # invalid declaration
     assert "pretrained_weights.x.sha256" in capsys.readouterr().err
 
 
@@ -199,8 +221,24 @@ def test_make_test_file_has_torchvision_keys_and_shapes(tmp_path):
     assert "layer3.22.conv3.weight" in W.state_dict_shapes(101)
     # the CLI writes the file and prints its SHA-256; torch reads it as a weights-only state dict
     out = tmp_path / "t.pth"
-    r = subprocess.run([sys.executable, "-m", "smallbig", "pretrained", "make-test-file", "--depth", "101",
-                        "--width", "4", "--out", str(out)], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smallbig",
+            "pretrained",
+            "make-test-file",
+            "--depth",
+            "101",
+            "--width",
+            "4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert r.stdout.split()[0] == _sha(out)
     sd = torch.load(out, map_location="cpu", weights_only=True)
     assert {k: tuple(v.shape) for k, v in sd.items()} == W.state_dict_shapes(101, width=4)
@@ -260,15 +298,23 @@ def test_validation_of_model_pretrained(tmp_path):
     with pytest.raises(ParamsError) as e:
         load_params(null)
     msg = str(e.value)
-    assert str(null) in msg and "model.pretrained" in msg and "`none`" in msg and "torchvision-resnet50" in msg
-    r = subprocess.run([sys.executable, "-m", "smallbig", "params", "validate", str(null)],
-                       capture_output=True, text=True)
+    assert (
+        str(null) in msg and "model.pretrained" in msg and "`none`" in msg and "torchvision-resnet50" in msg
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "smallbig", "params", "validate", str(null)], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "model.pretrained" in r.stderr and "none" in r.stderr
     # none and a path are accepted
-    r = subprocess.run([sys.executable, "-m", "smallbig", "params", "validate",
-                        str(_exp(tmp_path, pretrained="none"))], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "smallbig", "params", "validate", str(_exp(tmp_path, pretrained="none"))],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
-    assert load_params(_exp(tmp_path, pretrained="weights/my-resnet50.pth"))["model"]["pretrained"].endswith(".pth")
+    assert load_params(_exp(tmp_path, pretrained="weights/my-resnet50.pth"))["model"]["pretrained"].endswith(
+        ".pth"
+    )
     # an undeclared name; the wrong depth
     with pytest.raises(ParamsError, match=r"model.pretrained: 'resnet50' is not declared"):
         load_params(_exp(tmp_path, pretrained="resnet50"))
@@ -285,8 +331,14 @@ def test_validation_of_model_pretrained(tmp_path):
         config.load_resolved(resolved)
     # a bad declaration
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"extends": str(config.experiment_path("k400-r23-c2d")),
-                                   "pretrained_weights": {"torchvision-resnet50": {"file": "/etc/x.pth"}}}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "extends": str(config.experiment_path("k400-r23-c2d")),
+                "pretrained_weights": {"torchvision-resnet50": {"file": "/etc/x.pth"}},
+            }
+        )
+    )
     with pytest.raises(ParamsError, match="pretrained_weights.torchvision-resnet50"):
         load_params(bad)
 
@@ -305,8 +357,13 @@ def test_workflow_downloads_once_per_file_before_the_trainings(tmp_path_factory)
             exp = re.search(r"wildcards: exp=(\S+)", block).group(1)
             want = "resnet101-5d3b4d8f" if "r101" in exp else "resnet50-19c8e357"
             assert f"data/pretrained/{want}.pth" in re.search(r"input: (.*)", block).group(1), exp
-    assert counts["train"] == len([b for b in re.split(r"\n(?=\[)", out) if "data/pretrained/" in b
-                                   and re.search(r"^rule train:", b, re.M)])
+    assert counts["train"] == len(
+        [
+            b
+            for b in re.split(r"\n(?=\[)", out)
+            if "data/pretrained/" in b and re.search(r"^rule train:", b, re.M)
+        ]
+    )
     emb = snakemake(repo, "--profile", "embedded", "-n", timeout=300).stdout
     assert "pretrained" not in job_counts(emb) and job_counts(emb)["train"] == 25
 
@@ -326,9 +383,12 @@ class _Clips(torch.utils.data.Dataset):
 
 
 def _collate(batch):
-    return {"video": torch.stack([b["video"] for b in batch]),
-            "label": torch.tensor([b["label"] for b in batch]),
-            "video_id": [b["video_id"] for b in batch], "skipped": []}
+    return {
+        "video": torch.stack([b["video"] for b in batch]),
+        "label": torch.tensor([b["label"] for b in batch]),
+        "video_id": [b["video_id"] for b in batch],
+        "skipped": [],
+    }
 
 
 def _normalize(x, mean, std):
@@ -337,18 +397,34 @@ def _normalize(x, mean, std):
 
 def _builders():
     from smallbig.models import build_model
-    return (build_model, lambda params, split, mode, protocol=None: _Clips(8 if split == "train" else 4, mode),
-            _collate, _normalize)
+
+    return (
+        build_model,
+        lambda params, split, mode, protocol=None: _Clips(8 if split == "train" else 4, mode),
+        _collate,
+        _normalize,
+    )
 
 
 def _train_params(digest: str) -> dict:
     p = load_params(config.experiment_path("k400-r23-c2d"))
     p["model"].update(base_width=8, num_classes=5, pretrained="test-r50")
-    p["pretrained_weights"] = {"test-r50": {"url": "https://unused.invalid/x.pth", "sha256": digest,
-                                            "depth": 50, "file": FILE}}
+    p["pretrained_weights"] = {
+        "test-r50": {"url": "https://unused.invalid/x.pth", "sha256": digest, "depth": 50, "file": FILE}
+    }
     p["data"].update(num_frames=2, crop_size=32, num_workers=0, root="/nonexistent")
-    p["train"].update(epochs=1, batch_size=4, per_gpu_batch=4, lr=1e-9, weight_decay=0.0,
-                      amp="none", checkpoint_every_iters=100, val_every_epochs=1, seed=0, warmup_epochs=0)
+    p["train"].update(
+        epochs=1,
+        batch_size=4,
+        per_gpu_batch=4,
+        lr=1e-9,
+        weight_decay=0.0,
+        amp="none",
+        checkpoint_every_iters=100,
+        val_every_epochs=1,
+        seed=0,
+        warmup_epochs=0,
+    )
     config.validate(p)
     return p
 
@@ -375,7 +451,9 @@ def test_training_loads_the_verified_file_and_refuses_a_missing_or_wrong_one(r50
     ckpt = torch.load(tmp_path / "run/checkpoint.pt", map_location="cpu", weights_only=True)
     sd = torch.load(src, map_location="cpu", weights_only=True)
     torch.testing.assert_close(ckpt["model"]["stem.conv.weight"], sd["conv1.weight"][:, :, None])
-    torch.testing.assert_close(ckpt["model"]["res3.0.conv2.conv.weight"], sd["layer2.0.conv2.weight"][:, :, None])
+    torch.testing.assert_close(
+        ckpt["model"]["res3.0.conv2.conv.weight"], sd["layer2.0.conv2.weight"][:, :, None]
+    )
     # the verification is cached (next to the file): no second hash of the whole file
     assert (tmp_path / (FILE + ".verified.json")).is_file()
     with monkeypatch.context() as m:
@@ -389,7 +467,9 @@ def test_training_loads_the_verified_file_and_refuses_a_missing_or_wrong_one(r50
     dest.write_bytes(src.read_bytes()[:-1] + b"\0")
     with pytest.raises(W.ChecksumError) as e:
         train(params, tmp_path / "run2", **kw)
-    assert digest in str(e.value) and _sha(dest) in str(e.value) and "smallbig pretrained fetch" in str(e.value)
+    assert (
+        digest in str(e.value) and _sha(dest) in str(e.value) and "smallbig pretrained fetch" in str(e.value)
+    )
     # none: from scratch, no file needed
     dest.unlink()
     scratch = copy.deepcopy(params)
@@ -399,7 +479,20 @@ def test_training_loads_the_verified_file_and_refuses_a_missing_or_wrong_one(r50
     assert not torch.allclose(first["stem.conv.weight"], sd["conv1.weight"][:, :, None])
     # through the command line: exit 2 and the message
     config.dump_params(params, tmp_path / "params.yaml")
-    r = subprocess.run([sys.executable, "-m", "smallbig", "train", str(tmp_path / "params.yaml"),
-                        "--out", str(tmp_path / "run4"), "--no-mlflow", "--no-progress"],
-                       cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smallbig",
+            "train",
+            str(tmp_path / "params.yaml"),
+            "--out",
+            str(tmp_path / "run4"),
+            "--no-mlflow",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "smallbig pretrained fetch test-r50" in r.stderr

@@ -7,6 +7,7 @@ job), the tables' test protocols (10x3, 4x3, 2x3, 1x1 at 256 / 224 crops), the R
 ensemble, tables, figures, feature maps and the report; the R23 training is preempted
 (`scancel --signal=TERM --full`) mid-run and resumes. Wall time and peak memory per job are
 printed and written to results/rehearsal/rehearsal-measurements.json of the scratch copy."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,11 @@ from tracking_server import TrackingServer
 
 EXPERIMENTS = ["k400-r23-sb-full", "k400-r50-sb-full", "k400-r101-sb-typical-32f", "sthv2-r50-sb-16f"]
 SHAPES = {  # frames, training crop, GPUs (world size)
-    "k400-r23-sb-full": (8, 224, 2), "k400-r50-sb-full": (8, 224, 2),
-    "k400-r101-sb-typical-32f": (32, 224, 1), "sthv2-r50-sb-16f": (16, 224, 2)}
+    "k400-r23-sb-full": (8, 224, 2),
+    "k400-r50-sb-full": (8, 224, 2),
+    "k400-r101-sb-typical-32f": (32, 224, 1),
+    "sthv2-r50-sb-16f": (16, 224, 2),
+}
 
 
 def test_the_generated_imagenet_files_have_the_pinned_hashes(tmp_path):
@@ -49,15 +53,22 @@ def test_the_rehearsal_keeps_every_shape_of_the_full_run():
         reh = config.load_params(config.experiment_path(exp), overlay=REPO / "params/rehearsal.yaml")
         for key in ("depth", "base_width", "num_classes", "stages", "unit", "formulation", "pretrained"):
             assert reh["model"][key] == full["model"][key], (exp, key)
-        for key in ("num_frames", "crop_size", "train_short_side", "frame_short_side", "sampling",
-                    "frame_stride", "mean", "std"):
+        for key in (
+            "num_frames",
+            "crop_size",
+            "train_short_side",
+            "frame_short_side",
+            "sampling",
+            "frame_stride",
+            "mean",
+            "std",
+        ):
             assert reh["data"].get(key) == full["data"].get(key), (exp, key)
         for key in ("short_side", "multi_crop_size", "single_crop_size"):
             assert reh["test"][key] == full["test"][key], (exp, key)
         assert set(reh["test"]["protocols"]) <= set(full["test"]["protocols"]), exp
         assert reh["train"]["amp"] == full["train"]["amp"]
-        assert (reh["data"]["num_frames"], reh["data"]["crop_size"],
-                reh["resources"]["gpus"]) == SHAPES[exp]
+        assert (reh["data"]["num_frames"], reh["data"]["crop_size"], reh["resources"]["gpus"]) == SHAPES[exp]
 
 
 @pytest.mark.slow
@@ -67,14 +78,25 @@ def test_full_scale_rehearsal_through_slurm(tmp_path):
         pytest.fail(f"Slurm is not installed ({', '.join(missing)}): run `make system-deps`")
     root = copy_repo(tmp_path / "repo")
     with SlurmCluster(tmp_path / "slurm", gpus=2), TrackingServer(tmp_path / "mlflow") as server:
-        profile = make_test_profile(REPO / "slurm/config.yaml", root / "profile",
-                                    MAX_RUNTIME_MIN=60, MLFLOW_URI=f'"{server.uri}"')
+        profile = make_test_profile(
+            REPO / "slurm/config.yaml", root / "profile", MAX_RUNTIME_MIN=60, MLFLOW_URI=f'"{server.uri}"'
+        )
         log_path = root / "snakemake-rehearsal.log"
         t0 = time.time()
         with open(log_path, "w") as out:
-            proc = subprocess.Popen([str(VENV_BIN / "snakemake"), "--profile", str(profile),
-                                     "--configfile", "workflow/config/rehearsal.yaml"],
-                                    cwd=root, env=env(), stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [
+                    str(VENV_BIN / "snakemake"),
+                    "--profile",
+                    str(profile),
+                    "--configfile",
+                    "workflow/config/rehearsal.yaml",
+                ],
+                cwd=root,
+                env=env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         try:
             preempted = _preempt_mid_run(root, "k400-r23-sb-full", proc)
             proc.wait(timeout=3600)
@@ -106,8 +128,11 @@ def _preempt_mid_run(root: Path, exp: str, proc) -> int:
         found = re.findall(r"(\d+)/(\d+) \[", _train_log(root, exp))
         if found and 1 <= int(found[-1][0]) < int(found[-1][1]):
             out = subprocess.run(["squeue", "-h", "-o", "%i|%k"], capture_output=True, text=True).stdout
-            jobs = [ln.split("|")[0] for ln in out.splitlines()
-                    if ln.split("|")[1:] == [f"rule_train_wildcards_{exp}"]]
+            jobs = [
+                ln.split("|")[0]
+                for ln in out.splitlines()
+                if ln.split("|")[1:] == [f"rule_train_wildcards_{exp}"]
+            ]
             if jobs:
                 subprocess.run(["scancel", "--signal=TERM", "--full", jobs[0]], check=True)
                 return int(found[-1][0])
@@ -131,12 +156,16 @@ def _check_results(root: Path, server: TrackingServer, text: str, preempted: int
         assert m["world_size"] == gpus and m["iterations"] >= 2, m
         log = _events(root, exp)
         name = "torchvision-resnet101" if "r101" in exp else "torchvision-resnet50"
-        assert re.search(rf"initialised from {name} \(data/pretrained/rehearsal-resnet\d+-\w+\.pth", log), log[-2000:]
+        assert re.search(rf"initialised from {name} \(data/pretrained/rehearsal-resnet\d+-\w+\.pth", log), (
+            log[-2000:]
+        )
         for proto in p["test"]["protocols"]:
             ev = json.loads((res / exp / f"eval-{proto}/metrics.json").read_text())
             assert ev["num_videos"] >= 1 and ev["num_views"] == _views(proto), ev
     r23 = _events(root, "k400-r23-sb-full")
-    assert re.search(r"stop \(signal SIGTERM\): checkpointed \S+last.pt at iteration \d+; exit 3", r23), r23[-3000:]
+    assert re.search(r"stop \(signal SIGTERM\): checkpointed \S+last.pt at iteration \d+; exit 3", r23), r23[
+        -3000:
+    ]
     assert "resuming" in r23
     ens = json.loads((res / "ensembles/k400-sb-en-r50-r101-4x3/metrics.json").read_text())
     assert ens["num_videos"] >= 1
@@ -160,8 +189,10 @@ def _check_results(root: Path, server: TrackingServer, text: str, preempted: int
         rows = bench.read_text().splitlines()
         head, vals = rows[0].split("\t"), rows[-1].split("\t")
         row = dict(zip(head, vals))
-        measured["jobs"][bench.stem] = {"s": round(float(row["s"]), 1),
-                                        "max_rss_mb": round(float(row["max_rss"]), 0)}
+        measured["jobs"][bench.stem] = {
+            "s": round(float(row["s"]), 1),
+            "max_rss_mb": round(float(row["max_rss"]), 0),
+        }
     for exp in EXPERIMENTS:
         hist = json.loads((res / exp / "train/history.json").read_text())
         measured["jobs"].setdefault(f"train-{exp}", {})["rank0_peak_rss_mb"] = round(hist[-1]["peak_mem_mb"])

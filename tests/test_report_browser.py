@@ -1,6 +1,7 @@
 """The HTML report in headless Chromium (Debian's `chromium`, installed by
 `make system-deps`): it loads from file:// and from a web server with no console errors, every
 image decodes, every link resolves, and a screenshot is saved."""
+
 import shutil
 
 import numpy as np
@@ -16,17 +17,18 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     run = tmp / "results" / "embedded"
     labels = np.arange(6) % 5
-    for exp_id, proto in (("k400-r23-c2d", "10x3"), ("k400-r23-sb-full", "10x3"),
-                          ("k400-r50-sb-full", "10x3")):
-        S.write_evaluation(run, exp_id, proto,
-                           S.make_logits(labels, 5, 30, [1, 1, 0, 1, 0, 1]), labels)
+    for exp_id, proto in (
+        ("k400-r23-c2d", "10x3"),
+        ("k400-r23-sb-full", "10x3"),
+        ("k400-r50-sb-full", "10x3"),
+    ):
+        S.write_evaluation(run, exp_id, proto, S.make_logits(labels, 5, 30, [1, 1, 0, 1, 0, 1]), labels)
         S.write_training(run, exp_id, 4)
     S.write_training(run, "k400-r23-nonlocal", 2, 10, finished=False)
     (run / "k400-r23-sb311" / "train").mkdir(parents=True)
     (run / "k400-r23-sb311" / "train" / "FAILED").write_text("killed: out of memory\n")
     out = tmp / "reports"
-    assert main(["report", "build", "--results", str(run), "--out", str(out),
-                 "--no-compute-model-info"]) == 0
+    assert main(["report", "build", "--results", str(run), "--out", str(out), "--no-compute-model-info"]) == 0
     return out
 
 
@@ -58,8 +60,11 @@ def test_check_finds_broken_images_links_and_console_errors(report, tmp_path):
     (bad / "figures" / "summary" / "accuracy-vs-gflops.png").unlink()
     (bad / "tables" / "table3.csv").unlink()
     html = (bad / "index.html").read_text()
-    html = html.replace("</body>", '<a href="#nowhere">x</a><a href="https://example.org/">y</a>'
-                                   "<script>console.error('boom')</script></body>")
+    html = html.replace(
+        "</body>",
+        '<a href="#nowhere">x</a><a href="https://example.org/">y</a>'
+        "<script>console.error('boom')</script></body>",
+    )
     (bad / "index.html").write_text(html)
     r = check_report(bad / "index.html", serve=False)
     assert not r["ok"]
@@ -75,7 +80,10 @@ def test_link_checker_on_plain_facts(tmp_path):
     (tmp_path / "index.html").write_text("x")
     (tmp_path / "a.md").write_text("x")
     base = (tmp_path / "index.html").as_uri()
-    facts = {"links": [(tmp_path / "a.md").as_uri(), (tmp_path / "b.md").as_uri(), base + "#top"],
-             "ids": ["top"], "external": []}
+    facts = {
+        "links": [(tmp_path / "a.md").as_uri(), (tmp_path / "b.md").as_uri(), base + "#top"],
+        "ids": ["top"],
+        "external": [],
+    }
     bad = _check_links(facts, base, tmp_path)
     assert len(bad) == 1 and "b.md" in bad[0]

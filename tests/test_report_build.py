@@ -1,5 +1,6 @@
 """Report builders on synthetic evaluation outputs: known logits -> known accuracies -> known
 cells; partial results render with statuses; a missing experiment never breaks the report."""
+
 import csv
 import io
 import json
@@ -32,8 +33,9 @@ def _table(built, n):
 
 def _row(table, experiment=None, label=None):
     for r in table["rows"]:
-        if (experiment is None or r["row"].get("experiment") == experiment) and \
-                (label is None or r["row"]["label"] == label):
+        if (experiment is None or r["row"].get("experiment") == experiment) and (
+            label is None or r["row"]["label"] == label
+        ):
             return r
     raise KeyError(experiment or label)
 
@@ -110,29 +112,33 @@ def test_ensemble_fused_from_member_scores_and_from_engine(tmp_path, tables):
     # the engine's own ensemble metrics.json, when the workflow made it, is read as is
     from smallbig.engine.evaluate import ensemble
 
-    ensemble([run / "k400-r50-sb-full/eval-4x3/scores.npz",
-              run / "k400-r101-sb-typical-32f/eval-4x3/scores.npz"],
-             run / "ensembles" / en["row"]["name"], name=en["row"]["name"])
+    ensemble(
+        [run / "k400-r50-sb-full/eval-4x3/scores.npz", run / "k400-r101-sb-typical-32f/eval-4x3/scores.npz"],
+        run / "ensembles" / en["row"]["name"],
+        name=en["row"]["name"],
+    )
     en2 = _row(_table(build(run, tables), 10), label="SmallBig En")
     assert en2["raw"]["ours_top1"] == 100.0 and en2["detail"] == ""
 
 
 def test_partial_results_render_with_statuses(tmp_path, tables):
     run = tmp_path / "results" / "embedded"
-    _eval(run, "k400-r23-c2d", "10x3", [1, 1, 0, 0])                     # done
-    S.write_training(run, "k400-r23-i3d311", 3, 10, finished=False,
-                     params={"train": {"epochs": 10}})                    # running, epoch 3/10
+    _eval(run, "k400-r23-c2d", "10x3", [1, 1, 0, 0])  # done
+    S.write_training(
+        run, "k400-r23-i3d311", 3, 10, finished=False, params={"train": {"epochs": 10}}
+    )  # running, epoch 3/10
     S.write_training(run, "k400-r23-sb311", 2, 10, finished=False)
     (run / "k400-r23-sb311" / "train" / "FAILED").write_text("CUDA out of memory\n")  # failed
-    S.write_training(run, "k400-r23-sb333", 10)                           # trained, not evaluated
+    S.write_training(run, "k400-r23-sb333", 10)  # trained, not evaluated
     logs = tmp_path / "logs" / "embedded" / "train"
     logs.mkdir(parents=True)
     S.write_training(run, "k400-r23-sb355", 1, 10, finished=False)
     (logs / "k400-r23-sb355.log").write_text(
-        "epoch 1\nTraceback (most recent call last):\n  File x\nRuntimeError: NaN loss\n")  # failed
+        "epoch 1\nTraceback (most recent call last):\n  File x\nRuntimeError: NaN loss\n"
+    )  # failed
     ev = run / "k400-r23-sb377" / "eval-10x3"
     ev.mkdir(parents=True)
-    (ev / "metrics.json").write_text("{not json")                         # failed (bad file)
+    (ev / "metrics.json").write_text("{not json")  # failed (bad file)
     (run / "k400-r23-sbT33" / "eval-10x3").mkdir(parents=True)
     (run / "k400-r23-sbT33" / "eval-10x3" / "scores.npz").write_bytes(b"garbage")  # failed
     built = build(run, tables)
@@ -142,7 +148,10 @@ def test_partial_results_render_with_statuses(tmp_path, tables):
     assert status["k400-r23-sb311"] == ("failed", f"{run}/k400-r23-sb311/train/FAILED: CUDA out of memory")
     assert status["k400-r23-sb333"] == ("running", "trained, not evaluated at 10x3")
     assert status["k400-r23-sb355"][0] == "failed" and "RuntimeError: NaN loss" in status["k400-r23-sb355"][1]
-    assert status["k400-r23-sb377"][0] == "failed" and "metrics.json: not readable JSON" in status["k400-r23-sb377"][1]
+    assert (
+        status["k400-r23-sb377"][0] == "failed"
+        and "metrics.json: not readable JSON" in status["k400-r23-sb377"][1]
+    )
     assert status["k400-r23-sbT33"][0] == "failed" and "scores.npz" in status["k400-r23-sbT33"][1]
     t2 = _table(built, 2)
     assert _row(t2, "k400-r23-i3d311")["detail"] == "training (epoch 3/10)"
@@ -171,7 +180,11 @@ def test_missing_results_never_break_the_report(tmp_path, tables):
     assert "Table 11" in text and "banner" not in text.split("<body>")[1].split("<h2")[0]
     # the figures that do not need results exist, and say what is missing
     names = {m["png"] for m in manifest}
-    assert {"summary/accuracy-vs-gflops.png", "summary/ablation-table3.png", "summary/ablation-table9.png"} <= names
+    assert {
+        "summary/accuracy-vs-gflops.png",
+        "summary/ablation-table3.png",
+        "summary/ablation-table9.png",
+    } <= names
     for m in manifest:
         assert (out / "figures" / m["png"]).stat().st_size > 0
         assert (out / "figures" / m["svg"]).stat().st_size > 0
@@ -179,12 +192,15 @@ def test_missing_results_never_break_the_report(tmp_path, tables):
 
 def test_model_info_cells_and_notes(tmp_path, tables):
     run = tmp_path / "full"
-    S.write_model_info(run, {
-        "k400-r23-c2d": {"params": 11_349_968, "gmacs_224": 16.976},
-        "k400-r23-sb-full-singlebn": {"params": 13_230_000, "gmacs_224": 21.9},
-        "k400-r50-sb-full": {"params": 32_292_816, "gmacs_224": 62.657},
-        "k400-r101-sb-typical-32f": {"params": 43_414_992, "gmacs_224": 416.36},
-    })
+    S.write_model_info(
+        run,
+        {
+            "k400-r23-c2d": {"params": 11_349_968, "gmacs_224": 16.976},
+            "k400-r23-sb-full-singlebn": {"params": 13_230_000, "gmacs_224": 21.9},
+            "k400-r50-sb-full": {"params": 32_292_816, "gmacs_224": 62.657},
+            "k400-r101-sb-typical-32f": {"params": 43_414_992, "gmacs_224": 416.36},
+        },
+    )
     built = build(run, tables)
     t6 = _table(built, 6)
     r23 = _row(t6, "k400-r23-c2d")
@@ -218,8 +234,14 @@ def test_views_curve_from_saved_logits():
         for v in range(30):
             cls = y if (i >= 2 or crop_idx[v] == 1) else (y + 1) % K
             logits[i, v, cls] = 5.0
-    scores = {"logits": logits, "labels": labels, "clip_idx": clip_idx, "crop_idx": crop_idx,
-              "num_clips": 10, "num_crops": 3}
+    scores = {
+        "logits": logits,
+        "labels": labels,
+        "clip_idx": clip_idx,
+        "crop_idx": crop_idx,
+        "num_clips": 10,
+        "num_crops": 3,
+    }
     curve = views_curve(scores)
     assert sorted(curve) == [1, 3]
     assert [c for c, _ in curve[1]] == list(range(1, 11))
@@ -254,37 +276,84 @@ def test_cli_build_and_single_table(tmp_path, capsys):
     run = tmp_path / "results" / "embedded"
     _eval(run, "k400-r23-c2d", "10x3", [1, 1, 1, 1])
     out = tmp_path / "reports"
-    assert main(["report", "table", "7", "--results", str(run), "--out", str(out / "tables"),
-                 "--no-compute-model-info"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "table",
+                "7",
+                "--results",
+                str(run),
+                "--out",
+                str(out / "tables"),
+                "--no-compute-model-info",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (out / "tables").iterdir()) == [
-        "table7.csv", "table7.html", "table7.md", "table7.tex"]
-    assert main(["report", "build", "--results", str(run), "--out", str(out),
-                 "--no-compute-model-info"]) == 0
+        "table7.csv",
+        "table7.html",
+        "table7.md",
+        "table7.tex",
+    ]
+    assert main(["report", "build", "--results", str(run), "--out", str(out), "--no-compute-model-info"]) == 0
     index = (out / "index.html").read_text()
-    assert 'id="embedded-banner"' in index          # run named `embedded`
+    assert 'id="embedded-banner"' in index  # run named `embedded`
     for n in range(2, 12):
         assert f'href="tables/table{n}.csv"' in index and f'id="table{n}"' in index
     assert '<img src="figures/summary/accuracy-vs-gflops.png"' in index
     meta = json.loads((out / "metadata.json").read_text())
     assert len(meta["git"]["commit"]) == 40
-    assert main(["report", "table", "12", "--results", str(run), "--out", str(out / "tables"),
-                 "--no-compute-model-info"]) == 2
+    assert (
+        main(
+            [
+                "report",
+                "table",
+                "12",
+                "--results",
+                str(run),
+                "--out",
+                str(out / "tables"),
+                "--no-compute-model-info",
+            ]
+        )
+        == 2
+    )
     assert "no table [12]" in capsys.readouterr().err
 
 
 def test_results_dir_forms_and_embedded_size_notes(tmp_path, tables):
     from smallbig.analysis.cli import run_dir
 
-    assert run_dir("results", "embedded") == run_dir("results/embedded", None) \
+    assert (
+        run_dir("results", "embedded")
+        == run_dir("results/embedded", None)
         == run_dir("results/embedded", "embedded")
+    )
     run = tmp_path / "results" / "embedded"
     _eval(run, "k400-r23-c2d", "10x3", [1, 0])
     (run / "model-info").mkdir(parents=True)
     (run / "model-info" / "k400-r23-nonlocal.json").write_text(
-        json.dumps({"id": "k400-r23-nonlocal", "params": 400_000, "gmacs_224": 0.2}))
+        json.dumps({"id": "k400-r23-nonlocal", "params": 400_000, "gmacs_224": 0.2})
+    )
     out = tmp_path / "t"
-    assert main(["report", "tables", "--results", str(tmp_path / "results"), "--run", "embedded",
-                 "--out", str(out), "--no-compute-model-info"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "tables",
+                "--results",
+                str(tmp_path / "results"),
+                "--run",
+                "embedded",
+                "--out",
+                str(out),
+                "--no-compute-model-info",
+            ]
+        )
+        == 0
+    )
     md = (out / "table7.md").read_text()
     assert "| 50.0 |" in md and "NOT comparable" in md
     assert "| 0.40 |" in md and "Params: ours" not in md  # scaled-down by design: no size notes
@@ -299,10 +368,23 @@ def test_run_metadata_gpu_hours_dates_and_manifest(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # data roots are relative to the working directory
     root = tmp_path / "data" / "k400"
     root.mkdir(parents=True)
-    (root / "manifest.json").write_text(json.dumps({
-        "format": "video", "num_classes": 8,
-        "splits": {"val": {"count": 47, "usable": 46, "quarantined": 1, "num_missing": 2,
-                           "sha256": "4c6f3c90bace3ef4"}}}))
+    (root / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "video",
+                "num_classes": 8,
+                "splits": {
+                    "val": {
+                        "count": 47,
+                        "usable": 46,
+                        "quarantined": 1,
+                        "num_missing": 2,
+                        "sha256": "4c6f3c90bace3ef4",
+                    }
+                },
+            }
+        )
+    )
     run = tmp_path / "results" / "full"
     params = {"data": {"dataset": "kinetics400", "root": "data/k400"}, "train": {"epochs": 3}}
     for exp_id in ("a", "b"):
@@ -311,7 +393,12 @@ def test_run_metadata_gpu_hours_dates_and_manifest(tmp_path, monkeypatch):
     assert meta["gpu_hours"] == 2.0 and meta["gpu_hours_runs"] == 2
     assert meta["hardware"] == ["cuda:0 × 2"] and meta["trained_runs"] == 2
     assert meta["first_start"] and meta["last_finish"] >= meta["first_start"]
-    assert meta["datasets"] == [{"dataset": "kinetics400", "root": "data/k400", "manifest":
-                                 "format video, num_classes 8; val: 47 videos (46 usable, "
-                                 "1 quarantined, 2 missing, list sha256 4c6f3c90bace)"}]
+    assert meta["datasets"] == [
+        {
+            "dataset": "kinetics400",
+            "root": "data/k400",
+            "manifest": "format video, num_classes 8; val: 47 videos (46 usable, "
+            "1 quarantined, 2 missing, list sha256 4c6f3c90bace)",
+        }
+    ]
     assert manifest_summary([]) == "not a mapping"

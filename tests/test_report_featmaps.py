@@ -1,5 +1,6 @@
 """Feature-map figures (paper Fig. 3) from real (tiny) SmallBig and NonLocal models saved as
 checkpoints in the engine's format, on frame-folder validation videos."""
+
 import json
 
 import numpy as np
@@ -17,12 +18,28 @@ T, CROP = 4, 64
 
 def _params(exp_id, root, tmp_path):
     overlay = tmp_path / f"overlay-{exp_id}.yaml"
-    overlay.write_text(yaml.safe_dump({"all": {
-        "model": {"base_width": 4, "num_classes": 3},
-        "data": {"root": str(root), "format": "frames", "num_frames": T, "frame_stride": 1,
-                 "crop_size": CROP},
-        "test": {"short_side": 72, "single_crop_size": CROP, "multi_crop_size": CROP,
-                 "protocols": ["1x1"]}}}))
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "all": {
+                    "model": {"base_width": 4, "num_classes": 3},
+                    "data": {
+                        "root": str(root),
+                        "format": "frames",
+                        "num_frames": T,
+                        "frame_stride": 1,
+                        "crop_size": CROP,
+                    },
+                    "test": {
+                        "short_side": 72,
+                        "single_crop_size": CROP,
+                        "multi_crop_size": CROP,
+                        "protocols": ["1x1"],
+                    },
+                }
+            }
+        )
+    )
     return load_params(experiment_path(exp_id), overlay=overlay)
 
 
@@ -34,7 +51,7 @@ def _frames_dataset(root, n_videos=2, n_frames=8):
         d.mkdir(parents=True)
         for f in range(n_frames):
             img = rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)
-            img[20:40, 10 + 5 * f:30 + 5 * f] = 255  # a moving bright square
+            img[20:40, 10 + 5 * f : 30 + 5 * f] = 255  # a moving bright square
             Image.fromarray(img).save(d / f"img_{f + 1:05d}.jpg")
         lines.append(f"frames/video{v} {n_frames} {v % 3}")
     (root / "val.txt").write_text("\n".join(lines) + "\n")
@@ -50,8 +67,16 @@ def _checkpoint(params, path):
                 p.add_(0.5)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the engine's checkpoint keys (docs/architecture.md)
-    torch.save({"model": model.state_dict(), "params": params, "epoch": 1, "iteration": 1,
-                "params_hash": params_hash(params)}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "params": params,
+            "epoch": 1,
+            "iteration": 1,
+            "params_hash": params_hash(params),
+        },
+        path,
+    )
     return model
 
 

@@ -1,4 +1,5 @@
 """params/tables.yaml: every row of the paper's Tables 2-11, consistent with params/experiments."""
+
 import copy
 
 import pytest
@@ -46,7 +47,9 @@ def test_ensembles_and_externals():
     tables = load_tables()
     ens = required_ensembles(tables)
     assert ens["k400-sb-en-r50-r101-4x3"] == {
-        "members": ["k400-r50-sb-full", "k400-r101-sb-typical-32f"], "protocol": "4x3"}
+        "members": ["k400-r50-sb-full", "k400-r101-sb-typical-32f"],
+        "protocol": "4x3",
+    }
     assert len(ens) == 5
     t10 = next(t for t in tables if t["number"] == 10)
     assert sum(r["kind"] == "external" for r in t10["rows"]) == 23
@@ -60,15 +63,18 @@ def _doc():
     return yaml.safe_load(TABLES_PATH.read_text())
 
 
-@pytest.mark.parametrize("mutate, key", [
-    (lambda d: d["tables"][0]["rows"][0].update(experiment="no-such-id"), "tables[0].rows[0].experiment"),
-    (lambda d: d["tables"][0]["rows"][0].pop("protocol"), "tables[0].rows[0].protocol"),
-    (lambda d: d["tables"][0]["rows"][0].update(external=True), "tables[0].rows[0]"),
-    (lambda d: d["tables"][1]["rows"][2]["paper"].update(top1="69"), "tables[1].rows[2].paper.top1"),
-    (lambda d: d["tables"][2]["rows"][1].update(colour="red"), "tables[2].rows[1]"),
-    (lambda d: d["tables"][8]["rows"][25].pop("name"), "tables[8].rows[25].name"),
-    (lambda d: d["tables"][3].update(number=2), "tables[3].number"),
-])
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda d: d["tables"][0]["rows"][0].update(experiment="no-such-id"), "tables[0].rows[0].experiment"),
+        (lambda d: d["tables"][0]["rows"][0].pop("protocol"), "tables[0].rows[0].protocol"),
+        (lambda d: d["tables"][0]["rows"][0].update(external=True), "tables[0].rows[0]"),
+        (lambda d: d["tables"][1]["rows"][2]["paper"].update(top1="69"), "tables[1].rows[2].paper.top1"),
+        (lambda d: d["tables"][2]["rows"][1].update(colour="red"), "tables[2].rows[1]"),
+        (lambda d: d["tables"][8]["rows"][25].pop("name"), "tables[8].rows[25].name"),
+        (lambda d: d["tables"][3].update(number=2), "tables[3].number"),
+    ],
+)
 def test_bad_tables_name_file_and_key(tmp_path, mutate, key):
     d = copy.deepcopy(_doc())
     mutate(d)

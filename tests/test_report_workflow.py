@@ -4,6 +4,7 @@ and the static reports/index.html passes the Chromium check.
 Uses the shared embedded run: the `embedded_run` fixture ((repository copy, seconds) after
 `snakemake --profile embedded`), which must be session-scoped in tests/conftest.py so that one
 embedded run serves this module and tests/test_workflow_e2e.py."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,15 @@ pytestmark = pytest.mark.slow
 def test_snakemake_report_has_every_table_and_figure(embedded_run, tmp_path):
     root, _ = embedded_run
     out = tmp_path / "report.html"
-    snakemake(root, "--profile", "embedded", "--report", str(out), timeout=900,
-              MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+    snakemake(
+        root,
+        "--profile",
+        "embedded",
+        "--report",
+        str(out),
+        timeout=900,
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+    )
     text = out.read_text(errors="replace")
     for t in load_tables(root / "params/tables.yaml"):
         n = t["number"]

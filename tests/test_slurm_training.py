@@ -14,6 +14,7 @@ user's slurm profile (`snakemake --profile <slurm profile with the test partitio
 
 Scenario runs share one cluster, one scratch copy and one toy dataset; each uses its own
 `run` (results/<run>/) so the uninterrupted runs are the references of the interrupted ones."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ from tracking_server import TrackingServer
 
 pytestmark = pytest.mark.slow
 
-TWO = "k400-r23-c2d"      # trained on 2 GPUs in these tests
-ONE = "k400-r23-sb311"    # trained on 1 GPU
+TWO = "k400-r23-c2d"  # trained on 2 GPUs in these tests
+ONE = "k400-r23-sb311"  # trained on 1 GPU
 ITERS = {TWO: 18, ONE: 15}  # 95 toy videos, batch 16, 3 epochs: 6 (2 ranks) or 5 per epoch
 
 
@@ -57,34 +58,52 @@ class Workspace:
         self.server = server
         self.profiles: dict[str, Path] = {}
 
-    def profile(self, name: str = "default", max_runtime_min: int = 30,
-                stop_before_limit_s: int = 300) -> Path:
+    def profile(
+        self, name: str = "default", max_runtime_min: int = 30, stop_before_limit_s: int = 300
+    ) -> Path:
         if name not in self.profiles:
-            p = make_test_profile(REPO / "slurm/config.yaml", self.root / f"profile-{name}",
-                                  MAX_RUNTIME_MIN=max_runtime_min,
-                                  MLFLOW_URI=f'"{self.server.uri}"')
+            p = make_test_profile(
+                REPO / "slurm/config.yaml",
+                self.root / f"profile-{name}",
+                MAX_RUNTIME_MIN=max_runtime_min,
+                MLFLOW_URI=f'"{self.server.uri}"',
+            )
             cfg = p / "config.yaml"
             text = cfg.read_text()
-            text, n = re.subn(r"stop_before_limit_s: \d+", f"stop_before_limit_s: {stop_before_limit_s}",
-                              text)
+            text, n = re.subn(
+                r"stop_before_limit_s: \d+", f"stop_before_limit_s: {stop_before_limit_s}", text
+            )
             assert n == 1
             cfg.write_text(text)
             self.profiles[name] = p
         return self.profiles[name]
 
-    def command(self, run: str, targets: list[str], profile: str = "default",
-                overlay: str = "params/slurm-test.yaml") -> list[str]:
+    def command(
+        self, run: str, targets: list[str], profile: str = "default", overlay: str = "params/slurm-test.yaml"
+    ) -> list[str]:
         cfg = self.root / f"config-{run}.yaml"
         cfg.write_text(yaml.safe_dump({"run": run, "overlay": overlay}))
         # (--configfile, not --config: a --config replaces the profile's config section)
-        return [str(VENV_BIN / "snakemake"), "--profile", str(self.profiles[profile]), *targets,
-                "--configfile", "workflow/config/embedded.yaml", str(cfg)]
+        return [
+            str(VENV_BIN / "snakemake"),
+            "--profile",
+            str(self.profiles[profile]),
+            *targets,
+            "--configfile",
+            "workflow/config/embedded.yaml",
+            str(cfg),
+        ]
 
     def start(self, run: str, exp: str, profile: str = "default", **kw) -> subprocess.Popen:
         out = open(self.root / f"snakemake-{run}-{exp}.log", "w")  # noqa: SIM115 - handed to Popen
-        return subprocess.Popen(self.command(run, [self.ckpt(run, exp)], profile, **kw),
-                                cwd=self.root, env=env(), stdout=out, stderr=subprocess.STDOUT,
-                                text=True)
+        return subprocess.Popen(
+            self.command(run, [self.ckpt(run, exp)], profile, **kw),
+            cwd=self.root,
+            env=env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def finish(self, proc: subprocess.Popen, run: str, exp: str, timeout: float = 900) -> str:
         try:
@@ -92,10 +111,12 @@ class Workspace:
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError(  # noqa: B904 - the timeout itself says nothing moref"snakemake {run} {exp} did not finish in {timeout:.0f} s:\n"
-                                 f"{self.snakemake_log(run, exp)[-4000:]}\n{self.train_log(run, exp)[-3000:]}")
+                f"{self.snakemake_log(run, exp)[-4000:]}\n{self.train_log(run, exp)[-3000:]}"
+            )
         text = self.snakemake_log(run, exp)
-        assert proc.returncode == 0, f"snakemake failed ({proc.returncode}):\n{text[-5000:]}\n" \
-                                     f"{self.train_log(run, exp)[-3000:]}"
+        assert proc.returncode == 0, (
+            f"snakemake failed ({proc.returncode}):\n{text[-5000:]}\n{self.train_log(run, exp)[-3000:]}"
+        )
         return text
 
     def run(self, run: str, exp: str, profile: str = "default", timeout: float = 900, **kw) -> str:
@@ -134,8 +155,9 @@ def ws(cluster, tmp_path_factory):
     overlay = yaml.safe_load((root / "params/embedded.yaml").read_text())
     # 18 iterations of batch 16 (8 per GPU: 2 GPUs without, 1 GPU with accumulation), one
     # validation at the end, no periodic checkpoint: a resume can only start from the stop's
-    overlay["all"]["train"].update(epochs=3, batch_size=16, per_gpu_batch=8, val_every_epochs=3,
-                                   checkpoint_every_iters=1000)
+    overlay["all"]["train"].update(
+        epochs=3, batch_size=16, per_gpu_batch=8, val_every_epochs=3, checkpoint_every_iters=1000
+    )
     overlay.setdefault("experiments", {})[TWO] = {"resources": {"gpus": 2}}
     (root / "params/slurm-test.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
     # the time-limit test: 24 epochs (120 iterations, ~60 s), longer than one 1-minute job allows
@@ -155,8 +177,7 @@ def _job_of(exp: str, timeout: float = 600) -> str:
     """The Slurm job id of the running training of `exp` (from the plugin's job comment)."""
     end = time.time() + timeout
     while time.time() < end:
-        out = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True, text=True).stdout
         for line in out.splitlines():
             jid, comment, state = line.split("|")
             if comment == f"rule_train_wildcards_{exp}" and state == "RUNNING":
@@ -172,7 +193,9 @@ def _wait_progress(ws: Workspace, run: str, exp: str, lo: int, proc, timeout: fl
         if n >= lo:
             return n
         if proc.poll() is not None:
-            raise AssertionError(f"snakemake ended before iteration {lo}:\n{ws.snakemake_log(run, exp)[-4000:]}")
+            raise AssertionError(
+                f"snakemake ended before iteration {lo}:\n{ws.snakemake_log(run, exp)[-4000:]}"
+            )
         time.sleep(0.1)
     raise AssertionError(f"{exp} did not reach iteration {lo}:\n{ws.train_log(run, exp)[-3000:]}")
 
@@ -228,9 +251,13 @@ def test_sigterm_full_mid_epoch_checkpoints_resubmits_resumes_bitwise(ws, exp):
     text = ws.finish(proc, "sigterm", exp)
     log = ws.events("sigterm", exp)
     assert n < ITERS[exp] - 1, f"signalled too late ({n}/{ITERS[exp]})"
-    assert re.search(r"stop \(signal SIGTERM\): checkpointed \S+last.pt at iteration \d+; exit 3", log), log[-3000:]
+    assert re.search(r"stop \(signal SIGTERM\): checkpointed \S+last.pt at iteration \d+; exit 3", log), log[
+        -3000:
+    ]
     assert re.search(rf"resuming \S+last.pt at epoch \d, iteration [1-9]\d*/{ITERS[exp]}", log), log[-3000:]
-    assert "SLURM jobid" in text and len(re.findall(r"Job \d+ has been submitted with SLURM jobid", text)) >= 2
+    assert (
+        "SLURM jobid" in text and len(re.findall(r"Job \d+ has been submitted with SLURM jobid", text)) >= 2
+    )
     assert _equal(ws.weights("sigterm", exp), ws.weights("ref", exp))
     runs = _mlflow_runs(ws, exp, "sigterm")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resumed run continues it
@@ -255,10 +282,22 @@ def test_time_limit_stops_before_it_resumes_in_the_next_job_bitwise(ws, tmp_path
     ref = tmp_path / "uninterrupted"
     # with the job's thread count: Snakemake sets OMP_NUM_THREADS to the rule's threads (1 here),
     # and another intra-op thread count sums in another order (the weights drift apart)
-    r = subprocess.run([str(VENV_BIN / "smallbig"), "train", f"results/limit/{ONE}/params.yaml",
-                        "--out", str(ref), "--no-mlflow", "--no-progress"], cwd=ws.root,
-                       env=env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), capture_output=True,
-                       text=True, timeout=900)
+    r = subprocess.run(
+        [
+            str(VENV_BIN / "smallbig"),
+            "train",
+            f"results/limit/{ONE}/params.yaml",
+            "--out",
+            str(ref),
+            "--no-mlflow",
+            "--no-progress",
+        ],
+        cwd=ws.root,
+        env=env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     uninterrupted = torch.load(ref / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
     assert _equal(ws.weights("limit", ONE), uninterrupted)
@@ -287,15 +326,19 @@ def test_a_killed_rank_ends_the_job_and_the_retry_finishes(ws):
     ps = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     rows = [ln.split() for ln in ps.splitlines()[1:] if len(ln.split()) > 3]
     # the torchrun agent itself (python .../torchrun ...), not the rule's `bash -c "torchrun ..."`
-    torchrun = [r[0] for r in rows if any(a.endswith("/torchrun") for a in r[2:4])
-                and f"results/kill/{exp}/" in " ".join(r)]
+    torchrun = [
+        r[0]
+        for r in rows
+        if any(a.endswith("/torchrun") for a in r[2:4]) and f"results/kill/{exp}/" in " ".join(r)
+    ]
     ranks = [r[0] for r in rows if r[1] in torchrun]
     assert len(torchrun) == 1 and len(ranks) == 2, ps
     t_kill = time.time()
     os.kill(int(ranks[1]), signal.SIGKILL)
     while time.time() - t_kill < 120:  # the job must end (not hang waiting for the dead rank)
-        state = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True,
-                               text=True).stdout.strip()
+        state = subprocess.run(
+            ["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True
+        ).stdout.strip()
         if state not in ("RUNNING", "COMPLETING"):
             break
         time.sleep(0.5)

@@ -1,6 +1,7 @@
 """Stopping a training early: the time-limit deadline (Slurm EndTime / SMALLBIG_STOP_AT), a signal
 before the first iteration, and a run stopped after its last iteration whose outputs the workflow
 removed. The same paths through a real Slurm are in tests/test_slurm_training.py."""
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,7 @@ def test_deadline_stops_mid_epoch_and_resume_is_bitwise(tmp_path):
     assert "time limit" in stop.reason()
     ck = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert 0 < ck["iteration"] < 12 and ck["iteration"] % 4 != 0  # mid-epoch (4 per epoch)
-    assert train(tiny_params(epochs=3), tmp_path / "cut", resume=True, builders=BUILDERS,
-                 progress=False) == 0
+    assert train(tiny_params(epochs=3), tmp_path / "cut", resume=True, builders=BUILDERS, progress=False) == 0
     wa, wb = _weights(tmp_path / "full" / "checkpoint.pt"), _weights(tmp_path / "cut" / "checkpoint.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -114,10 +114,25 @@ def test_cli_sigterm_right_after_start_exits_3(tmp_path):
     """`smallbig train` installs its handler before importing torch: a SIGTERM 0.3 s after the
     start ends in exit 3 (requeue), not a -15 death."""
     env = dict(os.environ, SMALLBIG_NO_MLFLOW="1")
-    p = subprocess.Popen([sys.executable, "-m", "smallbig", "train", "k400-r23-c2d", "--overlay",
-                          "params/embedded.yaml", "--out", str(tmp_path / "r"), "--no-progress"],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "smallbig",
+            "train",
+            "k400-r23-c2d",
+            "--overlay",
+            "params/embedded.yaml",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     time.sleep(0.3)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=300)

@@ -2,6 +2,7 @@
 training's run, metrics and artifacts over HTTP and stops cleanly on SIGTERM; the workflow
 config key `mlflow_tracking_uri` (the slurm profile's MLFLOW_URI) reaches every job's
 environment; a cluster run left on SQLite is warned about."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,7 @@ def _processes_with(needle: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the server
-def test_training_logs_to_the_server_over_http_and_sigterm_stops_it(tmp_path, monkeypatch,
-                                                                    one_torch_thread):
+def test_training_logs_to_the_server_over_http_and_sigterm_stops_it(tmp_path, monkeypatch, one_torch_thread):
     from mlflow.tracking import MlflowClient
 
     server = TrackingServer(tmp_path / "server")
@@ -129,10 +129,16 @@ def test_server_options():
     allowed = ts.allowed_hosts(["login01", "10.1.2.3"], extra="mlflow.example.org")
     assert {"localhost:*", "127.0.0.1:*", "10.*", "192.168.*"} <= set(allowed)  # MLflow's own
     assert {"login01", "login01:*", "10.1.2.3:*", "mlflow.example.org"} <= set(allowed)
-    cmd = ts.server_command("mlflow", host="0.0.0.0", port=5000,
-                            backend_store_uri="sqlite:////local/mlflow.db",
-                            artifacts_destination="/local/artifacts", workers=1,
-                            allowed=allowed, cors_origins=["http://login01:5000"])
+    cmd = ts.server_command(
+        "mlflow",
+        host="0.0.0.0",
+        port=5000,
+        backend_store_uri="sqlite:////local/mlflow.db",
+        artifacts_destination="/local/artifacts",
+        workers=1,
+        allowed=allowed,
+        cors_origins=["http://login01:5000"],
+    )
     assert "--serve-artifacts" in cmd
     assert cmd[cmd.index("--artifacts-destination") + 1] == "/local/artifacts"
     assert cmd[cmd.index("--allowed-hosts") + 1] == ",".join(allowed)
@@ -145,10 +151,24 @@ def test_serve_fails_cleanly_when_the_port_is_taken(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([str(VENV_BIN / "smallbig"), "tracking", "serve", "--host", "127.0.0.1",
-                            "--port", str(port), "--store-dir", str(tmp_path / "s"),
-                            "--uri-file", str(tmp_path / "uri.json")],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                str(VENV_BIN / "smallbig"),
+                "tracking",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--store-dir",
+                str(tmp_path / "s"),
+                "--uri-file",
+                str(tmp_path / "uri.json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "exited" in r.stdout and not (tmp_path / "uri.json").exists()
     assert _processes_with(f"--port {port} ") == []
@@ -207,18 +227,26 @@ def repo(tmp_path_factory):
 
 
 def _snakemake(repo: Path, *args: str, path_prefix: str = "", **env_extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "SLURM_CONF") and not k.startswith("SLURM_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "SLURM_CONF") and not k.startswith("SLURM_")
+    }
     env["PATH"] = f"{path_prefix}{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(env_extra)
     (repo / "probe.txt").unlink(missing_ok=True)
-    return subprocess.run([str(VENV_BIN / "snakemake"), "-s", "probe.smk", *args], cwd=repo,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(VENV_BIN / "snakemake"), "-s", "probe.smk", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_config_uri_reaches_the_rule_shells(repo):
-    r = _snakemake(repo, "--cores", "1", "probe.txt",
-                   "--config", "mlflow_tracking_uri=http://127.0.0.1:9")
+    r = _snakemake(repo, "--cores", "1", "probe.txt", "--config", "mlflow_tracking_uri=http://127.0.0.1:9")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (repo / "probe.txt").read_text().strip() == "http://127.0.0.1:9"
     # the embedded profile sets no URI: the environment's (here: none) stays
@@ -245,13 +273,20 @@ def test_slurm_profile_uri_is_exported_to_every_job(repo, tmp_path):
     bindir, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
     bindir.mkdir()
     for name in ("sbatch", "sinfo", "squeue", "sacct", "scontrol", "sacctmgr", "srun", "scancel"):
-        body = (f'echo "URI=${{MLFLOW_TRACKING_URI:-unset}} ARGS=$*" >> {calls}\n'
-                "echo 'sbatch: error: fake' >&2\n") if name == "sbatch" else ""
+        body = (
+            (
+                f'echo "URI=${{MLFLOW_TRACKING_URI:-unset}} ARGS=$*" >> {calls}\n'
+                "echo 'sbatch: error: fake' >&2\n"
+            )
+            if name == "sbatch"
+            else ""
+        )
         (bindir / name).write_text(f"#!/bin/sh\n{body}exit 1\n")
         (bindir / name).chmod(0o755)
     profile = _slurm_profile(repo, "http://127.0.0.1:9")
-    r = _snakemake(repo, "--profile", str(profile), "--retries", "0", "probe.txt",
-                   path_prefix=f"{bindir}{os.pathsep}")
+    r = _snakemake(
+        repo, "--profile", str(profile), "--retries", "0", "probe.txt", path_prefix=f"{bindir}{os.pathsep}"
+    )
     out = r.stdout + r.stderr
     assert r.returncode != 0 and calls.exists(), out[-3000:]  # submitted (and failed: fake)
     line = calls.read_text().splitlines()[0]
@@ -267,7 +302,6 @@ def test_slurm_profile_without_a_server_warns_about_sqlite(repo):
     assert r.returncode == 0, out[-3000:]
     assert "WARNING: MLflow store is SQLite" in out and "smallbig tracking serve" in out
     # a server exported on the login node instead of the profile line: no warning
-    r = _snakemake(repo, "--profile", "slurm", "-n", "probe.txt",
-                   MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    r = _snakemake(repo, "--profile", "slurm", "-n", "probe.txt", MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert r.returncode == 0
     assert "WARNING: MLflow store is SQLite" not in r.stdout + r.stderr

@@ -1,6 +1,7 @@
 """The workflow's structure, without running any job: the full-scale DAG (25 trainings, their
 evaluations, ensembles and tables), lint, params validation before submission, the profiles,
 `smallbig plan`, and dvc.yaml. Each test works in a scratch copy of the repository."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,11 @@ def test_full_dry_run_schedules_every_training_evaluation_ensemble_and_table(ful
 
 
 def test_resources_come_from_params(full_dry_run):
-    block = next(b for b in re.split(r"\n(?=\[)", full_dry_run)
-                 if "rule train:" in b and "exp=k400-r101-sb-typical-32f" in b)
+    block = next(
+        b
+        for b in re.split(r"\n(?=\[)", full_dry_run)
+        if "rule train:" in b and "exp=k400-r101-sb-typical-32f" in b
+    )
     p = config.load_params(config.experiment_path("k400-r101-sb-typical-32f"))["resources"]
     assert f"gpu={p['gpus']}" in block
     assert f"cpus_per_gpu={p['cpus_per_gpu']}" in block
@@ -79,8 +83,14 @@ def test_targets_build_only_what_they_need(repo_copy, target, n_train):
 
 
 def test_plan_agrees_with_the_dag(repo_copy, full_dry_run):
-    r = subprocess.run([str(VENV_BIN / "smallbig"), "plan", "--json"], cwd=repo_copy, env=env(),
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [str(VENV_BIN / "smallbig"), "plan", "--json"],
+        cwd=repo_copy,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     plan = json.loads(r.stdout)
     counts = job_counts(full_dry_run)
     assert plan["total"]["jobs"] == counts["total"] - 1  # minus the `all` target itself
@@ -89,11 +99,21 @@ def test_plan_agrees_with_the_dag(repo_copy, full_dry_run):
     assert plan["tables"]["2"]["jobs"] == table2["total"] - 1
     # GPU-hours from params: epochs x train clips / clips_per_sec_per_gpu
     p = config.load_params(config.experiment_path("k400-r23-c2d"))
-    one = p["train"]["epochs"] * plan["datasets"]["kinetics400"]["train"]["videos"] \
-        / p["train"]["clips_per_sec_per_gpu"] / 3600
+    one = (
+        p["train"]["epochs"]
+        * plan["datasets"]["kinetics400"]["train"]["videos"]
+        / p["train"]["clips_per_sec_per_gpu"]
+        / 3600
+    )
     assert plan["tables"]["2"]["gpu_hours_train"] == pytest.approx(3 * one)
-    text = subprocess.run([str(VENV_BIN / "smallbig"), "plan"], cwd=repo_copy, env=env(),
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [str(VENV_BIN / "smallbig"), "plan"],
+        cwd=repo_copy,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "table11" in text and "total" in text and "GPU-h" in text
 
 
@@ -109,7 +129,7 @@ def _fake_sbatch(tmp_path: Path) -> tuple[Path, Path]:
     calls = tmp_path / "sbatch-calls"
     for name in ("sbatch", "sinfo", "squeue", "sacct", "scontrol"):
         f = bindir / name
-        record = f"echo \"$0 $*\" >> {calls}\n" if name == "sbatch" else ""
+        record = f'echo "$0 $*" >> {calls}\n' if name == "sbatch" else ""
         f.write_text(f"#!/bin/sh\n{record}exit 1\n")
         f.chmod(0o755)
     return bindir, calls
@@ -121,8 +141,9 @@ def test_invalid_params_fail_before_any_job_is_submitted(repo_copy, tmp_path):
     # an overlay that breaks one experiment: 3x7x7 pooling on 64-pixel crops does not fit res5
     bad = repo_copy / "bad-overlay.yaml"
     bad.write_text(yaml.safe_dump({"all": {"data": {"crop_size": 64}}}))
-    r = snakemake(repo_copy, "--profile", "slurm", "--config", f"overlay={bad.name}",
-                  timeout=300, check=False, **e)
+    r = snakemake(
+        repo_copy, "--profile", "slurm", "--config", f"overlay={bad.name}", timeout=300, check=False, **e
+    )
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert "invalid params, nothing was run or submitted" in out
@@ -169,8 +190,9 @@ def test_the_slurm_test_profile_differs_only_in_cluster_definitions(tmp_path):
     a, b = src.read_text().splitlines(), made.read_text().splitlines()
     assert len(a) == len(b)
     diff = [(x, y) for x, y in zip(a, b) if x != y]
-    assert diff and all(re.match(r"^\s*- (GPU_PARTITION|CPU_PARTITION|ACCOUNT|GPUS_PER_NODE) =", x)
-                        for x, _ in diff)
+    assert diff and all(
+        re.match(r"^\s*- (GPU_PARTITION|CPU_PARTITION|ACCOUNT|GPUS_PER_NODE) =", x) for x, _ in diff
+    )
 
 
 def _train_job(out: str, exp: str) -> str:
@@ -183,8 +205,16 @@ def _train_job(out: str, exp: str) -> str:
 def test_slurm_launchers_follow_the_plugin_conventions(repo_copy):
     """1 GPU: batch step (mpi ""); 2..GPUS_PER_NODE: torchrun (mpi, tasks = GPUs); more: srun
     over several nodes with --kill-on-bad-exit; runtime capped by MAX_RUNTIME_MIN."""
-    out = snakemake(repo_copy, "--profile", "slurm", "-n", "--config", "max_runtime_min=1440",
-                    "gpus_per_node=4", timeout=300).stdout
+    out = snakemake(
+        repo_copy,
+        "--profile",
+        "slurm",
+        "-n",
+        "--config",
+        "max_runtime_min=1440",
+        "gpus_per_node=4",
+        timeout=300,
+    ).stdout
     job = _train_job(out, "k400-r50-sb-full")  # 8 GPUs on nodes of 4: srun, 2 nodes
     assert re.search(r"gpu=8\b.*tasks=8\b.*mpi=srun, nodes=2", job), job
     assert "srun -n 8 --kill-on-bad-exit=1 --cpus-per-task=8 smallbig train" in job
@@ -193,13 +223,15 @@ def test_slurm_launchers_follow_the_plugin_conventions(repo_copy):
     job = _train_job(out, "k400-r50-sb-full")  # 8 GPUs on nodes of 8: torchrun, 1 node
     assert "tasks=8, mpi=torchrun, nodes=1" in job
     assert "torchrun --standalone --nnodes 1 --nproc_per_node 8 --no-python smallbig train" in job
-    out = snakemake(repo_copy, "--profile", "slurm", "-n", "--config",
-                    "overlay=params/embedded.yaml", timeout=300).stdout
+    out = snakemake(
+        repo_copy, "--profile", "slurm", "-n", "--config", "overlay=params/embedded.yaml", timeout=300
+    ).stdout
     job = _train_job(out, "k400-r23-c2d")  # 1 GPU: in the batch step
     assert "gpu=1," in job and "tasks=1, mpi=, nodes=1" in job
     assert re.search(r"^Shell command: smallbig train ", job, re.M), job
-    r = snakemake(repo_copy, "--profile", "slurm", "-n", "--config", "gpus_per_node=3",
-                  timeout=300, check=False)
+    r = snakemake(
+        repo_copy, "--profile", "slurm", "-n", "--config", "gpus_per_node=3", timeout=300, check=False
+    )
     assert r.returncode != 0 and "multiple of 3" in r.stdout + r.stderr
 
 
@@ -209,8 +241,9 @@ def test_a_plan_that_does_not_fit_the_gpus_is_refused_before_submission(repo_cop
     time with the per_gpu_batch x accumulation to use instead."""
     out = snakemake(repo_copy, "--profile", "slurm", "-n", timeout=300).stdout
     assert job_counts(out)["train"] == 25
-    r = snakemake(repo_copy, "--profile", "slurm", "-n", "--config", "gpu_mem_gb=20",
-                  timeout=300, check=False)
+    r = snakemake(
+        repo_copy, "--profile", "slurm", "-n", "--config", "gpu_mem_gb=20", timeout=300, check=False
+    )
     text = r.stdout + r.stderr
     assert r.returncode != 0 and "nothing was run or submitted" in text
     assert "k400-r101-sb-typical-32f" in text and "per_gpu_batch" in text

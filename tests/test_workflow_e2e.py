@@ -6,6 +6,7 @@ cluster (`snakemake --profile <the slurm profile with the test partition>`, real
 One embedded run (the session fixture `embedded_run` in tests/conftest.py) is shared by these
 checks, the DVC round trip and tests/test_report_workflow.py; the Slurm test runs a smaller
 target (Table 2). Each works in a scratch copy of the repository."""
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,23 @@ from slurm.workspace import REPO, VENV_BIN, copy_repo, env, jobs_of, snakemake
 
 pytestmark = pytest.mark.slow
 
-GIT_ID = {"GIT_AUTHOR_NAME": "smallbig test", "GIT_AUTHOR_EMAIL": "test@example.org",
-          "GIT_COMMITTER_NAME": "smallbig test", "GIT_COMMITTER_EMAIL": "test@example.org"}
+GIT_ID = {
+    "GIT_AUTHOR_NAME": "smallbig test",
+    "GIT_AUTHOR_EMAIL": "test@example.org",
+    "GIT_COMMITTER_NAME": "smallbig test",
+    "GIT_COMMITTER_EMAIL": "test@example.org",
+}
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 900, check: bool = True, **extra):
-    r = subprocess.run(cmd, cwd=cwd, env=env(**GIT_ID, **extra), capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        cmd, cwd=cwd, env=env(**GIT_ID, **extra), capture_output=True, text=True, timeout=timeout
+    )
     if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}) in {cwd}:\n"
-                             f"{r.stdout[-5000:]}\n{r.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} failed ({r.returncode}) in {cwd}:\n"
+            f"{r.stdout[-5000:]}\n{r.stderr[-5000:]}"
+        )
     return r
 
 
@@ -145,8 +153,16 @@ def test_table2_through_a_real_slurm_cluster(slurm_cluster, tmp_path):
     profile = make_test_profile(REPO / "slurm/config.yaml", root / "slurm-test-profile")
     t0 = time.time()
     # (targets before --configfile, which takes one or more values)
-    out = snakemake(root, "--profile", str(profile), "table2", "--configfile",
-                    "workflow/config/embedded.yaml", timeout=2400, **mlflow_env(root))
+    out = snakemake(
+        root,
+        "--profile",
+        str(profile),
+        "table2",
+        "--configfile",
+        "workflow/config/embedded.yaml",
+        timeout=2400,
+        **mlflow_env(root),
+    )
     seconds = time.time() - t0
     print(f"\nSlurm table2: {seconds:.0f} s")
     text = out.stdout + out.stderr
@@ -160,9 +176,9 @@ def test_table2_through_a_real_slurm_cluster(slurm_cluster, tmp_path):
         log = (root / f"logs/embedded/train/{exp}.log").read_text()
         assert "device cpu" in log
     # every non-local job was an sbatch job of this cluster
-    submitted = re.findall(r"has been submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/(rule_\w+)/",
-                           text)
-    assert {"rule_data_toy", "rule_data_prepare", "rule_train", "rule_evaluate",
-            "rule_table"} <= set(submitted), submitted
+    submitted = re.findall(r"has been submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/(rule_\w+)/", text)
+    assert {"rule_data_toy", "rule_data_prepare", "rule_train", "rule_evaluate", "rule_table"} <= set(
+        submitted
+    ), submitted
     assert submitted.count("rule_train") >= 3 and submitted.count("rule_evaluate") >= 3
     (root / "slurm-wall-seconds.txt").write_text(f"{seconds:.0f}\n")

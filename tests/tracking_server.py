@@ -8,6 +8,7 @@
 `TrackingServer` gives more (the store and artifact paths, the log, the exit code of a SIGTERM
 stop). Everything lives under the directory given; the server listens on 127.0.0.1 only.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,9 @@ def free_port() -> int:
 class TrackingServer:
     """`smallbig tracking serve --host 127.0.0.1` with its store under `root`."""
 
-    def __init__(self, root: str | Path, port: int | None = None, workers: int = 1,
-                 startup_timeout: float = 300.0):
+    def __init__(
+        self, root: str | Path, port: int | None = None, workers: int = 1, startup_timeout: float = 300.0
+    ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = self.root / "mlflow.db"
@@ -51,21 +53,35 @@ class TrackingServer:
         return self.info["uri"]
 
     def _command(self, port: int) -> list[str]:
-        return [str(VENV_BIN / "smallbig"), "tracking", "serve", "--host", "127.0.0.1",
-                "--port", str(port), "--backend-store-uri", f"sqlite:///{self.db}",
-                "--artifacts-destination", str(self.artifacts), "--workers", str(self.workers),
-                "--uri-file", str(self.uri_file),
-                "--startup-timeout", str(int(self.startup_timeout))]
+        return [
+            str(VENV_BIN / "smallbig"),
+            "tracking",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{self.db}",
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--workers",
+            str(self.workers),
+            "--uri-file",
+            str(self.uri_file),
+            "--startup-timeout",
+            str(int(self.startup_timeout)),
+        ]
 
     def start(self) -> str:
         """Start the server and wait for its URI file; a port taken meanwhile is retried."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("MLFLOW_TRACKING_URI", "SMALLBIG_NO_MLFLOW")}
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SMALLBIG_NO_MLFLOW")}
         for _attempt in range(3):
             port = self.port or free_port()
             log = open(self.log, "a")  # noqa: SIM115 - handed to Popen, closed below
-            self.proc = subprocess.Popen(self._command(port), stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, cwd=self.root)
+            self.proc = subprocess.Popen(
+                self._command(port), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root
+            )
             log.close()
             deadline = time.time() + self.startup_timeout + 30
             while time.time() < deadline:
@@ -80,8 +96,7 @@ class TrackingServer:
                 raise TimeoutError(f"tracking server did not start:\n{self.log_text()[-4000:]}")
             if self.port:  # a fixed port: nothing to retry
                 break
-        raise RuntimeError(f"tracking server exited ({self.proc.returncode}):\n"
-                           f"{self.log_text()[-4000:]}")
+        raise RuntimeError(f"tracking server exited ({self.proc.returncode}):\n{self.log_text()[-4000:]}")
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM; the exit code (None if it had to be killed)."""

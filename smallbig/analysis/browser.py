@@ -6,6 +6,7 @@ exist, nothing points outside the report), and a screenshot is saved.
 `check_report(index_html, screenshot=...)` loads the page from file:// and, with `serve=True`,
 again from a local HTTP server (the "any web server" case).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,9 +27,19 @@ import aiohttp
 
 from smallbig.errors import RunError
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+]
 
 
 class BrowserError(RunError):
@@ -40,8 +51,7 @@ def find_chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise BrowserError("no chromium found on PATH (Debian: apt-get install chromium; "
-                       "or `make system-deps`)")
+    raise BrowserError("no chromium found on PATH (Debian: apt-get install chromium; or `make system-deps`)")
 
 
 class _Chromium:
@@ -49,10 +59,18 @@ class _Chromium:
         self.binary = binary or find_chromium()
         self.tmp = tempfile.mkdtemp(prefix="smallbig-chromium-")
         self.proc = subprocess.Popen(
-            [self.binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.tmp}",
-             "--remote-debugging-port=0", "--remote-allow-origins=*",
-             f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                self.binary,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={self.tmp}",
+                "--remote-debugging-port=0",
+                "--remote-allow-origins=*",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         port_file = Path(self.tmp) / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -110,64 +128,71 @@ async def _inspect(ws_url: str, url: str, screenshot: Path | None, timeout: floa
     errors: list[str] = []
     failed: list[str] = []
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-            counter = 0
-            pending: dict[int, asyncio.Future] = {}
-            loaded = asyncio.Event()
+        counter = 0
+        pending: dict[int, asyncio.Future] = {}
+        loaded = asyncio.Event()
 
-            async def reader():
-                async for msg in ws:
-                    if msg.type != aiohttp.WSMsgType.TEXT:
-                        continue
-                    data = json.loads(msg.data)
-                    if "id" in data and data["id"] in pending:
-                        pending.pop(data["id"]).set_result(data)
-                        continue
-                    method, params = data.get("method"), data.get("params", {})
-                    if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                        errors.append("console: " + " ".join(str(a.get("value", a.get("description", "")))
-                                                             for a in params.get("args", [])))
-                    elif method == "Runtime.exceptionThrown":
-                        d = params.get("exceptionDetails", {})
-                        errors.append("exception: " + str(d.get("exception", {}).get("description") or d.get("text")))
-                    elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-                        e = params["entry"]
-                        errors.append(f"log: {e.get('text')} {e.get('url', '')}".strip())
-                    elif method == "Network.loadingFailed" and not params.get("canceled"):
-                        failed.append(f"{params.get('errorText')} (request {params.get('requestId')})")
-                    elif method == "Network.responseReceived":
-                        resp = params.get("response", {})
-                        if int(resp.get("status", 200) or 200) >= 400:
-                            failed.append(f"HTTP {resp.get('status')}: {resp.get('url')}")
-                    elif method == "Page.loadEventFired":
-                        loaded.set()
+        async def reader():
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                data = json.loads(msg.data)
+                if "id" in data and data["id"] in pending:
+                    pending.pop(data["id"]).set_result(data)
+                    continue
+                method, params = data.get("method"), data.get("params", {})
+                if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                    errors.append(
+                        "console: "
+                        + " ".join(
+                            str(a.get("value", a.get("description", ""))) for a in params.get("args", [])
+                        )
+                    )
+                elif method == "Runtime.exceptionThrown":
+                    d = params.get("exceptionDetails", {})
+                    errors.append(
+                        "exception: " + str(d.get("exception", {}).get("description") or d.get("text"))
+                    )
+                elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+                    e = params["entry"]
+                    errors.append(f"log: {e.get('text')} {e.get('url', '')}".strip())
+                elif method == "Network.loadingFailed" and not params.get("canceled"):
+                    failed.append(f"{params.get('errorText')} (request {params.get('requestId')})")
+                elif method == "Network.responseReceived":
+                    resp = params.get("response", {})
+                    if int(resp.get("status", 200) or 200) >= 400:
+                        failed.append(f"HTTP {resp.get('status')}: {resp.get('url')}")
+                elif method == "Page.loadEventFired":
+                    loaded.set()
 
-            async def send(method: str, **params) -> dict:
-                nonlocal counter
-                counter += 1
-                fut = asyncio.get_running_loop().create_future()
-                pending[counter] = fut
-                await ws.send_str(json.dumps({"id": counter, "method": method, "params": params}))
-                res = await asyncio.wait_for(fut, timeout)
-                if "error" in res:
-                    raise BrowserError(f"{method}: {res['error']}")
-                return res.get("result", {})
+        async def send(method: str, **params) -> dict:
+            nonlocal counter
+            counter += 1
+            fut = asyncio.get_running_loop().create_future()
+            pending[counter] = fut
+            await ws.send_str(json.dumps({"id": counter, "method": method, "params": params}))
+            res = await asyncio.wait_for(fut, timeout)
+            if "error" in res:
+                raise BrowserError(f"{method}: {res['error']}")
+            return res.get("result", {})
 
-            task = asyncio.create_task(reader())
-            try:
-                for m in ("Runtime.enable", "Log.enable", "Network.enable", "Page.enable"):
-                    await send(m)
-                await send("Page.navigate", url=url)
-                await asyncio.wait_for(loaded.wait(), timeout)
-                await asyncio.sleep(0.5)  # late console messages / image decodes
-                res = await send("Runtime.evaluate", expression=_PAGE_FACTS_JS, returnByValue=True,
-                                 awaitPromise=True)
-                facts = res["result"]["value"]
-                if screenshot is not None:
-                    shot = await send("Page.captureScreenshot", format="png", captureBeyondViewport=False)
-                    screenshot.parent.mkdir(parents=True, exist_ok=True)
-                    screenshot.write_bytes(base64.b64decode(shot["data"]))
-            finally:
-                task.cancel()
+        task = asyncio.create_task(reader())
+        try:
+            for m in ("Runtime.enable", "Log.enable", "Network.enable", "Page.enable"):
+                await send(m)
+            await send("Page.navigate", url=url)
+            await asyncio.wait_for(loaded.wait(), timeout)
+            await asyncio.sleep(0.5)  # late console messages / image decodes
+            res = await send(
+                "Runtime.evaluate", expression=_PAGE_FACTS_JS, returnByValue=True, awaitPromise=True
+            )
+            facts = res["result"]["value"]
+            if screenshot is not None:
+                shot = await send("Page.captureScreenshot", format="png", captureBeyondViewport=False)
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                screenshot.write_bytes(base64.b64decode(shot["data"]))
+        finally:
+            task.cancel()
     facts["console_errors"] = errors
     facts["failed_requests"] = failed
     return facts
@@ -186,11 +211,17 @@ def _check_links(facts: dict, base_url: str, root: Path) -> list[str]:
         if u.scheme == "file":
             path = Path(urllib.parse.unquote(u.path))
         elif u.scheme in ("http", "https"):
-            rel = urllib.parse.unquote(u.path)[len(urllib.parse.urlsplit(base_url).path.rsplit("/", 1)[0]) + 1:]
+            rel = urllib.parse.unquote(u.path)[
+                len(urllib.parse.urlsplit(base_url).path.rsplit("/", 1)[0]) + 1 :
+            ]
             path = root / rel
             try:
-                with urllib.request.urlopen(urllib.request.Request(
-                        urllib.parse.urlunsplit((u.scheme, u.netloc, u.path, "", "")), method="HEAD"), timeout=10) as r:
+                with urllib.request.urlopen(
+                    urllib.request.Request(
+                        urllib.parse.urlunsplit((u.scheme, u.netloc, u.path, "", "")), method="HEAD"
+                    ),
+                    timeout=10,
+                ) as r:
                     if r.status >= 400:
                         bad.append(f"{href}: HTTP {r.status}")
             except Exception as e:  # noqa: BLE001
@@ -215,8 +246,13 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def check_report(index_html: str | Path, screenshot: str | Path | None = None, serve: bool = True,
-                 timeout: float = 60.0, binary: str | None = None) -> dict:
+def check_report(
+    index_html: str | Path,
+    screenshot: str | Path | None = None,
+    serve: bool = True,
+    timeout: float = 60.0,
+    binary: str | None = None,
+) -> dict:
     """Load the report in headless Chromium (file://, then http:// when `serve`); returns
     {"ok", "problems": [...], "images", "links", "screenshot", "title", "text"}."""
     index = Path(index_html).resolve()
@@ -240,17 +276,22 @@ def check_report(index_html: str | Path, screenshot: str | Path | None = None, s
                 facts = asyncio.run(_inspect(browser.page_ws(), url, shot, timeout))
                 problems += [f"[{mode}] {e}" for e in facts["console_errors"]]
                 problems += [f"[{mode}] failed request: {e}" for e in facts["failed_requests"]]
-                problems += [f"[{mode}] image did not load: {im['src']}" for im in facts["images"] if not im["ok"]]
+                problems += [
+                    f"[{mode}] image did not load: {im['src']}" for im in facts["images"] if not im["ok"]
+                ]
                 problems += [f"[{mode}] link: {b}" for b in _check_links(facts, url, root)]
                 if i == 0:
-                    out.update(title=facts["title"], images=len(facts["images"]),
-                               links=len(facts["links"]), text=facts["text"])
+                    out.update(
+                        title=facts["title"],
+                        images=len(facts["images"]),
+                        links=len(facts["links"]),
+                        text=facts["text"],
+                    )
         finally:
             if server is not None:
                 server.shutdown()
                 server.server_close()
     finally:
         browser.close()
-    out.update(ok=not problems, problems=problems,
-               screenshot=str(screenshot) if screenshot else None)
+    out.update(ok=not problems, problems=problems, screenshot=str(screenshot) if screenshot else None)
     return out

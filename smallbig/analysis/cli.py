@@ -10,6 +10,7 @@ or equivalently `--results results --run <run>` (`full` or `embedded`).
   smallbig report build    --results results/embedded --out reports [--featmaps]
   smallbig report check    reports/index.html [--screenshot reports/screenshot.png]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,27 +28,48 @@ DEFAULT_RESULTS = "results/full"
 
 
 def _results_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", default=DEFAULT_RESULTS,
-                   help="results/<run>, or the results root together with --run (default: results/full)")
-    p.add_argument("--run", default=None,
-                   help="run name: the results directory is <results>/<run> (default: --results "
-                        "is the run's directory and names the run)")
-    p.add_argument("--logs", default=None,
-                   help="the workflow's logs/<run> (default: next to results/, if it exists)")
+    p.add_argument(
+        "--results",
+        default=DEFAULT_RESULTS,
+        help="results/<run>, or the results root together with --run (default: results/full)",
+    )
+    p.add_argument(
+        "--run",
+        default=None,
+        help="run name: the results directory is <results>/<run> (default: --results "
+        "is the run's directory and names the run)",
+    )
+    p.add_argument(
+        "--logs", default=None, help="the workflow's logs/<run> (default: next to results/, if it exists)"
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     _results_args(p)
     p.add_argument("--tables-file", default=None, help="tables definition (default: params/tables.yaml)")
-    p.add_argument("--model-info-dir", action="append", default=[],
-                   help="directory with <id>.json from `smallbig model-info --json` (repeatable); "
-                        "<results>/model-info/ and <results>/model-info.json are always read")
-    p.add_argument("--compute-model-info", dest="compute_model_info", action="store_true",
-                   default=True, help="compute model info that no file gives (the default)")
-    p.add_argument("--no-compute-model-info", dest="compute_model_info", action="store_false",
-                   help="do not compute missing model info (Params/GFLOPs 'ours' stay empty)")
-    p.add_argument("--embedded", action="store_true",
-                   help="force the 'embedded default, not comparable' banner")
+    p.add_argument(
+        "--model-info-dir",
+        action="append",
+        default=[],
+        help="directory with <id>.json from `smallbig model-info --json` (repeatable); "
+        "<results>/model-info/ and <results>/model-info.json are always read",
+    )
+    p.add_argument(
+        "--compute-model-info",
+        dest="compute_model_info",
+        action="store_true",
+        default=True,
+        help="compute model info that no file gives (the default)",
+    )
+    p.add_argument(
+        "--no-compute-model-info",
+        dest="compute_model_info",
+        action="store_false",
+        help="do not compute missing model info (Params/GFLOPs 'ours' stay empty)",
+    )
+    p.add_argument(
+        "--embedded", action="store_true", help="force the 'embedded default, not comparable' banner"
+    )
 
 
 def run_dir(results: str | Path, run: str | None) -> Path:
@@ -88,8 +110,13 @@ def _model_info(params: dict) -> dict:
 def _results(args):
     from smallbig.analysis.collect import Results
 
-    return Results(run_dir(args.results, args.run), args.run, args.logs,
-                   run_state=_mlflow_run_state, model_info=_model_info)
+    return Results(
+        run_dir(args.results, args.run),
+        args.run,
+        args.logs,
+        run_state=_mlflow_run_state,
+        model_info=_model_info,
+    )
 
 
 def _setup(args, numbers: list[int] | None = None, model_info_tables: list[int] | None = None):
@@ -108,9 +135,16 @@ def _setup(args, numbers: list[int] | None = None, model_info_tables: list[int] 
             raise TablesError(f"{args.tables_file or 'params/tables.yaml'}: no table {bad} (tables: {known})")
         tables = [t for t in tables if t["number"] in numbers]
     dirs = [Path(d) for d in args.model_info_dir]
-    built = [build_tables([t], results, dirs, args.compute_model_info and (
-        model_info_tables is None or t["number"] in model_info_tables),
-        size_notes=banner is None)[0] for t in tables]
+    built = [
+        build_tables(
+            [t],
+            results,
+            dirs,
+            args.compute_model_info and (model_info_tables is None or t["number"] in model_info_tables),
+            size_notes=banner is None,
+        )[0]
+        for t in tables
+    ]
     return results, banner, built
 
 
@@ -137,8 +171,16 @@ def cmd_figures(args) -> int:
 def cmd_featmaps(args) -> int:
     from smallbig.analysis.featmaps import write_featmaps  # torch
 
-    m = write_featmaps(run_dir(args.results, args.run), args.out, args.smallbig, args.nonlocal_id, args.videos,
-                       args.video_id or None, args.smallbig_checkpoint, args.nonlocal_checkpoint)
+    m = write_featmaps(
+        run_dir(args.results, args.run),
+        args.out,
+        args.smallbig,
+        args.nonlocal_id,
+        args.videos,
+        args.video_id or None,
+        args.smallbig_checkpoint,
+        args.nonlocal_checkpoint,
+    )
     for line in m["missing"]:
         print(f"feature maps: {line}", file=sys.stderr)
     print(f"wrote {len(m['figures'])} feature-map figures to {Path(args.out) / 'featmaps'}")
@@ -200,8 +242,12 @@ def _print_counts(built) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `smallbig report {tables,table,figures,featmaps,html,build,check}`."""
-    rep = sub.add_parser("report", help="tables, figures, feature maps and the HTML report",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rep = sub.add_parser(
+        "report",
+        help="tables, figures, feature maps and the HTML report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     rsub = rep.add_subparsers(dest="report_command", metavar="WHAT")
     rsub.required = True
 
@@ -223,11 +269,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = rsub.add_parser("featmaps", help="feature-map visualisations (paper Fig. 3)")
     _results_args(p)
-    p.add_argument("--out", default="reports/figures",
-                   help="figures directory (writes featmaps/*.png|svg and featmaps.json)")
+    p.add_argument(
+        "--out",
+        default="reports/figures",
+        help="figures directory (writes featmaps/*.png|svg and featmaps.json)",
+    )
     p.add_argument("--smallbig", default="k400-r23-sb-full", help="SmallBig experiment id")
-    p.add_argument("--nonlocal", dest="nonlocal_id", default="k400-r23-nonlocal",
-                   help="NonLocal experiment id")
+    p.add_argument(
+        "--nonlocal", dest="nonlocal_id", default="k400-r23-nonlocal", help="NonLocal experiment id"
+    )
     p.add_argument("--smallbig-checkpoint", default=None, help="override the SmallBig checkpoint")
     p.add_argument("--nonlocal-checkpoint", default=None, help="override the NonLocal checkpoint")
     p.add_argument("--videos", type=int, default=2, help="number of validation videos")
@@ -246,8 +296,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--videos", type=int, default=2)
     p.set_defaults(func=cmd_build)
 
-    p = rsub.add_parser("check", help="load index.html in headless Chromium: console errors, "
-                                      "images, links, screenshot")
+    p = rsub.add_parser(
+        "check", help="load index.html in headless Chromium: console errors, images, links, screenshot"
+    )
     p.add_argument("index", nargs="?", default="reports/index.html")
     p.add_argument("--screenshot", default=None)
     p.add_argument("--no-serve", action="store_true", help="file:// only (no local HTTP server)")

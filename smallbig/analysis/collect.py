@@ -19,6 +19,7 @@ member's `eval-<protocol>/scores.npz` does (fused with the engine's `ensemble_sc
 `logs/<run>/ensemble/<name>.log` ends in a traceback), running if a member is running or done,
 else not run.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,7 +88,7 @@ def _marker(*dirs: Path) -> str | None:
 
 
 def _log_error(log: Path) -> str | None:
-    """"log: last line" when the rule's log holds a Python traceback."""
+    """ "log: last line" when the rule's log holds a Python traceback."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
@@ -120,9 +121,14 @@ def _section(params: Any, name: str, spec):
 class Results:
     """Cached view of `results/<run>/` (any part of it may be missing)."""
 
-    def __init__(self, run_dir: str | Path, run: str | None = None,
-                 logs_dir: str | Path | None = None, run_state: RunStateLookup | None = None,
-                 model_info: ModelInfo | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        run: str | None = None,
+        logs_dir: str | Path | None = None,
+        run_state: RunStateLookup | None = None,
+        model_info: ModelInfo | None = None,
+    ):
         """`run_dir` = results/<run>; `logs_dir` = the workflow's logs/<run> (default:
         <run_dir>/../../logs/<run>); `run_state`: MLflow status of a training's
         `mlflow-run.json` record; `model_info`: computes model info no file gives (the CLI
@@ -148,8 +154,15 @@ class Results:
             return self._exp[exp_id]
         d = self.dir / exp_id
         train = d / "train"
-        info: dict[str, Any] = {"id": exp_id, "dir": d, "exists": d.is_dir(), "params": None,
-                                "history": None, "train_metrics": None, "problems": []}
+        info: dict[str, Any] = {
+            "id": exp_id,
+            "dir": d,
+            "exists": d.is_dir(),
+            "params": None,
+            "history": None,
+            "train_metrics": None,
+            "problems": [],
+        }
         pfile = d / "params.yaml"
         if pfile.is_file():
             try:
@@ -169,8 +182,11 @@ class Results:
         ck = train / "checkpoint.pt"
         info["checkpoint"] = ck if ck.is_file() else None
         info["train_started"] = train.is_dir()
-        info["failed"] = _marker(d, train) or (None if info["checkpoint"] else (
-            self._mlflow_failed(train) or self._rule_log_error("train", f"{exp_id}.log")))
+        info["failed"] = _marker(d, train) or (
+            None
+            if info["checkpoint"]
+            else (self._mlflow_failed(train) or self._rule_log_error("train", f"{exp_id}.log"))
+        )
         self._exp[exp_id] = info
         return info
 
@@ -203,9 +219,18 @@ class Results:
             return self._eval[key]
         e = self.experiment(exp_id)
         ev = e["dir"] / f"eval-{protocol}"
-        out: dict[str, Any] = {"status": NOT_RUN, "detail": "", "top1": None, "top5": None,
-                               "views": None, "num_videos": None, "skipped": None,
-                               "metrics": None, "scores_path": None, "eval_dir": ev}
+        out: dict[str, Any] = {
+            "status": NOT_RUN,
+            "detail": "",
+            "top1": None,
+            "top5": None,
+            "views": None,
+            "num_videos": None,
+            "skipped": None,
+            "metrics": None,
+            "scores_path": None,
+            "eval_dir": ev,
+        }
         self._eval[key] = out
         proto = Protocol.parse(protocol)
         mfile, sfile = ev / "metrics.json", ev / "scores.npz"
@@ -226,12 +251,16 @@ class Results:
             return out
         if m is not None:
             skipped = m.get("skipped")
-            out.update(status=DONE, metrics=m, top1=_finite(m.get("top1")),
-                       top5=_finite(m.get("top5")),
-                       views=int(m.get("num_clips") or proto.clips) * int(m.get("num_crops") or proto.crops),
-                       num_videos=m.get("num_videos"),
-                       skipped=len(skipped) if isinstance(skipped, list) else skipped,
-                       detail="" if mfile.is_file() else f"metrics computed from {sfile}")
+            out.update(
+                status=DONE,
+                metrics=m,
+                top1=_finite(m.get("top1")),
+                top5=_finite(m.get("top5")),
+                views=int(m.get("num_clips") or proto.clips) * int(m.get("num_crops") or proto.crops),
+                num_videos=m.get("num_videos"),
+                skipped=len(skipped) if isinstance(skipped, list) else skipped,
+                detail="" if mfile.is_file() else f"metrics computed from {sfile}",
+            )
             return out
         failed = self._rule_log_error("evaluate", f"{exp_id}-{protocol}.log") or e["failed"]
         if failed:
@@ -262,16 +291,25 @@ class Results:
     def _metrics_from_scores(self, exp_id: str, protocol: str) -> dict:
         s = self.scores(exp_id, protocol)
         m = M.compute_metrics(s["logits"], s["labels"])
-        m.update(num_clips=int(s.get("num_clips", s["clip_idx"].max() + 1)),
-                 num_crops=int(s.get("num_crops", s["crop_idx"].max() + 1)),
-                 skipped=[str(x) for x in s.get("skipped", np.array([])).tolist()])
+        m.update(
+            num_clips=int(s.get("num_clips", s["clip_idx"].max() + 1)),
+            num_crops=int(s.get("num_crops", s["crop_idx"].max() + 1)),
+            skipped=[str(x) for x in s.get("skipped", np.array([])).tolist()],
+        )
         return m
 
     # ------------------------------------------------------------------ ensembles
     def ensemble(self, name: str, members: list[str], protocol: str) -> dict:
-        out: dict[str, Any] = {"status": NOT_RUN, "detail": "", "top1": None, "top5": None,
-                               "views": Protocol.parse(protocol).views, "num_videos": None,
-                               "skipped": None, "metrics": None}
+        out: dict[str, Any] = {
+            "status": NOT_RUN,
+            "detail": "",
+            "top1": None,
+            "top5": None,
+            "views": Protocol.parse(protocol).views,
+            "num_videos": None,
+            "skipped": None,
+            "metrics": None,
+        }
         mfile = self.dir / "ensembles" / name / "metrics.json"
         marker = _marker(mfile.parent)
         if marker:
@@ -283,8 +321,13 @@ class Results:
             except ReportInputError as err:
                 out.update(status=FAILED, detail=str(err))
                 return out
-            out.update(status=DONE, metrics=m, top1=_finite(m.get("top1")),
-                       top5=_finite(m.get("top5")), num_videos=m.get("num_videos"))
+            out.update(
+                status=DONE,
+                metrics=m,
+                top1=_finite(m.get("top1")),
+                top5=_finite(m.get("top5")),
+                num_videos=m.get("num_videos"),
+            )
             return out
         evals = {i: self.evaluation(i, protocol) for i in members}
         if all(ev["status"] == DONE and ev["scores_path"] for ev in evals.values()):
@@ -294,10 +337,13 @@ class Results:
                 out.update(status=FAILED, detail=f"fusing {', '.join(members)}: {err}")
                 return out
             labels = fused["labels"]
-            out.update(status=DONE, top1=M.topk_accuracy(fused["scores"], labels, 1),
-                       top5=M.topk_accuracy(fused["scores"], labels, 5),
-                       num_videos=int(len(labels)),
-                       detail=f"fused here from the members' eval-{protocol}/scores.npz")
+            out.update(
+                status=DONE,
+                top1=M.topk_accuracy(fused["scores"], labels, 1),
+                top5=M.topk_accuracy(fused["scores"], labels, 5),
+                num_videos=int(len(labels)),
+                detail=f"fused here from the members' eval-{protocol}/scores.npz",
+            )
             return out
         bad = [f"{i}: {ev['detail']}" for i, ev in evals.items() if ev["status"] == FAILED]
         log_err = self._rule_log_error("ensemble", f"{name}.log")
@@ -311,8 +357,9 @@ class Results:
         return out
 
     # ------------------------------------------------------------------ model info
-    def model_info(self, exp_id: str, info_dirs: list[Path] | None = None,
-                   compute: bool = False, paper_size: bool = True) -> dict | None:
+    def model_info(
+        self, exp_id: str, info_dirs: list[Path] | None = None, compute: bool = False, paper_size: bool = True
+    ) -> dict | None:
         """`smallbig model-info` JSON of the experiment's configuration, read from (in order)
         `<dir>/<id>.json` for each of info_dirs, `results/<run>/model-info/<id>.json`,
         `results/<run>/model-info.json` (the list `smallbig model-info --all --json` prints);
@@ -340,14 +387,14 @@ class Results:
         resolved = self.dir / exp_id / "params.yaml"
         if found is None and compute and self.compute_info and (paper_size or resolved.is_file()):
             try:
-                params = (load_resolved(resolved) if resolved.is_file()
-                          else load_params(experiment_path(exp_id)))
+                params = (
+                    load_resolved(resolved) if resolved.is_file() else load_params(experiment_path(exp_id))
+                )
                 found = self.compute_info(params)
             except Exception as e:  # noqa: BLE001 — a report never dies on model info
                 found = {"error": f"model_info({exp_id}): {e}"}
         self._info[exp_id] = found
         return found
-
 
 
 def _checked_metrics(path: Path) -> dict:

@@ -11,6 +11,7 @@ Default models: the Table 7 pair, `k400-r23-sb-full` (SmallBig) and `k400-r23-no
 `results/<run>/<id>/train/checkpoint.pt`. Whatever is missing is said in the figure and in
 `featmaps.json`; nothing here fails the report.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,8 +49,13 @@ def val_clips(params: dict, n: int, video_ids: list[str] | None = None) -> list[
         item = ds[i]
         if not item or (video_ids and str(item["video_id"]) not in video_ids):
             continue  # None / BadSample: could not be decoded (logged by the data layer)
-        clips.append({"video": np.asarray(item["video"]), "video_id": str(item["video_id"]),
-                      "label": int(item["label"])})
+        clips.append(
+            {
+                "video": np.asarray(item["video"]),
+                "video_id": str(item["video_id"]),
+                "label": int(item["label"]),
+            }
+        )
     return clips[:n]
 
 
@@ -91,15 +97,15 @@ def _norm01(m: np.ndarray) -> np.ndarray:
     return np.zeros_like(m) if hi - lo < 1e-12 else (m - lo) / (hi - lo)
 
 
-def featmap_figure(video_u8: np.ndarray, rows: list[tuple[str, np.ndarray | str]], title: str,
-                   max_frames: int = 8):
+def featmap_figure(
+    video_u8: np.ndarray, rows: list[tuple[str, np.ndarray | str]], title: str, max_frames: int = 8
+):
     """Figure: row 0 = frames; then one row per (name, map [T',H',W'] or a reason string).
     Maps are min-max normalised over the whole clip and overlaid on the frames (jet, alpha .5)."""
     T = video_u8.shape[1]
     ti = np.unique(np.linspace(0, T - 1, min(T, max_frames)).round().astype(int))
     n_rows = 1 + len(rows)
-    fig, axes = plt.subplots(n_rows, len(ti), figsize=(1.35 * len(ti) + 1.2, 1.4 * n_rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(n_rows, len(ti), figsize=(1.35 * len(ti) + 1.2, 1.4 * n_rows), squeeze=False)
     frames = video_u8.transpose(1, 2, 3, 0)  # [T,H,W,3]
     H, W = frames.shape[1:3]
     for j, t in enumerate(ti):
@@ -111,8 +117,7 @@ def featmap_figure(video_u8: np.ndarray, rows: list[tuple[str, np.ndarray | str]
         if isinstance(m, str):
             for j in range(len(ti)):
                 axes[i][j].imshow(np.full((H, W, 3), 235, np.uint8))
-            axes[i][0].text(0.02, 0.5, m, transform=axes[i][0].transAxes, fontsize=6,
-                            va="center", wrap=True)
+            axes[i][0].text(0.02, 0.5, m, transform=axes[i][0].transAxes, fontsize=6, va="center", wrap=True)
             continue
         m01 = _norm01(np.asarray(m, dtype=np.float64))
         Tm = m01.shape[0]
@@ -130,19 +135,29 @@ def featmap_figure(video_u8: np.ndarray, rows: list[tuple[str, np.ndarray | str]
 
 
 # ---------------------------------------------------------------------------- driver
-def write_featmaps(results_dir: str | Path, out_dir: str | Path, smallbig: str = DEFAULT_SMALLBIG,
-                   nonlocal_id: str = DEFAULT_NONLOCAL, num_videos: int = 2,
-                   video_ids: list[str] | None = None, smallbig_ckpt: str | Path | None = None,
-                   nonlocal_ckpt: str | Path | None = None) -> dict:
+def write_featmaps(
+    results_dir: str | Path,
+    out_dir: str | Path,
+    smallbig: str = DEFAULT_SMALLBIG,
+    nonlocal_id: str = DEFAULT_NONLOCAL,
+    num_videos: int = 2,
+    video_ids: list[str] | None = None,
+    smallbig_ckpt: str | Path | None = None,
+    nonlocal_ckpt: str | Path | None = None,
+) -> dict:
     """Figures `featmaps/<video>.{png,svg}` for the chosen val videos; returns the manifest
     {"figures": [...], "missing": [...]} (also written to <out_dir>/featmaps.json)."""
     results_dir = Path(results_dir)
     out = Path(out_dir)
     (out / "featmaps").mkdir(parents=True, exist_ok=True)  # always there (a directory() output)
-    ckpts = {"SmallBig": Path(smallbig_ckpt) if smallbig_ckpt else
-             results_dir / smallbig / "train" / "checkpoint.pt",
-             "NonLocal": Path(nonlocal_ckpt) if nonlocal_ckpt else
-             results_dir / nonlocal_id / "train" / "checkpoint.pt"}
+    ckpts = {
+        "SmallBig": Path(smallbig_ckpt)
+        if smallbig_ckpt
+        else results_dir / smallbig / "train" / "checkpoint.pt",
+        "NonLocal": Path(nonlocal_ckpt)
+        if nonlocal_ckpt
+        else results_dir / nonlocal_id / "train" / "checkpoint.pt",
+    }
     models: dict[str, Any] = {}
     missing: list[str] = []
     for name, path in ckpts.items():
@@ -153,8 +168,11 @@ def write_featmaps(results_dir: str | Path, out_dir: str | Path, smallbig: str =
             models[name] = load_model_from_checkpoint(path)
         except Exception as e:  # noqa: BLE001 — CheckpointError, a model that cannot be built: said, not fatal
             missing.append(f"{name}: {e}")
-    manifest: dict[str, Any] = {"figures": [], "missing": missing,
-                                "checkpoints": {k: str(v) for k, v in ckpts.items()}}
+    manifest: dict[str, Any] = {
+        "figures": [],
+        "missing": missing,
+        "checkpoints": {k: str(v) for k, v in ckpts.items()},
+    }
     if not models:
         atomic_write_json(out / "featmaps.json", manifest, indent=1)
         return manifest
@@ -187,16 +205,25 @@ def write_featmaps(results_dir: str | Path, out_dir: str | Path, smallbig: str =
                 rows.append((f"SmallBig {label}", sb.get(k, "not available")))
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(clip["video_id"]).stem)
             stem = out / "featmaps" / safe
-            fig = featmap_figure(clip["video"], rows, f"{clip['video_id']} (label {clip['label']}): "
-                                 "channel-averaged res3 maps; small vs big view of the first SmallBig unit")
+            fig = featmap_figure(
+                clip["video"],
+                rows,
+                f"{clip['video_id']} (label {clip['label']}): "
+                "channel-averaged res3 maps; small vs big view of the first SmallBig unit",
+            )
             save_figure(fig, stem)
             rel = stem.relative_to(out).as_posix()
-            manifest["figures"].append({
-                "png": f"{rel}.png", "svg": f"{rel}.svg", "category": "Feature maps",
-                "video_id": clip["video_id"],
-                "caption": f"Feature maps (paper Fig. 3) for {clip['video_id']}: input frames, "
-                           "channel-averaged res3 of SmallBig and NonLocal, small vs big view of the "
-                           "first SmallBig unit."})
+            manifest["figures"].append(
+                {
+                    "png": f"{rel}.png",
+                    "svg": f"{rel}.svg",
+                    "category": "Feature maps",
+                    "video_id": clip["video_id"],
+                    "caption": f"Feature maps (paper Fig. 3) for {clip['video_id']}: input frames, "
+                    "channel-averaged res3 of SmallBig and NonLocal, small vs big view of the "
+                    "first SmallBig unit.",
+                }
+            )
     finally:
         torch.set_grad_enabled(grad_was)
     atomic_write_json(out / "featmaps.json", manifest, indent=1)

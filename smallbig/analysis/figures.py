@@ -9,6 +9,7 @@ Every function draws what exists and says what does not (a figure is never skipp
 experiment is missing). `write_figures` also writes `figures.json`, the list of figures with
 captions, read by the HTML report.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,19 @@ def save_figure(fig, stem: str | Path, dpi: int = 110) -> list[Path]:
     stem = Path(stem)
     out = []
     for ext in ("png", "svg"):
-        out.append(atomic_write(stem.with_name(f"{stem.name}.{ext}"), lambda tmp, ext=ext: fig.savefig(
-            tmp, format=ext, dpi=dpi, bbox_inches="tight",
-            metadata={"Date": None} if ext == "svg" else None), what=f"the {ext.upper()} figure"))
+        out.append(
+            atomic_write(
+                stem.with_name(f"{stem.name}.{ext}"),
+                lambda tmp, ext=ext: fig.savefig(
+                    tmp,
+                    format=ext,
+                    dpi=dpi,
+                    bbox_inches="tight",
+                    metadata={"Date": None} if ext == "svg" else None,
+                ),
+                what=f"the {ext.upper()} figure",
+            )
+        )
     plt.close(fig)
     return out
 
@@ -66,7 +77,7 @@ def accuracy_vs_gflops(built: list[dict], out_dir: Path, banner: str | None = No
     fig, ax = plt.subplots(figsize=(7.5, 5))
     n_ours = 0
     missing = []
-    for r in (t["rows"] if t else []):
+    for r in t["rows"] if t else []:
         raw, row = r["raw"], r["row"]
         name = f"{row['label']} {row.get('backbone', '')}".strip()
         if row.get("input"):
@@ -74,20 +85,45 @@ def accuracy_vs_gflops(built: list[dict], out_dir: Path, banner: str | None = No
         px, py = raw.get("paper_gflops_x_views"), raw.get("paper_top1")
         smallbig = r["kind"] != "external"
         if px is not None and py is not None:
-            ax.scatter(px, py, s=36 if smallbig else 22, marker="*" if smallbig else "o",
-                       color=PAPER_COLOR if smallbig else SOTA_COLOR, zorder=3,
-                       label=("SmallBig (paper)" if smallbig else "other methods (paper)"))
-            ax.annotate(name, (px, py), fontsize=6.5, xytext=(3, 3), textcoords="offset points",
-                        color=PAPER_COLOR if smallbig else "#555")
+            ax.scatter(
+                px,
+                py,
+                s=36 if smallbig else 22,
+                marker="*" if smallbig else "o",
+                color=PAPER_COLOR if smallbig else SOTA_COLOR,
+                zorder=3,
+                label=("SmallBig (paper)" if smallbig else "other methods (paper)"),
+            )
+            ax.annotate(
+                name,
+                (px, py),
+                fontsize=6.5,
+                xytext=(3, 3),
+                textcoords="offset points",
+                color=PAPER_COLOR if smallbig else "#555",
+            )
         if smallbig:
             ox, oy = raw.get("ours_gflops_x_views"), raw.get("ours_top1")
             if oy is not None:
                 x = ox if ox is not None else px
                 if x is not None:
-                    ax.scatter(x, oy, s=60, marker="D", color=OURS_COLOR, zorder=4,
-                               label="SmallBig (ours)" if ox is not None else "ours (x = paper's cost)")
-                    ax.annotate(f"{name}: {oy:.1f}", (x, oy), fontsize=7, xytext=(4, -10),
-                                textcoords="offset points", color=OURS_COLOR)
+                    ax.scatter(
+                        x,
+                        oy,
+                        s=60,
+                        marker="D",
+                        color=OURS_COLOR,
+                        zorder=4,
+                        label="SmallBig (ours)" if ox is not None else "ours (x = paper's cost)",
+                    )
+                    ax.annotate(
+                        f"{name}: {oy:.1f}",
+                        (x, oy),
+                        fontsize=7,
+                        xytext=(4, -10),
+                        textcoords="offset points",
+                        color=OURS_COLOR,
+                    )
                     if px is not None and py is not None:
                         ax.plot([px, x], [py, oy], ls=":", color=OURS_COLOR, lw=0.8)
                     n_ours += 1
@@ -103,13 +139,24 @@ def accuracy_vs_gflops(built: list[dict], out_dir: Path, banner: str | None = No
     title = "Accuracy vs inference cost (Table 10)"
     ax.set_title(title + _short(banner), fontsize=9)
     if missing:
-        fig.text(0.01, -0.02, "not plotted (ours): " + "; ".join(missing), fontsize=7,
-                 va="top", color="#444", wrap=True)
+        fig.text(
+            0.01,
+            -0.02,
+            "not plotted (ours): " + "; ".join(missing),
+            fontsize=7,
+            va="top",
+            color="#444",
+            wrap=True,
+        )
     ax.grid(alpha=0.3, which="both")
     stem = out_dir / "summary" / "accuracy-vs-gflops"
     save_figure(fig, stem)
-    return _entry(stem, out_dir, f"Top-1 vs GFLOPs × views, Table 10 style: the paper's points "
-                  f"and ours ({n_ours} reproduced).", "Accuracy vs cost")
+    return _entry(
+        stem,
+        out_dir,
+        f"Top-1 vs GFLOPs × views, Table 10 style: the paper's points and ours ({n_ours} reproduced).",
+        "Accuracy vs cost",
+    )
 
 
 # ---------------------------------------------------------------------------- ablations
@@ -124,10 +171,12 @@ def ablation(built: list[dict], number: int, out_dir: Path, banner: str | None =
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(rows) + 1.4))
     h = 0.38
-    ax.barh(y - h / 2, [p if p is not None else 0 for p in paper], h, color=PAPER_COLOR,
-            alpha=0.8, label="paper")
-    ax.barh(y + h / 2, [o if o is not None else 0 for o in ours], h, color=OURS_COLOR,
-            alpha=0.8, label="ours")
+    ax.barh(
+        y - h / 2, [p if p is not None else 0 for p in paper], h, color=PAPER_COLOR, alpha=0.8, label="paper"
+    )
+    ax.barh(
+        y + h / 2, [o if o is not None else 0 for o in ours], h, color=OURS_COLOR, alpha=0.8, label="ours"
+    )
     vals = [v for v in paper + ours if v is not None]
     lo = max(0.0, min(vals) - 5) if vals else 0
     hi = max(vals) + 4 if vals else 100
@@ -137,8 +186,15 @@ def ablation(built: list[dict], number: int, out_dir: Path, banner: str | None =
         if ours[i] is not None:
             ax.text(ours[i], y[i] + h / 2, f" {ours[i]:.1f}", va="center", fontsize=7)
         else:
-            ax.text(lo, y[i] + h / 2, f"  ours: {r['status']}", va="center", fontsize=7,
-                    color="#555", style="italic")
+            ax.text(
+                lo,
+                y[i] + h / 2,
+                f"  ours: {r['status']}",
+                va="center",
+                fontsize=7,
+                color="#555",
+                style="italic",
+            )
     ax.set_yticks(y, labels, fontsize=7.5)
     ax.invert_yaxis()
     ax.set_xlim(lo, hi)
@@ -149,8 +205,12 @@ def ablation(built: list[dict], number: int, out_dir: Path, banner: str | None =
     stem = out_dir / "summary" / f"ablation-table{number}"
     save_figure(fig, stem)
     done = sum(o is not None for o in ours)
-    return _entry(stem, out_dir, f"Table {number} ablation, paper vs ours Top-1 "
-                  f"({done}/{len(rows)} rows reproduced).", "Ablations")
+    return _entry(
+        stem,
+        out_dir,
+        f"Table {number} ablation, paper vs ours Top-1 ({done}/{len(rows)} rows reproduced).",
+        "Ablations",
+    )
 
 
 # ---------------------------------------------------------------------------- training curves
@@ -159,15 +219,17 @@ def training_curves(results: Results, exp_id: str, out_dir: Path) -> dict | None
     if not hist:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
-    for ax, key, title in zip(axes, ("loss", "lr", "val_top1"),
-                              ("training loss", "learning rate", "validation Top-1 (%)")):
+    for ax, key, title in zip(
+        axes, ("loss", "lr", "val_top1"), ("training loss", "learning rate", "validation Top-1 (%)")
+    ):
         pts = [(e["epoch"], e.get(key)) for e in hist if isinstance(e.get(key), (int, float))]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3)
         else:
-            ax.text(0.5, 0.5, f"no {key} recorded", ha="center", va="center",
-                    transform=ax.transAxes, color="#666")
+            ax.text(
+                0.5, 0.5, f"no {key} recorded", ha="center", va="center", transform=ax.transAxes, color="#666"
+            )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -176,8 +238,12 @@ def training_curves(results: Results, exp_id: str, out_dir: Path) -> dict | None
     fig.tight_layout()
     stem = out_dir / "training" / exp_id
     save_figure(fig, stem)
-    return _entry(stem, out_dir, f"Training curves of {exp_id}: loss, LR and validation Top-1 "
-                  f"per epoch ({len(hist)} epochs).", "Training curves")
+    return _entry(
+        stem,
+        out_dir,
+        f"Training curves of {exp_id}: loss, LR and validation Top-1 per epoch ({len(hist)} epochs).",
+        "Training curves",
+    )
 
 
 # ---------------------------------------------------------------------------- views vs accuracy
@@ -187,8 +253,9 @@ def views_curve(scores: dict) -> dict:
     n_crops = int(scores.get("num_crops", scores["crop_idx"].max() + 1))
     out = {}
     for crops in sorted({1, n_crops}):
-        out[crops] = [(c, M.subset_metrics(scores, clips=c, crops=crops)["top1"])
-                      for c in range(1, n_clips + 1)]
+        out[crops] = [
+            (c, M.subset_metrics(scores, clips=c, crops=crops)["top1"]) for c in range(1, n_clips + 1)
+        ]
     return out
 
 
@@ -207,14 +274,20 @@ def views_vs_accuracy(results: Results, exp_id: str, protocol: str, out_dir: Pat
     ax.set_xlabel("clips per video")
     ax.set_ylabel("Top-1 (%)")
     ax.set_xticks(range(1, max(len(p) for p in curve.values()) + 1))
-    ax.set_title(f"{exp_id}: views vs accuracy (saved {protocol} logits, "
-                 f"{len(scores['labels'])} videos)", fontsize=8.5)
+    ax.set_title(
+        f"{exp_id}: views vs accuracy (saved {protocol} logits, {len(scores['labels'])} videos)", fontsize=8.5
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     stem = out_dir / "views" / f"{exp_id}-{protocol}"
     save_figure(fig, stem)
-    return _entry(stem, out_dir, f"Views vs accuracy of {exp_id}: 1..N clips × 1 or "
-                  f"all crops, from the saved {protocol} per-view logits.", "Views vs accuracy")
+    return _entry(
+        stem,
+        out_dir,
+        f"Views vs accuracy of {exp_id}: 1..N clips × 1 or "
+        f"all crops, from the saved {protocol} per-view logits.",
+        "Views vs accuracy",
+    )
 
 
 # ---------------------------------------------------------------------------- all
@@ -222,11 +295,12 @@ def _eval_protocols(results: Results, exp_id: str) -> list[str]:
     d = results.dir / exp_id
     if not d.is_dir():
         return []
-    return sorted(p.name[len("eval-"):] for p in d.glob("eval-*") if (p / "scores.npz").is_file())
+    return sorted(p.name[len("eval-") :] for p in d.glob("eval-*") if (p / "scores.npz").is_file())
 
 
-def write_figures(built: list[dict], results: Results, out_dir: str | Path,
-                  banner: str | None = None) -> list[dict]:
+def write_figures(
+    built: list[dict], results: Results, out_dir: str | Path, banner: str | None = None
+) -> list[dict]:
     """All figures; returns the manifest (also written to <out_dir>/figures.json)."""
     out = Path(out_dir)
     for sub in ("summary", "training", "views"):  # always there (Snakemake directory() outputs)

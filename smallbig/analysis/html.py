@@ -2,6 +2,7 @@
 resources, relative links only: works from file:// and from any web server) linking every table
 and figure, with the run's metadata and a banner when the results come from the embedded
 default (not comparable to the paper)."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -17,9 +18,11 @@ from smallbig.analysis.templates import render
 from smallbig.fsutil import atomic_write_text
 from smallbig.gitinfo import git_info
 
-EMBEDDED_BANNER = ("Embedded default: these results come from the scaled-down embedded run "
-                   "(generated videos, small models, CPU). They exercise the pipeline end to end "
-                   "and are NOT comparable to the paper's numbers.")
+EMBEDDED_BANNER = (
+    "Embedded default: these results come from the scaled-down embedded run "
+    "(generated videos, small models, CPU). They exercise the pipeline end to end "
+    "and are NOT comparable to the paper's numbers."
+)
 
 
 def banner_for(run: str, results: Results | None = None) -> str | None:
@@ -69,9 +72,12 @@ def _first(d: dict, *keys):
 
 def run_metadata(results: Results, exp_ids: list[str]) -> dict:
     """Git commit, dataset manifests, hardware, GPU-hours and dates of the run."""
-    meta: dict[str, Any] = {"run": results.run, "results_dir": str(results.dir),
-                            "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                            "git": git_info()}
+    meta: dict[str, Any] = {
+        "run": results.run,
+        "results_dir": str(results.dir),
+        "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "git": git_info(),
+    }
     datasets: dict[str, dict] = {}
     hardware: set[str] = set()
     gpu_hours = cpu_hours = 0.0
@@ -100,10 +106,11 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
             if hw:
                 hardware.add(f"{hw}" + (f" × {n}" if n else ""))
             gh = _first(tm, "gpu_hours")
-            on_gpu = gh is not None or "cuda" in str(_first(tm, "device") or "") or bool(_first(tm, "gpu_name"))
+            on_gpu = (
+                gh is not None or "cuda" in str(_first(tm, "device") or "") or bool(_first(tm, "gpu_name"))
+            )
             if gh is None:
-                secs = _first(tm, "wall_time_s", "train_time_s", "elapsed_s",
-                              "wall_time_s_this_process")
+                secs = _first(tm, "wall_time_s", "train_time_s", "elapsed_s", "wall_time_s_this_process")
                 if secs is not None:
                     gh = float(secs) / 3600.0 * float(n or 1)
             if gh is not None:
@@ -122,12 +129,18 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
             if f:
                 ends.append(str(f))
         # without recorded dates: params.yaml written = started, last training file = finished
-        if (not (isinstance(tm, dict) and _first(tm, "started", "start_time", "started_at"))
-                and (e["dir"] / "params.yaml").is_file() and e["train_started"]):
+        if (
+            not (isinstance(tm, dict) and _first(tm, "started", "start_time", "started_at"))
+            and (e["dir"] / "params.yaml").is_file()
+            and e["train_started"]
+        ):
             starts.append(_mtime(e["dir"] / "params.yaml"))
         if not (isinstance(tm, dict) and _first(tm, "finished", "end_time", "finished_at")):
-            done = [f for f in (e["dir"] / "train" / n for n in ("train_metrics.json", "history.json"))
-                    if f.is_file()]
+            done = [
+                f
+                for f in (e["dir"] / "train" / n for n in ("train_metrics.json", "history.json"))
+                if f.is_file()
+            ]
             if done:
                 ends.append(_mtime(done[0]))
     meta["datasets"] = list(datasets.values())
@@ -146,18 +159,34 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
 def _meta_rows(meta: dict) -> list[tuple[str, str]]:
     g = meta["git"]
     commit = (g.get("commit") or "unknown (no git repository)") + (
-        " (uncommitted changes)" if g.get("dirty") else "")
-    ds = " | ".join(f"{d.get('dataset')} at {d['root']}: {d.get('manifest')}"
-                    for d in meta["datasets"]) or "no run params found"
-    gh = (f"{meta['gpu_hours']} (from {meta['gpu_hours_runs']} run(s))"
-          if meta["gpu_hours"] is not None else "none recorded") + (
-        f"; CPU-only training: {meta['cpu_process_hours']} process-hours" if meta.get("cpu_process_hours") else "")
-    return [("Run", f"{meta['run']} ({meta['results_dir']})"), ("Git commit", commit),
-            ("Commit date", g.get("commit_date") or ""), ("Datasets (manifests)", ds),
-            ("Hardware", ", ".join(meta["hardware"])), ("GPU-hours used", gh),
-            ("Trained runs", str(meta["trained_runs"])),
-            ("First start", meta["first_start"] or "–"), ("Last finish", meta["last_finish"] or "–"),
-            ("Report generated", meta["generated"]), ("Report host", meta["report_host"])]
+        " (uncommitted changes)" if g.get("dirty") else ""
+    )
+    ds = (
+        " | ".join(f"{d.get('dataset')} at {d['root']}: {d.get('manifest')}" for d in meta["datasets"])
+        or "no run params found"
+    )
+    gh = (
+        f"{meta['gpu_hours']} (from {meta['gpu_hours_runs']} run(s))"
+        if meta["gpu_hours"] is not None
+        else "none recorded"
+    ) + (
+        f"; CPU-only training: {meta['cpu_process_hours']} process-hours"
+        if meta.get("cpu_process_hours")
+        else ""
+    )
+    return [
+        ("Run", f"{meta['run']} ({meta['results_dir']})"),
+        ("Git commit", commit),
+        ("Commit date", g.get("commit_date") or ""),
+        ("Datasets (manifests)", ds),
+        ("Hardware", ", ".join(meta["hardware"])),
+        ("GPU-hours used", gh),
+        ("Trained runs", str(meta["trained_runs"])),
+        ("First start", meta["first_start"] or "–"),
+        ("Last finish", meta["last_finish"] or "–"),
+        ("Report generated", meta["generated"]),
+        ("Report host", meta["report_host"]),
+    ]
 
 
 def _status_summary(built: list[dict]) -> dict[str, dict]:
@@ -175,19 +204,34 @@ def _status_summary(built: list[dict]) -> dict[str, dict]:
     return seen
 
 
-def render_index(built: list[dict], figures: list[dict], featmaps: dict | None, meta: dict,
-                 banner: str | None, tables_rel: str = "tables") -> str:
+def render_index(
+    built: list[dict],
+    figures: list[dict],
+    featmaps: dict | None,
+    meta: dict,
+    banner: str | None,
+    tables_rel: str = "tables",
+) -> str:
     statuses = _status_summary(built)
     groups: dict[str, list[dict]] = {}
     for f in figures:
         groups.setdefault(f["category"], []).append(f)
     return render(
-        "index.html", banner=banner, statuses=statuses, meta_rows=_meta_rows(meta),
-        counts={s: sum(v["status"] == s for v in statuses.values()) for s in (DONE, RUNNING, NOT_RUN, FAILED)},
-        tables=[{"number": t["number"], "files": table_files(t["number"]),
-                 "html": render_html_fragment(t)} for t in built],
-        tables_rel=tables_rel, figure_groups=list(groups.items()),
-        featmaps={"figures": [], "missing": [], **(featmaps or {})})
+        "index.html",
+        banner=banner,
+        statuses=statuses,
+        meta_rows=_meta_rows(meta),
+        counts={
+            s: sum(v["status"] == s for v in statuses.values()) for s in (DONE, RUNNING, NOT_RUN, FAILED)
+        },
+        tables=[
+            {"number": t["number"], "files": table_files(t["number"]), "html": render_html_fragment(t)}
+            for t in built
+        ],
+        tables_rel=tables_rel,
+        figure_groups=list(groups.items()),
+        featmaps={"figures": [], "missing": [], **(featmaps or {})},
+    )
 
 
 def _manifest(path: Path) -> Any:
@@ -197,8 +241,7 @@ def _manifest(path: Path) -> Any:
         return None
 
 
-def write_index(reports_dir: str | Path, built: list[dict], results: Results,
-                banner: str | None) -> Path:
+def write_index(reports_dir: str | Path, built: list[dict], results: Results, banner: str | None) -> Path:
     """reports/index.html (+ metadata.json) from built tables and whatever figures.json /
     featmaps.json exist (figures whose PNG is missing are left out)."""
     reports = Path(reports_dir)
@@ -216,5 +259,4 @@ def write_index(reports_dir: str | Path, built: list[dict], results: Results,
         featmaps = None
     meta = run_metadata(results, experiment_ids_in(built))
     atomic_write_text(reports / "metadata.json", json.dumps(meta, indent=1, default=str))
-    return atomic_write_text(reports / "index.html",
-                             render_index(built, figures, featmaps, meta, banner))
+    return atomic_write_text(reports / "index.html", render_index(built, figures, featmaps, meta, banner))

@@ -11,6 +11,7 @@ results/<run>/model-info/<id>.json from results/<run>/<id>/params.yaml; for the 
 the paper-size params/experiments/<id>.yaml), GFLOPs = multiply-accumulates per 224² view as the
 paper counts them; GFLOPs × views = that × the views of the row's protocol.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,17 +35,42 @@ REPORTED = "reported"
 
 # (key, header); `always` columns are kept even when empty
 COLUMNS = [
-    ("label", "Model / setting"), ("backbone", "Backbone"), ("input", "Frames, size"),
-    ("dataset", "Dataset"), ("section", "Test"), ("source", "Our run"),
-    ("paper_top1", "Top-1 paper"), ("ours_top1", "Top-1 ours"), ("delta_top1", "Δ Top-1"),
-    ("paper_top5", "Top-5 paper"), ("ours_top5", "Top-5 ours"), ("delta_top5", "Δ Top-5"),
-    ("paper_params_m", "Params (M) paper"), ("ours_params_m", "Params (M) ours"),
-    ("paper_gflops", "GFLOPs paper"), ("ours_gflops", "GFLOPs ours"),
-    ("views", "Views"), ("paper_gflops_x_views", "GFLOPs×views paper"),
-    ("ours_gflops_x_views", "GFLOPs×views ours"), ("status", "Status"), ("notes", "Notes"),
+    ("label", "Model / setting"),
+    ("backbone", "Backbone"),
+    ("input", "Frames, size"),
+    ("dataset", "Dataset"),
+    ("section", "Test"),
+    ("source", "Our run"),
+    ("paper_top1", "Top-1 paper"),
+    ("ours_top1", "Top-1 ours"),
+    ("delta_top1", "Δ Top-1"),
+    ("paper_top5", "Top-5 paper"),
+    ("ours_top5", "Top-5 ours"),
+    ("delta_top5", "Δ Top-5"),
+    ("paper_params_m", "Params (M) paper"),
+    ("ours_params_m", "Params (M) ours"),
+    ("paper_gflops", "GFLOPs paper"),
+    ("ours_gflops", "GFLOPs ours"),
+    ("views", "Views"),
+    ("paper_gflops_x_views", "GFLOPs×views paper"),
+    ("ours_gflops_x_views", "GFLOPs×views ours"),
+    ("status", "Status"),
+    ("notes", "Notes"),
 ]
-ALWAYS = {"label", "paper_top1", "ours_top1", "delta_top1", "paper_top5", "ours_top5",
-          "delta_top5", "views", "paper_gflops_x_views", "ours_gflops_x_views", "status", "notes"}
+ALWAYS = {
+    "label",
+    "paper_top1",
+    "ours_top1",
+    "delta_top1",
+    "paper_top5",
+    "ours_top5",
+    "delta_top5",
+    "views",
+    "paper_gflops_x_views",
+    "ours_gflops_x_views",
+    "status",
+    "notes",
+}
 DATASET_NAMES = {"kinetics400": "K400", "sthv1": "SS-V1", "sthv2": "SS-V2"}
 
 
@@ -97,23 +123,31 @@ def _experiment_notes(exp_id: str) -> tuple[str, ...]:
 def _differs(ours: float, paper: float) -> bool:
     """Beyond 1% and beyond the rounding of the paper's figure."""
     decimals = 0 if float(paper).is_integer() else len(repr(float(paper)).split(".")[1])
-    return abs(ours - paper) > max(0.01 * abs(paper), 0.5 * 10 ** -decimals)
+    return abs(ours - paper) > max(0.01 * abs(paper), 0.5 * 10**-decimals)
 
 
 # ---------------------------------------------------------------------------- building
-def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_info=False,
-              size_notes: bool = True) -> dict:
+def build_row(
+    row: dict, results: Results, model_info_dirs=None, compute_model_info=False, size_notes: bool = True
+) -> dict:
     """Cells of one row (raw numbers under `raw`, display strings under the column keys)."""
     paper = row["paper"]
-    raw: dict[str, Any] = {k: paper.get(k) for k in ("top1", "top5", "params_m", "gflops",
-                                                     "views", "gflops_x_views")}
+    raw: dict[str, Any] = {
+        k: paper.get(k) for k in ("top1", "top5", "params_m", "gflops", "views", "gflops_x_views")
+    }
     raw = {f"paper_{k}": v for k, v in raw.items()}
     notes: list[str] = []
     if row.get("note"):
         notes.append(row["note"])
     kind = row["kind"]
-    ours: dict[str, Any] = {"top1": None, "top5": None, "params_m": None, "gflops": None,
-                            "views": None, "gflops_x_views": None}
+    ours: dict[str, Any] = {
+        "top1": None,
+        "top5": None,
+        "params_m": None,
+        "gflops": None,
+        "views": None,
+        "gflops_x_views": None,
+    }
     detail = ""
     if kind == "external":
         status = REPORTED
@@ -137,8 +171,10 @@ def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_i
         for exp_id in row["members"]:
             notes.extend(_experiment_notes(exp_id))
         # the embedded run (size_notes off) computes model info only for what it ran
-        infos = [results.model_info(i, model_info_dirs, compute_model_info, paper_size=size_notes)
-                 for i in row["members"]]
+        infos = [
+            results.model_info(i, model_info_dirs, compute_model_info, paper_size=size_notes)
+            for i in row["members"]
+        ]
         errors = [i["error"] for i in infos if isinstance(i, dict) and "error" in i]
         notes.extend(errors)
         good = [i for i in infos if isinstance(i, dict) and "error" not in i]
@@ -159,10 +195,16 @@ def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_i
         if detail:
             notes.append(f"{status}: {detail}")
     raw.update({f"ours_{k}": v for k, v in ours.items()})
-    raw["delta_top1"] = (round(ours["top1"] - paper["top1"], 4)
-                         if ours["top1"] is not None and paper.get("top1") is not None else None)
-    raw["delta_top5"] = (round(ours["top5"] - paper["top5"], 4)
-                         if ours["top5"] is not None and paper.get("top5") is not None else None)
+    raw["delta_top1"] = (
+        round(ours["top1"] - paper["top1"], 4)
+        if ours["top1"] is not None and paper.get("top1") is not None
+        else None
+    )
+    raw["delta_top5"] = (
+        round(ours["top5"] - paper["top5"], 4)
+        if ours["top5"] is not None and paper.get("top5") is not None
+        else None
+    )
     views = ours["views"] if kind != "external" else paper.get("views")
     views_txt = ""
     if kind != "external":
@@ -179,32 +221,44 @@ def build_row(row: dict, results: Results, model_info_dirs=None, compute_model_i
         "dataset": DATASET_NAMES.get(row.get("dataset"), row.get("dataset") or ""),
         "section": row.get("section", ""),
         "source": source,
-        "paper_top1": fmt_num(paper.get("top1")), "ours_top1": fmt_num(ours["top1"], 1),
+        "paper_top1": fmt_num(paper.get("top1")),
+        "ours_top1": fmt_num(ours["top1"], 1),
         "delta_top1": fmt_delta(ours["top1"], paper.get("top1")),
-        "paper_top5": fmt_num(paper.get("top5")), "ours_top5": fmt_num(ours["top5"], 1),
+        "paper_top5": fmt_num(paper.get("top5")),
+        "ours_top5": fmt_num(ours["top5"], 1),
         "delta_top5": fmt_delta(ours["top5"], paper.get("top5")),
         "paper_params_m": fmt_num(paper.get("params_m")),
         "ours_params_m": fmt_num(ours["params_m"], 2) if ours["params_m"] is not None else "",
         "paper_gflops": fmt_num(paper.get("gflops")),
         "ours_gflops": fmt_g(ours["gflops"]) if ours["gflops"] is not None else "",
         "views": views_txt,
-        "paper_gflops_x_views": fmt_gxv(paper.get("gflops_x_views"), paper.get("gflops"),
-                                        paper.get("views")) if kind == "external" or
-        paper.get("gflops_x_views") is not None else "",
-        "ours_gflops_x_views": (fmt_gxv(ours["gflops_x_views"], fmt_g(ours["gflops"]), ours["views"])
-                                if ours["gflops_x_views"] is not None else ""),
+        "paper_gflops_x_views": fmt_gxv(paper.get("gflops_x_views"), paper.get("gflops"), paper.get("views"))
+        if kind == "external" or paper.get("gflops_x_views") is not None
+        else "",
+        "ours_gflops_x_views": (
+            fmt_gxv(ours["gflops_x_views"], fmt_g(ours["gflops"]), ours["views"])
+            if ours["gflops_x_views"] is not None
+            else ""
+        ),
         "status": status,
     }
-    return {"cells": cells, "raw": raw, "notes": notes, "status": status, "kind": kind,
-            "detail": detail, "row": row}
+    return {
+        "cells": cells,
+        "raw": raw,
+        "notes": notes,
+        "status": status,
+        "kind": kind,
+        "detail": detail,
+        "row": row,
+    }
 
 
-def build_table(table: dict, results: Results, model_info_dirs=None,
-                compute_model_info=False, size_notes: bool = True) -> dict:
+def build_table(
+    table: dict, results: Results, model_info_dirs=None, compute_model_info=False, size_notes: bool = True
+) -> dict:
     """One table's cells; `size_notes`: note where our Params/GFLOPs differ from the paper's
     (off for the embedded run, whose scaled-down models differ by design)."""
-    rows = [build_row(r, results, model_info_dirs, compute_model_info, size_notes)
-            for r in table["rows"]]
+    rows = [build_row(r, results, model_info_dirs, compute_model_info, size_notes) for r in table["rows"]]
     footnotes: list[str] = []
     for r in rows:
         marks = []
@@ -214,29 +268,49 @@ def build_table(table: dict, results: Results, model_info_dirs=None,
             marks.append(footnotes.index(n) + 1)
         r["cells"]["notes"] = " ".join(f"[{m}]" for m in sorted(set(marks)))
     multi_ds = len({r["row"].get("dataset") for r in rows}) > 1
-    present = [(k, h) for k, h in COLUMNS
-               if k in ALWAYS or (k == "dataset" and multi_ds)
-               or (k != "dataset" and any(r["cells"].get(k) for r in rows))]
-    counts = {s: sum(r["status"] == s for r in rows) for s in
-              ("done", "running", "not run", "failed", REPORTED)}
-    return {"number": table["number"], "title": table["title"], "dataset": table.get("dataset"),
-            "rows": rows, "footnotes": footnotes, "columns": present, "counts": counts}
+    present = [
+        (k, h)
+        for k, h in COLUMNS
+        if k in ALWAYS
+        or (k == "dataset" and multi_ds)
+        or (k != "dataset" and any(r["cells"].get(k) for r in rows))
+    ]
+    counts = {
+        s: sum(r["status"] == s for r in rows) for s in ("done", "running", "not run", "failed", REPORTED)
+    }
+    return {
+        "number": table["number"],
+        "title": table["title"],
+        "dataset": table.get("dataset"),
+        "rows": rows,
+        "footnotes": footnotes,
+        "columns": present,
+        "counts": counts,
+    }
 
 
-def build_tables(tables: list[dict], results: Results, model_info_dirs=None,
-                 compute_model_info=False, size_notes: bool = True) -> list[dict]:
-    return [build_table(t, results, model_info_dirs, compute_model_info, size_notes)
-            for t in tqdm(tables, desc="tables", unit="table", leave=False,
-                          disable=len(tables) < 2)]
+def build_tables(
+    tables: list[dict],
+    results: Results,
+    model_info_dirs=None,
+    compute_model_info=False,
+    size_notes: bool = True,
+) -> list[dict]:
+    return [
+        build_table(t, results, model_info_dirs, compute_model_info, size_notes)
+        for t in tqdm(tables, desc="tables", unit="table", leave=False, disable=len(tables) < 2)
+    ]
 
 
 # ---------------------------------------------------------------------------- rendering
-COLUMN_FOOTNOTE = ("Δ = ours − paper. Our Params/GFLOPs: `smallbig model-info` of the "
-                   "configuration this run used (results/<run>/<id>/params.yaml; the full run "
-                   "uses the paper-size params/experiments/<id>.yaml); GFLOPs = multiply-accumulates per "
-                   "224² view (the paper's convention; the 256² three-crop views cost ≈1.31×); "
-                   "GFLOPs×views = per view × the views of the row's test protocol. "
-                   f"{EXTERNAL_MARK} = another paper's result, as reported.")
+COLUMN_FOOTNOTE = (
+    "Δ = ours − paper. Our Params/GFLOPs: `smallbig model-info` of the "
+    "configuration this run used (results/<run>/<id>/params.yaml; the full run "
+    "uses the paper-size params/experiments/<id>.yaml); GFLOPs = multiply-accumulates per "
+    "224² view (the paper's convention; the 256² three-crop views cost ≈1.31×); "
+    "GFLOPs×views = per view × the views of the row's test protocol. "
+    f"{EXTERNAL_MARK} = another paper's result, as reported."
+)
 LEFT_ALIGNED = {"label", "backbone", "input", "dataset", "section", "source", "status", "notes", "views"}
 
 
@@ -245,16 +319,47 @@ def _caption(t: dict) -> str:
 
 
 def render_markdown(t: dict, banner: str | None = None) -> str:
-    return render("table.md", caption=_caption(t), banner=banner, colnote=COLUMN_FOOTNOTE,
-                  headers=[h for _, h in t["columns"]], footnotes=t["footnotes"],
-                  rows=[[r["cells"].get(k, "") for k, _ in t["columns"]] for r in t["rows"]])
+    return render(
+        "table.md",
+        caption=_caption(t),
+        banner=banner,
+        colnote=COLUMN_FOOTNOTE,
+        headers=[h for _, h in t["columns"]],
+        footnotes=t["footnotes"],
+        rows=[[r["cells"].get(k, "") for k, _ in t["columns"]] for r in t["rows"]],
+    )
 
 
-CSV_FIELDS = ["table", "row", "label", "kind", "experiment", "ensemble", "protocol", "dataset",
-              "section", "backbone", "input", "paper_top1", "ours_top1", "delta_top1",
-              "paper_top5", "ours_top5", "delta_top5", "paper_params_m", "ours_params_m",
-              "paper_gflops", "ours_gflops", "paper_views", "ours_views",
-              "paper_gflops_x_views", "ours_gflops_x_views", "status", "detail", "notes"]
+CSV_FIELDS = [
+    "table",
+    "row",
+    "label",
+    "kind",
+    "experiment",
+    "ensemble",
+    "protocol",
+    "dataset",
+    "section",
+    "backbone",
+    "input",
+    "paper_top1",
+    "ours_top1",
+    "delta_top1",
+    "paper_top5",
+    "ours_top5",
+    "delta_top5",
+    "paper_params_m",
+    "ours_params_m",
+    "paper_gflops",
+    "ours_gflops",
+    "paper_views",
+    "ours_views",
+    "paper_gflops_x_views",
+    "ours_gflops_x_views",
+    "status",
+    "detail",
+    "notes",
+]
 
 
 def render_csv(t: dict) -> str:
@@ -262,16 +367,29 @@ def render_csv(t: dict) -> str:
     records = []
     for i, r in enumerate(t["rows"], 1):
         row = r["row"]
-        rec = {"table": t["number"], "row": i, "label": row["label"], "kind": r["kind"],
-               "experiment": row.get("experiment", ""),
-               "ensemble": "+".join(row.get("ensemble", [])), "protocol": row.get("protocol", ""),
-               "dataset": row.get("dataset", ""), "section": row.get("section", ""),
-               "backbone": row.get("backbone", ""), "input": row.get("input", ""),
-               "status": r["status"], "detail": r["detail"], "notes": " | ".join(r["notes"])}
+        rec = {
+            "table": t["number"],
+            "row": i,
+            "label": row["label"],
+            "kind": r["kind"],
+            "experiment": row.get("experiment", ""),
+            "ensemble": "+".join(row.get("ensemble", [])),
+            "protocol": row.get("protocol", ""),
+            "dataset": row.get("dataset", ""),
+            "section": row.get("section", ""),
+            "backbone": row.get("backbone", ""),
+            "input": row.get("input", ""),
+            "status": r["status"],
+            "detail": r["detail"],
+            "notes": " | ".join(r["notes"]),
+        }
         rec.update({k: ("" if v is None else v) for k, v in r["raw"].items() if k in CSV_FIELDS})
         records.append(rec)
-    return pd.DataFrame.from_records(records, columns=CSV_FIELDS).fillna("").to_csv(
-        index=False, lineterminator="\n")
+    return (
+        pd.DataFrame.from_records(records, columns=CSV_FIELDS)
+        .fillna("")
+        .to_csv(index=False, lineterminator="\n")
+    )
 
 
 def render_latex(t: dict, banner: str | None = None) -> str:
@@ -279,13 +397,24 @@ def render_latex(t: dict, banner: str | None = None) -> str:
     \\midrule between the table's sections."""
     cols = [(k, h) for k, h in t["columns"] if k != "notes"] + [("notes", "Notes")]
     sections = [r["row"].get("section") for r in t["rows"]]
-    rows = [{"cells": [r["cells"].get(k, "") for k, _ in cols],
-             "new_section": i > 0 and sections[i] != sections[i - 1]}
-            for i, r in enumerate(t["rows"])]
-    return render("table.tex", number=t["number"], caption=_caption(t), banner=banner,
-                  align="".join("l" if k in LEFT_ALIGNED else "r" for k, _ in cols),
-                  headers=[h for _, h in cols], rows=rows, colnote=COLUMN_FOOTNOTE,
-                  footnotes=t["footnotes"])
+    rows = [
+        {
+            "cells": [r["cells"].get(k, "") for k, _ in cols],
+            "new_section": i > 0 and sections[i] != sections[i - 1],
+        }
+        for i, r in enumerate(t["rows"])
+    ]
+    return render(
+        "table.tex",
+        number=t["number"],
+        caption=_caption(t),
+        banner=banner,
+        align="".join("l" if k in LEFT_ALIGNED else "r" for k, _ in cols),
+        headers=[h for _, h in cols],
+        rows=rows,
+        colnote=COLUMN_FOOTNOTE,
+        footnotes=t["footnotes"],
+    )
 
 
 def render_html_table(t: dict) -> str:
@@ -294,8 +423,7 @@ def render_html_table(t: dict) -> str:
 
 
 def render_html_page(t: dict, banner: str | None = None) -> str:
-    return render("table-page.html", t=t, caption=_caption(t), colnote=COLUMN_FOOTNOTE,
-                  banner=banner)
+    return render("table-page.html", t=t, caption=_caption(t), colnote=COLUMN_FOOTNOTE, banner=banner)
 
 
 def render_html_fragment(t: dict):
@@ -312,8 +440,9 @@ def experiment_ids_in(built: list[dict]) -> list[str]:
     return list(dict.fromkeys(i for t in built for r in t["rows"] for i in r["row"].get("members", [])))
 
 
-def write_tables(built: list[dict], out_dir: str | Path, banner: str | None = None,
-                 index: bool = True) -> list[Path]:
+def write_tables(
+    built: list[dict], out_dir: str | Path, banner: str | None = None, index: bool = True
+) -> list[Path]:
     """reports/tables/table<N>.{md,csv,tex,html} for each built table, plus (when `index`)
     all.md and summary.json of all of them. Returns the paths written."""
     out = Path(out_dir)
@@ -321,8 +450,12 @@ def write_tables(built: list[dict], out_dir: str | Path, banner: str | None = No
     written = []
     for t in built:
         files = table_files(t["number"])
-        for ext, text in (("md", render_markdown(t, banner)), ("csv", render_csv(t)),
-                          ("tex", render_latex(t, banner)), ("html", render_html_page(t, banner))):
+        for ext, text in (
+            ("md", render_markdown(t, banner)),
+            ("csv", render_csv(t)),
+            ("tex", render_latex(t, banner)),
+            ("html", render_html_page(t, banner)),
+        ):
             written.append(atomic_write_text(out / files[ext], text))
     if index:
         head = ["# SmallBigNet reproduction: Tables 2–11, paper vs ours", ""]
@@ -330,12 +463,31 @@ def write_tables(built: list[dict], out_dir: str | Path, banner: str | None = No
             head += [f"> **{banner}**", ""]
         md = [part for t in built for part in (render_markdown(t), "")]
         written.append(atomic_write_text(out / "all.md", "\n".join(head + md)))
-        summary = [{"number": t["number"], "title": t["title"], "counts": t["counts"],
-                    "files": table_files(t["number"]),
-                    "rows": [{"label": r["row"]["label"], "kind": r["kind"], "status": r["status"],
-                              "detail": r["detail"], **r["raw"], "cells": r["cells"]}
-                             for r in t["rows"]],
-                    "footnotes": t["footnotes"]} for t in built]
-        written.append(atomic_write_text(out / "summary.json", json.dumps(
-            {"banner": banner, "tables": summary}, indent=1, ensure_ascii=False, default=str)))
+        summary = [
+            {
+                "number": t["number"],
+                "title": t["title"],
+                "counts": t["counts"],
+                "files": table_files(t["number"]),
+                "rows": [
+                    {
+                        "label": r["row"]["label"],
+                        "kind": r["kind"],
+                        "status": r["status"],
+                        "detail": r["detail"],
+                        **r["raw"],
+                        "cells": r["cells"],
+                    }
+                    for r in t["rows"]
+                ],
+                "footnotes": t["footnotes"],
+            }
+            for t in built
+        ]
+        written.append(
+            atomic_write_text(
+                out / "summary.json",
+                json.dumps({"banner": banner, "tables": summary}, indent=1, ensure_ascii=False, default=str),
+            )
+        )
     return written

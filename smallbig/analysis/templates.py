@@ -2,6 +2,7 @@
 HTML (fragment and page), and `index.html`. `render(name, **values)`; HTML templates escape
 their values, the LaTeX template (delimiters `<< >>`, `<% %>`: braces are LaTeX's) escapes
 through the `tex` filter, Markdown through `md`."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,11 +31,31 @@ figcaption{font-size:.8em;color:#444}
 nav a{margin-right:.8em}
 """
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-        "×": r"$\times$", "Δ": r"$\Delta$", "−": "$-$", "–": "--", "±": r"$\pm$",
-        "²": r"\textsuperscript{2}", "†": r"$^\dagger$", "≈": r"$\approx$", "’": "'",
-        "“": "``", "”": "''", "—": "---", "`": ""}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "×": r"$\times$",
+    "Δ": r"$\Delta$",
+    "−": "$-$",
+    "–": "--",
+    "±": r"$\pm$",
+    "²": r"\textsuperscript{2}",
+    "†": r"$^\dagger$",
+    "≈": r"$\approx$",
+    "’": "'",
+    "“": "``",
+    "”": "''",
+    "—": "---",
+    "`": "",
+}
 
 
 def tex_escape(s: Any) -> str:
@@ -204,23 +225,37 @@ of {{ statuses | length }} evaluations/ensembles the tables need.</p>
 </body></html>
 """
 
-_HTML = {"table.html": TABLE_HTML, "table-page.html": TABLE_PAGE, "figure.html": FIGURE,
-         "index.html": INDEX}
+_HTML = {"table.html": TABLE_HTML, "table-page.html": TABLE_PAGE, "figure.html": FIGURE, "index.html": INDEX}
 
 
 def _env(templates: dict[str, str], html: bool, **delimiters) -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.DictLoader(templates), autoescape=html,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined, **delimiters)
+    env = jinja2.Environment(
+        loader=jinja2.DictLoader(templates),
+        autoescape=html,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        **delimiters,
+    )
     env.filters.update(tex=tex_escape, md=md_escape)
     return env
 
 
-_ENVS = {"html": _env(_HTML, True),
-         "md": _env({"table.md": TABLE_MD}, False),
-         "tex": _env({"table.tex": TABLE_TEX}, False, variable_start_string="<<",
-                     variable_end_string=">>", block_start_string="<%", block_end_string="%>",
-                     comment_start_string="<#", comment_end_string="#>")}
+_ENVS = {
+    "html": _env(_HTML, True),
+    "md": _env({"table.md": TABLE_MD}, False),
+    "tex": _env(
+        {"table.tex": TABLE_TEX},
+        False,
+        variable_start_string="<<",
+        variable_end_string=">>",
+        block_start_string="<%",
+        block_end_string="%>",
+        comment_start_string="<#",
+        comment_end_string="#>",
+    ),
+}
 
 
 def render(name: str, **values: Any) -> str:

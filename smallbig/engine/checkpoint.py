@@ -19,6 +19,7 @@ Resuming a training: :func:`find_resume_checkpoint` (last.pt, else the previous 
 :func:`remove_dead_tmp`, :func:`training_state` (what a checkpoint holds) and
 :func:`restore_training_state` (its inverse on a freshly built model/optimizer/scheduler).
 """
+
 from __future__ import annotations
 
 import os
@@ -72,8 +73,9 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -98,7 +100,7 @@ def clean_state_dict(state: dict) -> dict:
     for k, v in state.items():
         for prefix in ("module.", "_orig_mod."):
             while k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
@@ -114,13 +116,19 @@ def atomic_save(obj, path: str | Path, keep_previous: bool = False) -> Path:
     """
     path = Path(path)
     try:
-        return atomic_write(path, partial(_torch_save, obj), what="checkpoint",
-                            keep_previous=prev_path(path) if keep_previous else None)
+        return atomic_write(
+            path,
+            partial(_torch_save, obj),
+            what="checkpoint",
+            keep_previous=prev_path(path) if keep_previous else None,
+        )
     except OutputWriteError as e:
         intact = sorted(p.name for p in path.parent.glob("*.pt"))
         raise CheckpointWriteError(
-            f"{e}" + (f"; the checkpoint(s) already there are intact: {', '.join(intact)}"
-                      if intact else "") + "; free space (or raise the limit) and rerun") from None
+            f"{e}"
+            + (f"; the checkpoint(s) already there are intact: {', '.join(intact)}" if intact else "")
+            + "; free space (or raise the limit) and rerun"
+        ) from None
 
 
 def _torch_save(obj, tmp: Path) -> None:
@@ -220,30 +228,66 @@ def find_resume_checkpoint(out_dir: Path, log) -> dict | None:
             raise CheckpointError(f"{e}; and the previous one is bad too: {e2}") from None
         kept = quarantine(last)
         os.replace(prev, last)
-        log(f"WARNING: {e}. Kept it as {kept.name}; resuming from the previous good checkpoint "
-            f"{prev.name} (iteration {ckpt['iteration']}).")
+        log(
+            f"WARNING: {e}. Kept it as {kept.name}; resuming from the previous good checkpoint "
+            f"{prev.name} (iteration {ckpt['iteration']})."
+        )
         return ckpt
 
 
-def training_state(*, model, optimizer, scheduler, scaler, rngs: list, epoch: int, iteration: int,
-                   iters_per_epoch: int, total_iters: int, history: list, epoch_stats, plan,
-                   seed: int, params: dict, params_hash: str, version: str, run_id, started: str,
-                   elapsed_s: float) -> dict:
+def training_state(
+    *,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    rngs: list,
+    epoch: int,
+    iteration: int,
+    iters_per_epoch: int,
+    total_iters: int,
+    history: list,
+    epoch_stats,
+    plan,
+    seed: int,
+    params: dict,
+    params_hash: str,
+    version: str,
+    run_id,
+    started: str,
+    elapsed_s: float,
+) -> dict:
     """The full state of a training at `iteration` (`epoch` = the epoch it is in, or the next one
     at an epoch boundary): what last.pt and checkpoint.pt hold. `rngs`: every rank's rng_state()."""
     done = iteration - epoch * iters_per_epoch
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rngs[0], "rng_per_rank": rngs, "epoch": epoch, "iteration": iteration,
-            "iters_per_epoch": iters_per_epoch, "total_iters": total_iters, "history": history,
-            # where the data order resumes: this rank's samples of epoch `epoch` already used
-            "data_position": {"epoch": epoch, "iter_in_epoch": done,
-                              "samples_done_per_rank": done * plan.accum_steps * plan.per_gpu_batch,
-                              "seed": seed},
-            "epoch_stats": epoch_stats, "batch_plan": plan.as_dict(), "params": params,
-            "params_hash": params_hash, "smallbig_version": version, "mlflow_run_id": run_id,
-            "started": started, "elapsed_s": elapsed_s}
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rngs[0],
+        "rng_per_rank": rngs,
+        "epoch": epoch,
+        "iteration": iteration,
+        "iters_per_epoch": iters_per_epoch,
+        "total_iters": total_iters,
+        "history": history,
+        # where the data order resumes: this rank's samples of epoch `epoch` already used
+        "data_position": {
+            "epoch": epoch,
+            "iter_in_epoch": done,
+            "samples_done_per_rank": done * plan.accum_steps * plan.per_gpu_batch,
+            "seed": seed,
+        },
+        "epoch_stats": epoch_stats,
+        "batch_plan": plan.as_dict(),
+        "params": params,
+        "params_hash": params_hash,
+        "smallbig_version": version,
+        "mlflow_run_id": run_id,
+        "started": started,
+        "elapsed_s": elapsed_s,
+    }
 
 
 def restore_training_state(ckpt: dict, model, optimizer, scheduler, scaler) -> None:

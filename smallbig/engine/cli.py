@@ -1,4 +1,5 @@
 """`smallbig train | evaluate | evaluate-merge | ensemble` (see docs/engine.md)."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,13 @@ from smallbig.spec import memory_plan
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the `smallbig` parser."""
-    p = sub.add_parser("train", help="train a model from a params file (checkpoints, MLflow)",
-                       description="Train per PARAMS (a resolved params file, an experiment file or "
-                       "an experiment id). Exit code 3: stopped by SIGTERM/SIGUSR1 after "
-                       "checkpointing; rerun with --resume.")
+    p = sub.add_parser(
+        "train",
+        help="train a model from a params file (checkpoints, MLflow)",
+        description="Train per PARAMS (a resolved params file, an experiment file or "
+        "an experiment id). Exit code 3: stopped by SIGTERM/SIGUSR1 after "
+        "checkpointing; rerun with --resume.",
+    )
     p.add_argument("params", help="resolved params YAML, params/experiments/<id>.yaml, or an id")
     p.add_argument("--out", required=True, help="run directory (checkpoints, history, metrics)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -31,9 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--no-mlflow", action="store_true", help="do not record an MLflow run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--stop-before-limit", type=float, default=300.0, metavar="SECONDS",
-                   help="inside a Slurm job (or with SMALLBIG_STOP_AT=epoch seconds): checkpoint and "
-                   "exit 3 this many seconds before the job's time limit (default 300)")
+    p.add_argument(
+        "--stop-before-limit",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="inside a Slurm job (or with SMALLBIG_STOP_AT=epoch seconds): checkpoint and "
+        "exit 3 this many seconds before the job's time limit (default 300)",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="multi-view test protocol; saves per-view scores + metrics")
@@ -90,8 +99,15 @@ def _train(args) -> int:
 
     params = load_any_params(args.params, args.overlay)
     with _input_errors():
-        return train(params, args.out, resume=args.resume, device=args.device,
-                     track=not args.no_mlflow, progress=not args.no_progress, stop=stop)
+        return train(
+            params,
+            args.out,
+            resume=args.resume,
+            device=args.device,
+            track=not args.no_mlflow,
+            progress=not args.no_progress,
+            stop=stop,
+        )
 
 
 def _evaluate(args) -> int:
@@ -103,11 +119,21 @@ def _evaluate(args) -> int:
             merge(params, args.out)
             return 0
         shard = parse_shard(args.shard) if args.shard else None
-        res = evaluate(params, args.checkpoint, args.out, protocol=args.protocol, shard=shard,
-                       device=args.device, track=not args.no_mlflow, progress=not args.no_progress)
+        res = evaluate(
+            params,
+            args.checkpoint,
+            args.out,
+            protocol=args.protocol,
+            shard=shard,
+            device=args.device,
+            track=not args.no_mlflow,
+            progress=not args.no_progress,
+        )
     if res:
-        print(f"{params['id']} {res['protocol']}: top1 {res['top1']:.2f} top5 {res['top5']:.2f} "
-              f"({res['num_videos']} videos, {res['skipped']} skipped)")
+        print(
+            f"{params['id']} {res['protocol']}: top1 {res['top1']:.2f} top5 {res['top5']:.2f} "
+            f"({res['num_videos']} videos, {res['skipped']} skipped)"
+        )
     return 0
 
 

@@ -9,6 +9,7 @@ of SLURM_JOB_NODELIST (via `scontrol show hostnames`) or SLURM_LAUNCH_NODE_IPADD
 MASTER_PORT defaults to 29500 + (SLURM_JOB_ID % 1000).
 Backend: NCCL when CUDA is available, else gloo (the same code path on CPU).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,11 +40,16 @@ class DistInfo:
 def env_ranks(env=None) -> DistInfo:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                        source="torchrun")
+        return DistInfo(
+            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), source="torchrun"
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                        int(env.get("SLURM_LOCALID", 0)), source="slurm")
+        return DistInfo(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            source="slurm",
+        )
     return DistInfo()
 
 
@@ -51,8 +57,13 @@ def _slurm_master_addr(env) -> str | None:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if nodelist:
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                                 text=True, timeout=30, check=True).stdout.split()
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.split()
             if out:
                 return out[0]
         except (OSError, subprocess.SubprocessError):
@@ -83,14 +94,17 @@ def setup(device_arg: str | None = None) -> tuple[DistInfo, torch.device]:
         if "MASTER_ADDR" not in os.environ:
             addr = _slurm_master_addr(os.environ)
             if not addr:
-                raise RuntimeError("Slurm multi-task run without MASTER_ADDR and no usable "
-                                   "SLURM_JOB_NODELIST: export MASTER_ADDR (the first node)")
+                raise RuntimeError(
+                    "Slurm multi-task run without MASTER_ADDR and no usable "
+                    "SLURM_JOB_NODELIST: export MASTER_ADDR (the first node)"
+                )
             os.environ["MASTER_ADDR"] = addr
         os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0)) % 1000))
     info.backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=info.backend, init_method="env://",
-                                rank=info.rank, world_size=info.world_size)
+        dist.init_process_group(
+            backend=info.backend, init_method="env://", rank=info.rank, world_size=info.world_size
+        )
     return info, device
 
 

@@ -18,6 +18,7 @@ the "complete" marker, before scores.npz), so outputs of an older evaluation are
 for this one's. Rerunning the same command restarts it and gives bitwise the same scores.
 A write that fails (disk full, ...) raises OutputWriteError naming the file.
 """
+
 from __future__ import annotations
 
 import copy
@@ -105,22 +106,46 @@ def _stderr_log(m: str) -> None:
 
 # --------------------------------------------------------------------------- scoring
 @torch.no_grad()
-def score_views(model, dataset, params, device, indices=None, view_subset=None,
-                batch_size=None, progress=True, normalize=None, collate=None,
-                amp_dtype=None, channels_last=False, desc="evaluate", max_clips: int = 64) -> dict:
+def score_views(
+    model,
+    dataset,
+    params,
+    device,
+    indices=None,
+    view_subset=None,
+    batch_size=None,
+    progress=True,
+    normalize=None,
+    collate=None,
+    amp_dtype=None,
+    channels_last=False,
+    desc="evaluate",
+    max_clips: int = 64,
+) -> dict:
     """Run `model` on every view of every video (optionally only a clips x crops subset of the
     views); -> dict in the scores.npz format (without num_clips/num_crops)."""
     p = Params.from_dict(params)
     normalize, collate = normalize or default_normalize, collate or default_collate
     ds = dataset if indices is None else Subset(dataset, list(indices))
-    loader = DataLoader(ds, batch_size=batch_size or p.test.batch_size,
-                        num_workers=p.data.num_workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size or p.test.batch_size,
+        num_workers=p.data.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
     model.eval()
     logits, labels, ids, skipped = [], [], [], []
     layout = None  # (clip_idx, crop_idx) of the first video, the saved ones, the view mask
-    with tqdm(total=len(ds), desc=desc, unit="video", disable=not progress, dynamic_ncols=True,
-              mininterval=1.0, file=sys.stderr) as bar:
+    with tqdm(
+        total=len(ds),
+        desc=desc,
+        unit="video",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        file=sys.stderr,
+    ) as bar:
         for batch in loader:
             skipped.extend(batch.get("skipped", []) or [])
             bar.update(len(batch.get("skipped", []) or []))
@@ -131,8 +156,14 @@ def score_views(model, dataset, params, device, indices=None, view_subset=None,
             if layout[4] is not None:
                 video = video[:, torch.from_numpy(layout[4])]
             B, V = video.shape[:2]
-            x = to_input(video.reshape(B * V, *video.shape[2:]), device, p.data.mean, p.data.std,
-                         normalize, channels_last)
+            x = to_input(
+                video.reshape(B * V, *video.shape[2:]),
+                device,
+                p.data.mean,
+                p.data.std,
+                normalize,
+                channels_last,
+            )
             outs = []
             for chunk in x.split(max_clips):  # bounded memory: at most max_clips views per call
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -144,9 +175,14 @@ def score_views(model, dataset, params, device, indices=None, view_subset=None,
             bar.update(B)
     if not logits:
         raise RunError(f"no video could be evaluated ({len(skipped)} skipped)")
-    return {"logits": np.concatenate(logits).astype(np.float32), "labels": np.concatenate(labels),
-            "video_ids": np.array(ids, dtype=str), "clip_idx": layout[2].astype(np.int64),
-            "crop_idx": layout[3].astype(np.int64), "skipped": np.array(skipped, dtype=str)}
+    return {
+        "logits": np.concatenate(logits).astype(np.float32),
+        "labels": np.concatenate(labels),
+        "video_ids": np.array(ids, dtype=str),
+        "clip_idx": layout[2].astype(np.int64),
+        "crop_idx": layout[3].astype(np.int64),
+        "skipped": np.array(skipped, dtype=str),
+    }
 
 
 def _view_layout(batch: dict, layout, view_subset):
@@ -163,8 +199,13 @@ def _view_layout(batch: dict, layout, view_subset):
     nclips, ncrops = int(ci.max()) + 1, int(cr.max()) + 1
     mask = metrics.select_views(ci, cr, nclips, view_subset[0], view_subset[1], ncrops)
     # renumber the kept clips/crops 0.. so the saved subset is self-consistent
-    return (ci, cr, np.unique(ci[mask], return_inverse=True)[1],
-            np.unique(cr[mask], return_inverse=True)[1], mask)
+    return (
+        ci,
+        cr,
+        np.unique(ci[mask], return_inverse=True)[1],
+        np.unique(cr[mask], return_inverse=True)[1],
+        mask,
+    )
 
 
 def _per_view(t) -> np.ndarray:
@@ -188,8 +229,10 @@ def gflops(params: dict, protocol: str) -> dict:
     except Exception as e:  # never fail an evaluation on a compute count
         print(f"smallbig evaluate: WARNING: model_info failed ({e}); no GFLOPs", file=sys.stderr)
         return {}
-    return {"gflops_per_view": info.get("gmacs_224"),
-            "gflops_per_view_test_crop": info.get("gmacs_test_crop")}
+    return {
+        "gflops_per_view": info.get("gmacs_224"),
+        "gflops_per_view_test_crop": info.get("gmacs_test_crop"),
+    }
 
 
 def subsets_of(num_clips: int, num_crops: int) -> list[tuple[int, int]]:
@@ -201,37 +244,62 @@ def subsets_of(num_clips: int, num_crops: int) -> list[tuple[int, int]]:
     return out
 
 
-def build_metrics(scores: dict, experiment: str, protocol: str, per_view_gflops: float | None,
-                  extra: dict | None = None, per_view_gflops_test_crop: float | None = None) -> dict:
+def build_metrics(
+    scores: dict,
+    experiment: str,
+    protocol: str,
+    per_view_gflops: float | None,
+    extra: dict | None = None,
+    per_view_gflops_test_crop: float | None = None,
+) -> dict:
     num_clips, num_crops = int(scores["num_clips"]), int(scores["num_crops"])
     m = metrics.compute_metrics(scores["logits"], scores["labels"])
-    out = {"experiment": experiment, "protocol": protocol, "num_clips": num_clips,
-           "num_crops": num_crops, "top1": m["top1"], "top5": m["top5"],
-           "mean_class_acc": m["mean_class_acc"], "per_class_acc": m["per_class_acc"],
-           "num_videos": m["num_videos"], "num_views": m["num_views"],
-           "skipped": int(len(scores.get("skipped", []))),
-           "skipped_ids": [str(s) for s in scores.get("skipped", [])],
-           "gflops_per_view": per_view_gflops,
-           "gflops_x_views": None if per_view_gflops is None else per_view_gflops * num_clips * num_crops,
-           "gflops_per_view_test_crop": per_view_gflops_test_crop,
-           "gflops_x_views_test_crop": (None if per_view_gflops_test_crop is None
-                                        else per_view_gflops_test_crop * num_clips * num_crops),
-           "subsets": {}}
+    out = {
+        "experiment": experiment,
+        "protocol": protocol,
+        "num_clips": num_clips,
+        "num_crops": num_crops,
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "mean_class_acc": m["mean_class_acc"],
+        "per_class_acc": m["per_class_acc"],
+        "num_videos": m["num_videos"],
+        "num_views": m["num_views"],
+        "skipped": int(len(scores.get("skipped", []))),
+        "skipped_ids": [str(s) for s in scores.get("skipped", [])],
+        "gflops_per_view": per_view_gflops,
+        "gflops_x_views": None if per_view_gflops is None else per_view_gflops * num_clips * num_crops,
+        "gflops_per_view_test_crop": per_view_gflops_test_crop,
+        "gflops_x_views_test_crop": (
+            None if per_view_gflops_test_crop is None else per_view_gflops_test_crop * num_clips * num_crops
+        ),
+        "subsets": {},
+    }
     for k, c in subsets_of(num_clips, num_crops):
         s = metrics.subset_metrics(scores, k, c)
         out["subsets"][f"{k}x{c}"] = {
-            "top1": s["top1"], "top5": s["top5"], "mean_class_acc": s["mean_class_acc"],
+            "top1": s["top1"],
+            "top5": s["top5"],
+            "mean_class_acc": s["mean_class_acc"],
             "num_views": s["num_views"],
-            "gflops_x_views": None if per_view_gflops is None else per_view_gflops * k * c}
+            "gflops_x_views": None if per_view_gflops is None else per_view_gflops * k * c,
+        }
     out.update(extra or {})
     return out
 
 
 # --------------------------------------------------------------------------- evaluate
-def evaluate(params: dict | Params, checkpoint: str | Path, out_dir: str | Path,
-             protocol: str | None = None, shard: tuple[int, int] | None = None,
-             device: str | None = None, track: bool = True, progress: bool = True,
-             view_subset=None) -> dict | None:
+def evaluate(
+    params: dict | Params,
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    protocol: str | None = None,
+    shard: tuple[int, int] | None = None,
+    device: str | None = None,
+    track: bool = True,
+    progress: bool = True,
+    view_subset=None,
+) -> dict | None:
     """Score the val split with the protocol's views; write scores(.shard-i-of-n).npz and, for
     a complete run, metrics.json. Returns the metrics (None for a shard)."""
     p = Params.from_dict(params)
@@ -257,10 +325,18 @@ def evaluate(params: dict | Params, checkpoint: str | Path, out_dir: str | Path,
     try:
         if main:
             run = _start_run(raw, p.id, proto, checkpoint, out_dir, shard, amp_eff, track)
-        scores = score_views(model, dataset, p, dev, indices=indices, view_subset=view_subset,
-                             progress=progress and (info.is_main or shard is not None),
-                             amp_dtype=amp_dtype, channels_last=channels_last,
-                             desc=f"evaluate {p.id} {proto.name}")
+        scores = score_views(
+            model,
+            dataset,
+            p,
+            dev,
+            indices=indices,
+            view_subset=view_subset,
+            progress=progress and (info.is_main or shard is not None),
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+            desc=f"evaluate {p.id} {proto.name}",
+        )
         scores["num_clips"] = np.int64(proto.clips if view_subset is None else view_subset[0])
         scores["num_crops"] = np.int64(proto.crops if view_subset is None else view_subset[1])
         extra = {"checkpoint": str(checkpoint), "seconds": time.time() - t0, "amp": amp_eff}
@@ -287,24 +363,36 @@ def _model_for(p: Params, raw: dict, checkpoint, dev):
     -> (model, autocast dtype, effective amp, feed channels_last_3d inputs)."""
     model, ck_params = load_model_from_checkpoint(checkpoint)
     if ck_params["model"] != raw["model"]:
-        raise CheckpointError(f"{checkpoint}: trained with different model params than "
-                              f"{p.id} asks for; evaluate it with its own params")
+        raise CheckpointError(
+            f"{checkpoint}: trained with different model params than "
+            f"{p.id} asks for; evaluate it with its own params"
+        )
     amp_dtype, _, amp_eff = amp_settings(p.train.amp, dev)
     channels_last = apply_channels_last(model) if p.train.channels_last else False
     return model.to(dev), amp_dtype, amp_eff, channels_last
 
 
-def _start_run(raw: dict, exp: str, proto: Protocol, checkpoint, out_dir: Path, shard, amp_eff: str,
-               track: bool):
+def _start_run(
+    raw: dict, exp: str, proto: Protocol, checkpoint, out_dir: Path, shard, amp_eff: str, track: bool
+):
     """The MLflow run of this evaluation (or shard), with the params as an artifact."""
     tag = f"-shard{shard[0]}of{shard[1]}" if shard else ""
     run = tracking.start_run(
-        raw, "evaluate", run_name=f"{exp}-eval-{proto.name}{tag}", enabled=track, log=_stderr_log,
-        unsent_file=out_dir / (f"mlflow-unsent.shard-{shard[0]}-of-{shard[1]}.json"
-                               if shard else tracking.UNSENT_FILE),
-        extra_tags={"protocol": proto.name, "checkpoint": str(Path(checkpoint).resolve()),
-                    "out_dir": str(out_dir.resolve()), "amp_effective": amp_eff,
-                    "shard": f"{shard[0]}/{shard[1]}" if shard else "none"})
+        raw,
+        "evaluate",
+        run_name=f"{exp}-eval-{proto.name}{tag}",
+        enabled=track,
+        log=_stderr_log,
+        unsent_file=out_dir
+        / (f"mlflow-unsent.shard-{shard[0]}-of-{shard[1]}.json" if shard else tracking.UNSENT_FILE),
+        extra_tags={
+            "protocol": proto.name,
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "out_dir": str(out_dir.resolve()),
+            "amp_effective": amp_eff,
+            "shard": f"{shard[0]}/{shard[1]}" if shard else "none",
+        },
+    )
     if run.enabled:
         with tempfile.TemporaryDirectory() as tmp:
             dump_params(raw, Path(tmp) / "params.yaml")
@@ -312,8 +400,9 @@ def _start_run(raw: dict, exp: str, proto: Protocol, checkpoint, out_dir: Path, 
     return run
 
 
-def _write_outputs(raw: dict, out_dir: Path, proto: Protocol, scores: dict, shard, info, run,
-                   extra: dict) -> dict | None:
+def _write_outputs(
+    raw: dict, out_dir: Path, proto: Protocol, scores: dict, shard, info, run, extra: dict
+) -> dict | None:
     """A shard: its scores (rank 0 of a distributed evaluation then merges all shards); else
     scores.npz and metrics.json."""
     if shard is not None:
@@ -324,8 +413,9 @@ def _write_outputs(raw: dict, out_dir: Path, proto: Protocol, scores: dict, shar
         return None
     save_scores(out_dir / "scores.npz", scores)
     g = gflops(raw, proto.name)
-    result = build_metrics(scores, raw["id"], proto.name, g.get("gflops_per_view"), extra,
-                           g.get("gflops_per_view_test_crop"))
+    result = build_metrics(
+        scores, raw["id"], proto.name, g.get("gflops_per_view"), extra, g.get("gflops_per_view_test_crop")
+    )
     _finish(out_dir, result, run)
     return result
 
@@ -333,9 +423,13 @@ def _write_outputs(raw: dict, out_dir: Path, proto: Protocol, scores: dict, shar
 def _finish(out_dir: Path, result: dict, run) -> None:
     _write_json(out_dir / "metrics.json", result)
     if run is not None:
-        flat = {"top1": result["top1"], "top5": result["top5"],
-                "mean_class_acc": result["mean_class_acc"], "skipped": result["skipped"],
-                "num_videos": result["num_videos"]}
+        flat = {
+            "top1": result["top1"],
+            "top5": result["top5"],
+            "mean_class_acc": result["mean_class_acc"],
+            "skipped": result["skipped"],
+            "num_videos": result["num_videos"],
+        }
         if result.get("gflops_x_views") is not None:
             flat["gflops_x_views"] = result["gflops_x_views"]
         for name, s in result["subsets"].items():
@@ -356,7 +450,9 @@ def merge_shards(out_dir: str | Path) -> dict:
     if not found:
         raise FileNotFoundError(f"{out_dir}: no scores.shard-i-of-n.npz files to merge")
     if len(found) > 1:
-        raise InputError(f"{out_dir}: shard files of different shard counts {sorted(found)}; remove stale ones")
+        raise InputError(
+            f"{out_dir}: shard files of different shard counts {sorted(found)}; remove stale ones"
+        )
     n, shards = next(iter(found.items()))
     missing = sorted(set(range(n)) - set(shards))
     if missing:
@@ -364,17 +460,25 @@ def merge_shards(out_dir: str | Path) -> dict:
     parts = [metrics.load_scores(shards[i]) for i in range(n)]
     first = parts[0]
     for i, p in enumerate(parts[1:], 1):
-        if not (np.array_equal(p["clip_idx"], first["clip_idx"]) and np.array_equal(p["crop_idx"], first["crop_idx"])):
+        if not (
+            np.array_equal(p["clip_idx"], first["clip_idx"])
+            and np.array_equal(p["crop_idx"], first["crop_idx"])
+        ):
             raise InputError(f"{shards[i]}: its views differ from {shards[0]}'s")
     ids = np.concatenate([p["video_ids"] for p in parts])
     if len(set(ids.tolist())) != len(ids):
         raise InputError(f"{out_dir}: a video appears in more than one shard")
     order = np.argsort(ids, kind="stable")
-    return {"logits": np.concatenate([p["logits"] for p in parts])[order],
-            "labels": np.concatenate([p["labels"] for p in parts])[order],
-            "video_ids": ids[order], "clip_idx": first["clip_idx"], "crop_idx": first["crop_idx"],
-            "num_clips": first["num_clips"], "num_crops": first["num_crops"],
-            "skipped": np.concatenate([p.get("skipped", np.array([], dtype=str)) for p in parts]).astype(str)}
+    return {
+        "logits": np.concatenate([p["logits"] for p in parts])[order],
+        "labels": np.concatenate([p["labels"] for p in parts])[order],
+        "video_ids": ids[order],
+        "clip_idx": first["clip_idx"],
+        "crop_idx": first["crop_idx"],
+        "num_clips": first["num_clips"],
+        "num_crops": first["num_crops"],
+        "skipped": np.concatenate([p.get("skipped", np.array([], dtype=str)) for p in parts]).astype(str),
+    }
 
 
 def merge(params: dict | Params, out_dir: str | Path, run=None, extra=None) -> dict:
@@ -385,15 +489,22 @@ def merge(params: dict | Params, out_dir: str | Path, run=None, extra=None) -> d
     save_scores(out_dir / "scores.npz", scores)
     protocol = Protocol(int(scores["num_clips"]), int(scores["num_crops"])).name
     g = gflops(raw, protocol)
-    result = build_metrics(scores, raw["id"], protocol, g.get("gflops_per_view"),
-                           dict(extra or {}, merged_shards=True), g.get("gflops_per_view_test_crop"))
+    result = build_metrics(
+        scores,
+        raw["id"],
+        protocol,
+        g.get("gflops_per_view"),
+        dict(extra or {}, merged_shards=True),
+        g.get("gflops_per_view_test_crop"),
+    )
     _finish(out_dir, result, run)
     return result
 
 
 # --------------------------------------------------------------------------- ensemble
-def ensemble(score_paths: list[str | Path], out_dir: str | Path, name: str | None = None,
-             views: str | None = None) -> dict:
+def ensemble(
+    score_paths: list[str | Path], out_dir: str | Path, name: str | None = None, views: str | None = None
+) -> dict:
     """Fuse saved scores of several models (mean of each model's view-averaged softmax, videos
     matched by id). `views` (e.g. "4x3") first restricts every member to that view subset."""
     out_dir = Path(out_dir)
@@ -404,10 +515,15 @@ def ensemble(score_paths: list[str | Path], out_dir: str | Path, name: str | Non
         clips, crops = proto.clips, proto.crops
     for p in score_paths:
         s = metrics.load_scores(p)
-        nclips, ncrops = int(s.get("num_clips", s["clip_idx"].max() + 1)), int(s.get("num_crops", s["crop_idx"].max() + 1))
+        nclips, ncrops = (
+            int(s.get("num_clips", s["clip_idx"].max() + 1)),
+            int(s.get("num_crops", s["crop_idx"].max() + 1)),
+        )
         if views:
             mask = metrics.select_views(s["clip_idx"], s["crop_idx"], nclips, clips, crops, ncrops)
-            s = dict(s, logits=s["logits"][:, mask], clip_idx=s["clip_idx"][mask], crop_idx=s["crop_idx"][mask])
+            s = dict(
+                s, logits=s["logits"][:, mask], clip_idx=s["clip_idx"][mask], crop_idx=s["crop_idx"][mask]
+            )
         skipped |= set(np.asarray(s.get("skipped", [])).tolist())
         members.append(s)
         mpath = Path(p).with_name("metrics.json")
@@ -427,17 +543,28 @@ def ensemble(score_paths: list[str | Path], out_dir: str | Path, name: str | Non
     not_common = sorted(all_ids - set(fused["video_ids"].tolist()))
     pca = metrics.per_class_accuracy(sc, lab, sc.shape[1])
     v = members[0]["logits"].shape[1]
-    result = {"experiment": name or "+".join(Path(p).parent.name for p in score_paths),
-              "protocol": views or "all", "num_clips": clips, "num_crops": crops,
-              "top1": metrics.topk_accuracy(sc, lab, 1), "top5": metrics.topk_accuracy(sc, lab, 5),
-              "mean_class_acc": float(np.nanmean(pca)) if np.isfinite(pca).any() else float("nan"),
-              "per_class_acc": [None if np.isnan(x) else float(x) for x in pca],
-              "num_videos": int(len(lab)), "skipped": len(skipped | set(not_common)),
-              "skipped_ids": sorted(skipped | set(not_common)),
-              "gflops_per_view": None, "gflops_x_views": gflops_total, "num_views_per_member": v,
-              "members": [str(p) for p in score_paths], "subsets": {}}
+    result = {
+        "experiment": name or "+".join(Path(p).parent.name for p in score_paths),
+        "protocol": views or "all",
+        "num_clips": clips,
+        "num_crops": crops,
+        "top1": metrics.topk_accuracy(sc, lab, 1),
+        "top5": metrics.topk_accuracy(sc, lab, 5),
+        "mean_class_acc": float(np.nanmean(pca)) if np.isfinite(pca).any() else float("nan"),
+        "per_class_acc": [None if np.isnan(x) else float(x) for x in pca],
+        "num_videos": int(len(lab)),
+        "skipped": len(skipped | set(not_common)),
+        "skipped_ids": sorted(skipped | set(not_common)),
+        "gflops_per_view": None,
+        "gflops_x_views": gflops_total,
+        "num_views_per_member": v,
+        "members": [str(p) for p in score_paths],
+        "subsets": {},
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_scores(out_dir / "ensemble_scores.npz", {"scores": sc.astype(np.float32), "labels": lab,
-                                                  "video_ids": fused["video_ids"].astype(str)})
+    save_scores(
+        out_dir / "ensemble_scores.npz",
+        {"scores": sc.astype(np.float32), "labels": lab, "video_ids": fused["video_ids"].astype(str)},
+    )
     _write_json(out_dir / "metrics.json", result)
     return result

@@ -57,6 +57,7 @@ fields that decide the shapes (:func:`shape_fields`): ``smallbig plan --measure-
 writes it (full scale); :func:`memory_plan` uses an entry only when its hash matches, else
 measures again (seconds on meta) and says so -- never a stale entry.
 """
+
 from __future__ import annotations
 
 import copy
@@ -110,48 +111,175 @@ class MemoryMeasurementError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # CUDA autocast, emulated one level above autograd
 # CUDA autocast's lists (aten/src/ATen/autocast_mode.cpp), as Python function names.
-AUTOCAST_LOWER = frozenset({
-    "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d", "conv_transpose2d",
-    "conv_transpose3d", "convolution", "_convolution", "prelu", "addmm", "addmv", "addr",
-    "matmul", "__matmul__", "__rmatmul__", "einsum", "mm", "mv", "linalg_vecdot", "linear",
-    "addbmm", "baddbmm", "bmm", "chain_matmul", "linalg_multi_dot", "lstm_cell", "gru_cell",
-    "rnn_tanh_cell", "rnn_relu_cell", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell",
-    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-})
+AUTOCAST_LOWER = frozenset(
+    {
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_tbc",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "convolution",
+        "_convolution",
+        "prelu",
+        "addmm",
+        "addmv",
+        "addr",
+        "matmul",
+        "__matmul__",
+        "__rmatmul__",
+        "einsum",
+        "mm",
+        "mv",
+        "linalg_vecdot",
+        "linear",
+        "addbmm",
+        "baddbmm",
+        "bmm",
+        "chain_matmul",
+        "linalg_multi_dot",
+        "lstm_cell",
+        "gru_cell",
+        "rnn_tanh_cell",
+        "rnn_relu_cell",
+        "_thnn_fused_lstm_cell",
+        "_thnn_fused_gru_cell",
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    }
+)
 # fp32 unless a dtype is given
-AUTOCAST_FP32_OPT_DTYPE = frozenset({
-    "softmax", "log_softmax", "sum", "prod", "cumsum", "cumprod", "linalg_vector_norm",
-    "linalg_matrix_norm", "_softmax", "_log_softmax",
-})
-AUTOCAST_FP32 = frozenset({
-    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p",
-    "reciprocal", "rsqrt", "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus",
-    "layer_norm", "native_layer_norm", "group_norm", "frobenius_norm", "nuclear_norm",
-    "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
-    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
-    "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
-    "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm",
-    "logsumexp", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
-    "upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d", "upsample_bicubic2d",
-    "grid_sampler", "norm", "cross_entropy", "cross_entropy_loss", "stft", "fft_fft",
-    "linalg_norm", "linalg_cond", "linalg_matrix_rank", "linalg_solve", "linalg_cholesky",
-    "linalg_svdvals", "linalg_eigvals", "linalg_eigvalsh", "linalg_inv",
-    "linalg_householder_product",
-    "linalg_tensorinv", "linalg_tensorsolve", "fake_quantize_per_tensor_affine", "geqrf",
-    "_lu_with_info", "qr", "svd", "triangular_solve", "fractional_max_pool2d",
-    "fractional_max_pool3d", "adaptive_max_pool3d", "multilabel_margin_loss_forward",
-    "linalg_qr", "linalg_cholesky_ex", "linalg_svd", "linalg_eig", "linalg_eigh", "linalg_lstsq",
-    "linalg_inv_ex",
-})
+AUTOCAST_FP32_OPT_DTYPE = frozenset(
+    {
+        "softmax",
+        "log_softmax",
+        "sum",
+        "prod",
+        "cumsum",
+        "cumprod",
+        "linalg_vector_norm",
+        "linalg_matrix_norm",
+        "_softmax",
+        "_log_softmax",
+    }
+)
+AUTOCAST_FP32 = frozenset(
+    {
+        "acos",
+        "asin",
+        "cosh",
+        "erfinv",
+        "exp",
+        "expm1",
+        "log",
+        "log10",
+        "log2",
+        "log1p",
+        "reciprocal",
+        "rsqrt",
+        "sinh",
+        "tan",
+        "pow",
+        "__pow__",
+        "__rpow__",
+        "softplus",
+        "layer_norm",
+        "native_layer_norm",
+        "group_norm",
+        "frobenius_norm",
+        "nuclear_norm",
+        "cosine_similarity",
+        "poisson_nll_loss",
+        "cosine_embedding_loss",
+        "nll_loss",
+        "nll_loss2d",
+        "hinge_embedding_loss",
+        "kl_div",
+        "l1_loss",
+        "smooth_l1_loss",
+        "huber_loss",
+        "mse_loss",
+        "margin_ranking_loss",
+        "multilabel_margin_loss",
+        "soft_margin_loss",
+        "triplet_margin_loss",
+        "multi_margin_loss",
+        "binary_cross_entropy_with_logits",
+        "dist",
+        "pdist",
+        "cdist",
+        "renorm",
+        "logsumexp",
+        "upsample_nearest1d",
+        "upsample_nearest2d",
+        "upsample_nearest3d",
+        "upsample_linear1d",
+        "upsample_bilinear2d",
+        "upsample_trilinear3d",
+        "upsample_bicubic2d",
+        "grid_sampler",
+        "norm",
+        "cross_entropy",
+        "cross_entropy_loss",
+        "stft",
+        "fft_fft",
+        "linalg_norm",
+        "linalg_cond",
+        "linalg_matrix_rank",
+        "linalg_solve",
+        "linalg_cholesky",
+        "linalg_svdvals",
+        "linalg_eigvals",
+        "linalg_eigvalsh",
+        "linalg_inv",
+        "linalg_householder_product",
+        "linalg_tensorinv",
+        "linalg_tensorsolve",
+        "fake_quantize_per_tensor_affine",
+        "geqrf",
+        "_lu_with_info",
+        "qr",
+        "svd",
+        "triangular_solve",
+        "fractional_max_pool2d",
+        "fractional_max_pool3d",
+        "adaptive_max_pool3d",
+        "multilabel_margin_loss_forward",
+        "linalg_qr",
+        "linalg_cholesky_ex",
+        "linalg_svd",
+        "linalg_eig",
+        "linalg_eigh",
+        "linalg_lstsq",
+        "linalg_inv_ex",
+    }
+)
 # widest floating type of the arguments (CUDA "promote" list)
-AUTOCAST_PROMOTE = frozenset({
-    "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler",
-    "index_put", "tensordot", "scatter_add",
-})
-CUDA_AUTOCAST_POLICY = {"lower": AUTOCAST_LOWER, "fp32_opt_dtype": AUTOCAST_FP32_OPT_DTYPE,
-                        "fp32": AUTOCAST_FP32, "promote": AUTOCAST_PROMOTE,
-                        "dispatch_key": "AutocastCUDA"}
+AUTOCAST_PROMOTE = frozenset(
+    {
+        "addcdiv",
+        "addcmul",
+        "atan2",
+        "bilinear",
+        "cross",
+        "dot",
+        "vdot",
+        "grid_sampler",
+        "index_put",
+        "tensordot",
+        "scatter_add",
+    }
+)
+CUDA_AUTOCAST_POLICY = {
+    "lower": AUTOCAST_LOWER,
+    "fp32_opt_dtype": AUTOCAST_FP32_OPT_DTYPE,
+    "fp32": AUTOCAST_FP32,
+    "promote": AUTOCAST_PROMOTE,
+    "dispatch_key": "AutocastCUDA",
+}
 
 
 def _has_autocast_kernel(name: str, dispatch_key: str) -> bool:
@@ -194,8 +322,7 @@ class AutocastEmulation(TorchFunctionMode):
         return v
 
     def _call_cast(self, func, args, kwargs, dtype):
-        return func(*self._cast(args, dtype),
-                    **{k: self._cast(v, dtype) for k, v in kwargs.items()})
+        return func(*self._cast(args, dtype), **{k: self._cast(v, dtype) for k, v in kwargs.items()})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -204,17 +331,18 @@ class AutocastEmulation(TorchFunctionMode):
         if name in pol["lower"]:
             return self._call_cast(func, args, kwargs, self.dtype)
         if name in pol["fp32_opt_dtype"]:
-            if kwargs.get("dtype") is None and not any(isinstance(a, torch.dtype)
-                                                       for a in args):
+            if kwargs.get("dtype") is None and not any(isinstance(a, torch.dtype) for a in args):
                 return self._call_cast(func, args, kwargs, torch.float32)
             return func(*args, **kwargs)
         if name in pol["fp32"]:
             return self._call_cast(func, args, kwargs, torch.float32)
         if name in pol["promote"]:
-            floats = [a for a in list(args) + list(kwargs.values())
-                      if isinstance(a, torch.Tensor) and a.is_floating_point()]
-            wide = (torch.float32 if any(a.dtype == torch.float32 for a in floats)
-                    else self.dtype)
+            floats = [
+                a
+                for a in list(args) + list(kwargs.values())
+                if isinstance(a, torch.Tensor) and a.is_floating_point()
+            ]
+            wide = torch.float32 if any(a.dtype == torch.float32 for a in floats) else self.dtype
             return self._call_cast(func, args, kwargs, wide)
         if name and (not name.startswith("__") or name in ("__matmul__", "__rmatmul__")):
             if name not in self._checked:
@@ -222,7 +350,8 @@ class AutocastEmulation(TorchFunctionMode):
             if self._checked[name]:
                 raise MemoryMeasurementError(
                     f"autocast ({pol['dispatch_key']}) has a policy for {name!r}, which "
-                    f"the emulation in smallbig/engine/memory.py does not list; add it")
+                    f"the emulation in smallbig/engine/memory.py does not list; add it"
+                )
         return func(*args, **kwargs)
 
 
@@ -236,8 +365,21 @@ def autocast_emulation(dtype=None, policy: dict | None = None):
 
 # ops that must never see an fp32 floating input under (emulated) CUDA autocast, at the aten
 # level: the guard against a Python composite hiding one of them from the emulation
-_LOWER_ATEN = frozenset({"convolution", "_convolution", "cudnn_convolution", "mm", "bmm", "addmm",
-                         "baddbmm", "addbmm", "mv", "addmv", "addr"})
+_LOWER_ATEN = frozenset(
+    {
+        "convolution",
+        "_convolution",
+        "cudnn_convolution",
+        "mm",
+        "bmm",
+        "addmm",
+        "baddbmm",
+        "addbmm",
+        "mv",
+        "addmv",
+        "addr",
+    }
+)
 
 
 class AutocastPolicyCheck(TorchDispatchMode):
@@ -251,7 +393,8 @@ class AutocastPolicyCheck(TorchDispatchMode):
                     raise MemoryMeasurementError(
                         f"{func} ran in fp32 under the emulated CUDA autocast: a function "
                         "outside the emulation's lists reached it; extend the lists in "
-                        "smallbig/engine/memory.py")
+                        "smallbig/engine/memory.py"
+                    )
         return func(*args, **kwargs)
 
 
@@ -362,8 +505,11 @@ def simulate_step_peak(model, x, amp_dtype=None, policy: dict | None = None) -> 
 
 def _clip(params: dict, batch: int, device: str):
     T, crop = int(params["data"]["num_frames"]), int(params["data"]["crop_size"])
-    return torch.zeros(batch, 3, T, crop, crop, device=device) if device != "meta" else \
-        torch.empty(batch, 3, T, crop, crop, device=device)
+    return (
+        torch.zeros(batch, 3, T, crop, crop, device=device)
+        if device != "meta"
+        else torch.empty(batch, 3, T, crop, crop, device=device)
+    )
 
 
 def build_for_memory(params: dict, device: str = "meta"):
@@ -376,8 +522,9 @@ def build_for_memory(params: dict, device: str = "meta"):
     return build_model(cfg).to(device)
 
 
-def measure(params: dict, device: str = "meta", precisions=PRECISIONS,
-            fallback: bool = True, check: bool = False) -> dict:
+def measure(
+    params: dict, device: str = "meta", precisions=PRECISIONS, fallback: bool = True, check: bool = False
+) -> dict:
     """A cache entry for the params' configuration at its own shape (frames, crop).
 
     Per precision: ``saved_per_clip``, ``saved_fixed``, ``largest_per_clip`` (bytes) from
@@ -395,41 +542,59 @@ def measure(params: dict, device: str = "meta", precisions=PRECISIONS,
             s2 = saved_tensor_bytes(model, _clip(params, FIT_BATCHES[0], device), dtype)
             s3 = saved_tensor_bytes(model, _clip(params, FIT_BATCHES[1], device), dtype)
             per = (s3["bytes"] - s2["bytes"]) // (FIT_BATCHES[1] - FIT_BATCHES[0])
-            prec[p] = {"saved_per_clip": per, "saved_fixed": s2["bytes"] - FIT_BATCHES[0] * per,
-                       "largest_per_clip": s3["largest"] // FIT_BATCHES[1],
-                       "saved_tensors": s3["count"]}
+            prec[p] = {
+                "saved_per_clip": per,
+                "saved_fixed": s2["bytes"] - FIT_BATCHES[0] * per,
+                "largest_per_clip": s3["largest"] // FIT_BATCHES[1],
+                "saved_tensors": s3["count"],
+            }
             if check:
                 model.zero_grad(set_to_none=True)
                 sim = simulate_step_peak(model, _clip(params, 2, device), dtype)["peak"]
                 model.zero_grad(set_to_none=True)
                 n = sum(q.numel() for q in model.parameters())
-                formula = (n * BYTES_PER_PARAM_STATE + prec[p]["saved_fixed"]
-                           + 2 * (prec[p]["saved_per_clip"] + 2 * prec[p]["largest_per_clip"]))
-                prec[p]["check_batch2"] = {"simulated_peak": sim, "formula_no_allowance": formula,
-                                           "ratio": round(sim / formula, 4)}
+                formula = (
+                    n * BYTES_PER_PARAM_STATE
+                    + prec[p]["saved_fixed"]
+                    + 2 * (prec[p]["saved_per_clip"] + 2 * prec[p]["largest_per_clip"])
+                )
+                prec[p]["check_batch2"] = {
+                    "simulated_peak": sim,
+                    "formula_no_allowance": formula,
+                    "ratio": round(sim / formula, 4),
+                }
         used = device
     except (NotImplementedError, RuntimeError) as e:
-        if (device != "meta" or not fallback
-                or isinstance(e, (MemoryMeasurementError, RecursionError))
-                or not (isinstance(e, NotImplementedError) or "meta" in str(e).lower())):
+        if (
+            device != "meta"
+            or not fallback
+            or isinstance(e, (MemoryMeasurementError, RecursionError))
+            or not (isinstance(e, NotImplementedError) or "meta" in str(e).lower())
+        ):
             raise
         model = build_for_memory(params, "cpu")
         prec = {}
         for p in precisions:
             dtype = None if p == "fp32" else torch.bfloat16
             s1 = saved_tensor_bytes(model, _clip(params, 1, "cpu"), dtype)
-            prec[p] = {"saved_per_clip": s1["bytes"], "saved_fixed": 0,
-                       "largest_per_clip": s1["largest"], "saved_tensors": s1["count"],
-                       "fallback": f"meta device failed ({type(e).__name__}: {e}); one real CPU "
-                                   "forward at batch 1, all of it counted per clip"}
+            prec[p] = {
+                "saved_per_clip": s1["bytes"],
+                "saved_fixed": 0,
+                "largest_per_clip": s1["largest"],
+                "saved_tensors": s1["count"],
+                "fallback": f"meta device failed ({type(e).__name__}: {e}); one real CPU "
+                "forward at batch 1, all of it counted per clip",
+            }
         used = "cpu"
     n_params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     T, crop = int(params["data"]["num_frames"]), int(params["data"]["crop_size"])
     return {
         "shape_hash": shape_hash(params),
-        "num_frames": T, "crop_size": crop,
-        "depth": int(params["model"]["depth"]), "base_width": int(params["model"]["base_width"]),
+        "num_frames": T,
+        "crop_size": crop,
+        "depth": int(params["model"]["depth"]),
+        "base_width": int(params["model"]["base_width"]),
         "params": int(n_params),
         "param_bytes": int(n_params * BYTES_PER_PARAM_STATE),
         "grad_bytes": int(n_params * BYTES_PER_PARAM_STATE),
@@ -441,8 +606,6 @@ def measure(params: dict, device: str = "meta", precisions=PRECISIONS,
         "torch": torch.__version__,
         "date": _dt.date.today().isoformat(),
     }
-
-
 
 
 def measure_for_plan(params: dict) -> dict:

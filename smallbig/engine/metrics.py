@@ -10,6 +10,7 @@ Saved evaluation scores (`scores.npz`, written by `smallbig evaluate`) hold:
   num_clips, num_crops  scalars
   skipped   str     [S]         video ids that could not be decoded (counted, never silent)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,9 +58,14 @@ def per_class_accuracy(scores: np.ndarray, labels: np.ndarray, num_classes: int)
     return out
 
 
-def select_views(clip_idx: np.ndarray, crop_idx: np.ndarray, num_clips_total: int,
-                 clips: int | None = None, crops: int | None = None,
-                 num_crops_total: int | None = None) -> np.ndarray:
+def select_views(
+    clip_idx: np.ndarray,
+    crop_idx: np.ndarray,
+    num_clips_total: int,
+    clips: int | None = None,
+    crops: int | None = None,
+    num_crops_total: int | None = None,
+) -> np.ndarray:
     """Boolean mask over views for a protocol subset of `clips` clips x `crops` crops.
 
     Clips: `clips` evenly spaced indices among the saved clips (1 -> the middle clip).
@@ -85,8 +91,12 @@ def select_views(clip_idx: np.ndarray, crop_idx: np.ndarray, num_clips_total: in
     return np.isin(clip_idx, keep_clips) & np.isin(crop_idx, keep_crops)
 
 
-def compute_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int | None = None,
-                    view_mask: np.ndarray | None = None) -> dict:
+def compute_metrics(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int | None = None,
+    view_mask: np.ndarray | None = None,
+) -> dict:
     """top1/top5 (%), mean class accuracy (%), per-class accuracy, number of videos."""
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = num_classes or logits.shape[-1]

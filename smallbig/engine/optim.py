@@ -2,6 +2,7 @@
 (optionally not on BN weights and biases), per-iteration cosine or step decay at epochs,
 optional linear warmup, and the total-batch policy (gradient accumulation or linear LR scaling).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,14 +27,14 @@ def _train_spec(train_cfg: TrainSpec | dict) -> TrainSpec:
 class BatchPlan:
     """How the paper's total batch is realised on this machine. Recorded in every run."""
 
-    policy: str            # accumulate | scale_lr
+    policy: str  # accumulate | scale_lr
     world_size: int
-    per_gpu_batch: int     # micro-batch per process and step
-    accum_steps: int       # micro-batches per optimizer step (per process)
-    total_batch: int       # clips per optimizer step, all processes
-    paper_batch: int       # params.train.batch_size
-    base_lr: float         # params.train.lr (for paper_batch)
-    lr: float              # the LR actually used
+    per_gpu_batch: int  # micro-batch per process and step
+    accum_steps: int  # micro-batches per optimizer step (per process)
+    total_batch: int  # clips per optimizer step, all processes
+    paper_batch: int  # params.train.batch_size
+    base_lr: float  # params.train.lr (for paper_batch)
+    lr: float  # the LR actually used
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,12 +51,14 @@ def plan_batch(train_cfg: TrainSpec | dict, world_size: int) -> BatchPlan:
         if per_step > paper:
             raise BatchPolicyError(
                 f"train.per_gpu_batch {per} x {world_size} process(es) = {per_step} exceeds "
-                f"train.batch_size {paper}; lower per_gpu_batch or use batch_policy: scale_lr")
+                f"train.batch_size {paper}; lower per_gpu_batch or use batch_policy: scale_lr"
+            )
         if paper % per_step:
             raise BatchPolicyError(
                 f"train.batch_size {paper} is not a multiple of per_gpu_batch {per} x "
                 f"{world_size} process(es) = {per_step}: gradient accumulation cannot keep the "
-                f"total batch exactly; change per_gpu_batch or use batch_policy: scale_lr")
+                f"total batch exactly; change per_gpu_batch or use batch_policy: scale_lr"
+            )
         k = paper // per_step
         return BatchPlan(policy, world_size, per, k, paper, paper, base_lr, base_lr)
     if policy == "scale_lr":
@@ -67,15 +70,13 @@ def plan_batch(train_cfg: TrainSpec | dict, world_size: int) -> BatchPlan:
 def param_groups(model: torch.nn.Module, weight_decay: float, exclude_bn_bias: bool) -> list[dict]:
     """One group with weight decay; with exclude_bn_bias, BN/other 1-D params and biases get 0."""
     if not exclude_bn_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad],
-                 "weight_decay": weight_decay}]
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg: TrainSpec | dict, lr: float) -> torch.optim.SGD:
@@ -93,8 +94,15 @@ class LRFactor:
     warmup: linear from 1/warmup_iters to 1 over the first warmup_epochs * iters_per_epoch steps.
     """
 
-    def __init__(self, schedule: str, iters_per_epoch: int, epochs: int, lr_steps=(),
-                 gamma: float = 0.1, warmup_epochs: float = 0.0):
+    def __init__(
+        self,
+        schedule: str,
+        iters_per_epoch: int,
+        epochs: int,
+        lr_steps=(),
+        gamma: float = 0.1,
+        warmup_epochs: float = 0.0,
+    ):
         if schedule not in ("cosine", "step"):
             raise InputError(f"train.schedule: unknown schedule {schedule!r}")
         self.schedule = schedule
@@ -121,6 +129,7 @@ class LRFactor:
 
 def build_scheduler(optimizer, train_cfg: TrainSpec | dict, iters_per_epoch: int):
     tr = _train_spec(train_cfg)
-    factor = LRFactor(tr.schedule, iters_per_epoch, tr.epochs, list(tr.lr_steps), tr.lr_gamma,
-                      tr.warmup_epochs)
+    factor = LRFactor(
+        tr.schedule, iters_per_epoch, tr.epochs, list(tr.lr_steps), tr.lr_gamma, tr.warmup_epochs
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,6 +1,7 @@
 """What training and evaluation share at run time: the engine's errors, AMP settings,
 channels-last, turning a collated batch into model input, and small process facts (peak memory,
 timestamps)."""
+
 from __future__ import annotations
 
 import resource

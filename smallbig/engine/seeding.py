@@ -13,6 +13,7 @@ The data order and every random augmentation are a pure function of (seed, epoch
 * :func:`worker_init_fn` also seeds every data-loader worker from (seed, epoch, rank, worker),
   and makes workers ignore SIGTERM/SIGUSR1 (the main process decides when to stop).
 """
+
 from __future__ import annotations
 
 import random
@@ -37,8 +38,15 @@ def seed_everything(seed: int) -> None:
 
 
 class EpochSampler(Sampler):
-    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, samples_per_rank: int | None = None):
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        samples_per_rank: int | None = None,
+    ):
         if num_samples <= 0:
             raise ValueError("dataset is empty")
         self.num_samples = int(num_samples)
@@ -65,10 +73,10 @@ class EpochSampler(Sampler):
             order = list(range(self.num_samples))
         total = -(-self.num_samples // self.world_size) * self.world_size
         order = (order * (-(-total // len(order))))[:total]
-        return order[self.rank:total:self.world_size][: self.samples_per_rank]
+        return order[self.rank : total : self.world_size][: self.samples_per_rank]
 
     def __iter__(self):
-        for idx in self.indices(self.epoch)[self.start:]:
+        for idx in self.indices(self.epoch)[self.start :]:
             yield idx, mix_seed(self.seed, self.epoch, idx)
 
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ launcher the srun client, which also gets that SIGTERM, kills its step with SIGK
 (docs/engine.md, "Time limits and preemption"). Stopping `margin_s` before the limit needs no
 signal at all.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ STOP_AT_ENV = "SMALLBIG_STOP_AT"
 def _squeue_end_time(job_id: str) -> float | None:
     """End time (epoch seconds) of Slurm job `job_id`, or None when unknown/unlimited."""
     try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%e"], capture_output=True,
-                             text=True, timeout=30).stdout.strip()
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%e"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return parse_slurm_time(out.splitlines()[0] if out else "")
@@ -48,9 +50,14 @@ def parse_slurm_time(text: str) -> float | None:
 class Deadline:
     """`due()` is True from `margin_s` seconds before the end of the job."""
 
-    def __init__(self, margin_s: float, env: dict | None = None,
-                 query: Callable[[str], float | None] = _squeue_end_time,
-                 clock: Callable[[], float] = time.time, recheck_s: float = 60.0):
+    def __init__(
+        self,
+        margin_s: float,
+        env: dict | None = None,
+        query: Callable[[str], float | None] = _squeue_end_time,
+        clock: Callable[[], float] = time.time,
+        recheck_s: float = 60.0,
+    ):
         env = os.environ if env is None else env
         self.margin_s = float(margin_s)
         self.clock = clock
@@ -114,8 +121,9 @@ class StopFlag:
         if self.signum is not None:
             return f"signal {signal.Signals(self.signum).name}"
         if self._deadline_hit:
-            return (f"the job's time limit is {self.deadline.margin_s:.0f} s away or less "
-                    f"(--stop-before-limit)")
+            return (
+                f"the job's time limit is {self.deadline.margin_s:.0f} s away or less (--stop-before-limit)"
+            )
         return "not stopped"
 
     def install(self) -> StopFlag:

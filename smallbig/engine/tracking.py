@@ -26,6 +26,7 @@ is reported in the log and written to `<out>/mlflow-unsent.json`. A store that c
 when the run starts leaves that call untracked (reported); a resumed run keeps its id and is
 brought up to date when the store answers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,15 +60,25 @@ from smallbig.config import REPO_ROOT, flatten
 from smallbig.fsutil import atomic_write_text
 from smallbig.gitinfo import git_info
 
-_RETRY_PATTERNS = ("locked", "busy", "unique constraint", "already exists", "disk i/o",
-                   "deadlock", "could not obtain lock", "integrityerror")
+_RETRY_PATTERNS = (
+    "locked",
+    "busy",
+    "unique constraint",
+    "already exists",
+    "disk i/o",
+    "deadlock",
+    "could not obtain lock",
+    "integrityerror",
+)
 
 # MLflow's defaults retry a failed HTTP call 7 times with backoff factor 2 and wait 120 s for an
 # answer: minutes per call against a dead server, ~16 min against one that never answers. Ours
 # (an explicit setting in the environment is kept): one retry, 10 s per request.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 RETRY_ENV = "SMALLBIG_MLFLOW_RETRY_S"  # seconds between probes of a store that went away
 UNSENT_FILE = "mlflow-unsent.json"
 
@@ -89,8 +100,9 @@ def is_sqlite(uri: str) -> bool:
 CLUSTER_SQLITE_WARNING = (
     "WARNING: MLflow store is SQLite ({uri}) but this is a cluster run: SQLite's file locking is "
     "unsafe over NFS and other shared file systems, so concurrent jobs can corrupt or lose runs. "
-    "Start a tracking server (`smallbig tracking serve`, docs/engine.md \"MLflow\") and set "
-    "MLFLOW_URI in workflow/profiles/slurm/config.yaml (or --config mlflow_tracking_uri=URI).")
+    'Start a tracking server (`smallbig tracking serve`, docs/engine.md "MLflow") and set '
+    "MLFLOW_URI in workflow/profiles/slurm/config.yaml (or --config mlflow_tracking_uri=URI)."
+)
 
 
 def workflow_tracking_env(value: str | None, environ=None) -> str | None:
@@ -173,8 +185,10 @@ def git_tags() -> dict:
     """MLflow tags git_commit ('unknown' outside a repository) and git_dirty ('true', 'false',
     'unknown') of the package's checkout (smallbig.gitinfo)."""
     g = git_info(REPO_ROOT)
-    return {"git_commit": g["commit"] or "unknown",
-            "git_dirty": "unknown" if g["dirty"] is None else str(g["dirty"]).lower()}
+    return {
+        "git_commit": g["commit"] or "unknown",
+        "git_dirty": "unknown" if g["dirty"] is None else str(g["dirty"]).lower(),
+    }
 
 
 def sha256_file(path: str | Path) -> str | None:
@@ -225,18 +239,26 @@ def dvc_hash(path: str | Path) -> str | None:
 
 
 def environment_tags() -> dict:
-    tags = {"host": socket.gethostname(), "python": platform.python_version(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none")}
+    tags = {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none"),
+    }
     torch = sys.modules.get("torch")  # train/evaluate have it; a bare tracking call need not pay
     if torch is not None:
         cuda = torch.cuda.is_available()
-        tags.update({"torch": torch.__version__,
-                     "cuda": str(torch.version.cuda) if torch.version.cuda else "none",
-                     "gpu_count": str(torch.cuda.device_count() if cuda else 0),
-                     "gpu_model": torch.cuda.get_device_name(0) if cuda else "none"})
+        tags.update(
+            {
+                "torch": torch.__version__,
+                "cuda": str(torch.version.cuda) if torch.version.cuda else "none",
+                "gpu_count": str(torch.cuda.device_count() if cuda else 0),
+                "gpu_model": torch.cuda.get_device_name(0) if cuda else "none",
+            }
+        )
     else:
-        tags.update({"torch": version("torch"), "cuda": "unknown", "gpu_count": "unknown",
-                     "gpu_model": "unknown"})
+        tags.update(
+            {"torch": version("torch"), "cuda": "unknown", "gpu_count": "unknown", "gpu_model": "unknown"}
+        )
     if os.environ.get("SLURM_ARRAY_TASK_ID"):
         tags["slurm_array_task_id"] = os.environ["SLURM_ARRAY_TASK_ID"]
     tags.update(git_tags())
@@ -245,10 +267,12 @@ def environment_tags() -> dict:
 
 def data_tags(params: dict) -> dict:
     root = resolve_data_root(params["data"]["root"])
-    return {"dataset": params["data"]["dataset"],
-            "data_root": str(root),
-            "dataset_manifest_sha256": sha256_file(root / "manifest.json") or "none",
-            "dvc_md5": dvc_hash(root) or "unknown"}
+    return {
+        "dataset": params["data"]["dataset"],
+        "data_root": str(root),
+        "dataset_manifest_sha256": sha256_file(root / "manifest.json") or "none",
+        "dvc_md5": dvc_hash(root) or "unknown",
+    }
 
 
 # --------------------------------------------------------------------------- runs
@@ -270,10 +294,21 @@ def _chain(e: BaseException):
         e = e.__cause__ or e.__context__
 
 
-_UNREACHABLE = ("connection refused", "max retries exceeded", "timed out", "timeout",
-                "connection reset", "connection aborted", "remote end closed", "broken pipe",
-                "name or service not known", "temporary failure in name resolution",
-                "no route to host", "network is unreachable", "unable to open database file")
+_UNREACHABLE = (
+    "connection refused",
+    "max retries exceeded",
+    "timed out",
+    "timeout",
+    "connection reset",
+    "connection aborted",
+    "remote end closed",
+    "broken pipe",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "no route to host",
+    "network is unreachable",
+    "unable to open database file",
+)
 
 
 def transient(e: BaseException) -> bool:
@@ -284,14 +319,16 @@ def transient(e: BaseException) -> bool:
         if isinstance(x, (ConnectionError, TimeoutError)):
             return True
         if requests is not None and isinstance(
-                x, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            x, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+        ):
             return True
         text = f"{type(x).__name__}: {x}".lower()
         code = re.search(r"failed with error code (\d+)", text)
         if code:
             return int(code.group(1)) >= 500 or int(code.group(1)) in (408, 429)
-        if ("api request to" in text and "failed with" in text) or \
-                any(p in text for p in _UNREACHABLE + _RETRY_PATTERNS):
+        if ("api request to" in text and "failed with" in text) or any(
+            p in text for p in _UNREACHABLE + _RETRY_PATTERNS
+        ):
             return True
     return False
 
@@ -341,8 +378,10 @@ def _summary(ops: list) -> str:
     parts = []
     if metrics:
         steps = sorted(set().union(*metrics.values()))
-        parts.append(f"{sum(len(v) for v in metrics.values())} metric value(s) "
-                     f"({', '.join(sorted(metrics))}; step(s) {', '.join(map(str, steps))})")
+        parts.append(
+            f"{sum(len(v) for v in metrics.values())} metric value(s) "
+            f"({', '.join(sorted(metrics))}; step(s) {', '.join(map(str, steps))})"
+        )
     if params:
         parts.append(f"{params} param(s)")
     if tags:
@@ -415,9 +454,11 @@ class Run:
         wait = float(os.environ.get(RETRY_ENV, 60))
         if not self.offline:
             self.offline_since = time.time()
-            self.log(f"WARNING: MLflow store {self.uri} unreachable ({_reason(e)}) while sending "
-                     f"{what} of run {self.run_id}; carrying on without it: records are kept and "
-                     f"sent when it answers again (next try in {wait:.0f} s)")
+            self.log(
+                f"WARNING: MLflow store {self.uri} unreachable ({_reason(e)}) while sending "
+                f"{what} of run {self.run_id}; carrying on without it: records are kept and "
+                f"sent when it answers again (next try in {wait:.0f} s)"
+            )
         self.retry_at = time.time() + wait
 
     def _reconnect(self, force: bool = False) -> bool:
@@ -436,13 +477,17 @@ class Run:
                 if transient(e):
                     self.retry_at = time.time() + float(os.environ.get(RETRY_ENV, 60))
                     return False
-                self.log(f"WARNING: MLflow store {self.uri} refused a kept record of run "
-                         f"{self.run_id} ({_summary([op])}): {_reason(e)}; dropped")
+                self.log(
+                    f"WARNING: MLflow store {self.uri} refused a kept record of run "
+                    f"{self.run_id} ({_summary([op])}): {_reason(e)}; dropped"
+                )
             self.pending.pop(0)
             sent += 1
         self.sent_late += sent
-        self.log(f"MLflow store {self.uri} answers again after {time.time() - self.offline_since:.0f} s "
-                 f"offline: sent the {sent} record(s) of run {self.run_id} kept meanwhile")
+        self.log(
+            f"MLflow store {self.uri} answers again after {time.time() - self.offline_since:.0f} s "
+            f"offline: sent the {sent} record(s) of run {self.run_id} kept meanwhile"
+        )
         self.offline_since = None
         return True
 
@@ -459,8 +504,10 @@ class Run:
                 self._go_offline(e, what)
                 self._keep(op)
             else:
-                self.log(f"WARNING: MLflow store {self.uri} refused {what} of run {self.run_id}: "
-                         f"{_reason(e)}; not recorded")
+                self.log(
+                    f"WARNING: MLflow store {self.uri} refused {what} of run {self.run_id}: "
+                    f"{_reason(e)}; not recorded"
+                )
 
     # ---- records
     def log_params(self, params: dict) -> None:
@@ -470,7 +517,7 @@ class Run:
 
         items = [Param(k, _value(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self._submit(("batch", [], items[i:i + 100], []), "params")
+            self._submit(("batch", [], items[i : i + 100], []), "params")
 
     def set_tags(self, tags: dict) -> None:
         if not self.enabled:
@@ -479,7 +526,7 @@ class Run:
 
         items = [RunTag(k, _value(v)[:5000]) for k, v in tags.items()]
         for i in range(0, len(items), 100):
-            self._submit(("batch", [], [], items[i:i + 100]), "tags")
+            self._submit(("batch", [], [], items[i : i + 100]), "tags")
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if not self.enabled:
@@ -487,15 +534,19 @@ class Run:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool)]
+        items = [
+            Metric(k, float(v), ts, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool)
+        ]
         if items:
             self._submit(("batch", items, [], []), f"metrics (step {step or 0})")
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         if self.enabled and Path(path).exists():
-            self._submit(("artifact", Path(path).name, subdir, str(path), None),
-                         f"artifact {Path(path).name}")
+            self._submit(
+                ("artifact", Path(path).name, subdir, str(path), None), f"artifact {Path(path).name}"
+            )
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with `status`; an offline run tries its store once more first. Whatever
@@ -514,28 +565,46 @@ class Run:
             records = []
             for op in self.pending:
                 if op[0] == "batch":
-                    records.append({"metrics": [{"key": m.key, "value": m.value, "step": m.step,
-                                                 "timestamp": m.timestamp} for m in op[1]],
-                                    "params": {p.key: p.value for p in op[2]},
-                                    "tags": {t.key: t.value for t in op[3]}})
+                    records.append(
+                        {
+                            "metrics": [
+                                {"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
+                                for m in op[1]
+                            ],
+                            "params": {p.key: p.value for p in op[2]},
+                            "tags": {t.key: t.value for t in op[3]},
+                        }
+                    )
                 elif op[0] == "artifact":
                     records.append({"artifact": op[1], "path": op[3], "subdir": op[2]})
                 else:
                     records.append({op[0]: op[1]})
             try:
                 path = Path(self.unsent_file)
-                atomic_write_text(path, json.dumps({
-                    "tracking_uri": self.uri, "run_id": self.run_id,
-                    "offline_since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                   time.gmtime(self.offline_since)),
-                    "records": records}, indent=1) + "\n")
+                atomic_write_text(
+                    path,
+                    json.dumps(
+                        {
+                            "tracking_uri": self.uri,
+                            "run_id": self.run_id,
+                            "offline_since": time.strftime(
+                                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.offline_since)
+                            ),
+                            "records": records,
+                        },
+                        indent=1,
+                    )
+                    + "\n",
+                )
                 where = f" Kept in {path};"
             except OSError as e:
                 where = f" (could not write {self.unsent_file}: {e});"
-        self.log(f"WARNING: MLflow store {self.uri} still unreachable at the end "
-                 f"({time.time() - self.offline_since:.0f} s offline): run {self.run_id} misses "
-                 f"{_summary(self.pending)}, and shows the status RUNNING there instead of "
-                 f"{status}.{where} the values are also in this call's own output files")
+        self.log(
+            f"WARNING: MLflow store {self.uri} still unreachable at the end "
+            f"({time.time() - self.offline_since:.0f} s offline): run {self.run_id} misses "
+            f"{_summary(self.pending)}, and shows the status RUNNING there instead of "
+            f"{status}.{where} the values are also in this call's own output files"
+        )
 
 
 def disabled() -> bool:
@@ -574,8 +643,7 @@ def _store_creation_lock(uri: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _untracked(e: Exception, client, uri: str, kind: str, resume_run_id: str | None, log,
-               unsent_file) -> Run:
+def _untracked(e: Exception, client, uri: str, kind: str, resume_run_id: str | None, log, unsent_file) -> Run:
     """The store failed while the run was started: a resume whose store went away goes on
     offline under its id; anything else goes on untracked (reported)."""
     if resume_run_id and client is not None and transient(e):
@@ -585,15 +653,24 @@ def _untracked(e: Exception, client, uri: str, kind: str, resume_run_id: str | N
         r._keep(("update", "RUNNING"))
         r._keep(("batch", [], [], [_tag("resumed", "true")]))
         return r
-    log(f"WARNING: MLflow store {uri} {'unreachable' if transient(e) else 'failed'} "
+    log(
+        f"WARNING: MLflow store {uri} {'unreachable' if transient(e) else 'failed'} "
         f"({_reason(e)}): this {kind} is NOT recorded in MLflow; it goes on, its results are in "
-        f"its output files (--no-mlflow silences this)")
+        f"its output files (--no-mlflow silences this)"
+    )
     return Run(None, None)
 
 
-def start_run(params: dict, kind: str, run_name: str | None = None, resume_run_id: str | None = None,
-              extra_tags: dict | None = None, enabled: bool = True, log=None,
-              unsent_file: str | Path | None = None) -> Run:
+def start_run(
+    params: dict,
+    kind: str,
+    run_name: str | None = None,
+    resume_run_id: str | None = None,
+    extra_tags: dict | None = None,
+    enabled: bool = True,
+    log=None,
+    unsent_file: str | Path | None = None,
+) -> Run:
     """Start (or resume) the run for a train/evaluate call and log params and tags.
 
     A store that cannot be reached (or fails) here never fails the call: it is reported via

@@ -21,6 +21,7 @@ When the server answers ``GET /health`` *and* an API request carrying the advert
 header, the URI is printed and written to ``--uri-file`` (JSON; removed again at shutdown), so
 a script can wait for that file. SIGTERM/SIGINT stop the server (exit 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,53 +40,107 @@ from pathlib import Path
 
 from smallbig.fsutil import atomic_write_json
 
-NETWORK_FS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph",
-              "glusterfs", "fuse.glusterfs", "fuse.sshfs", "fuse.beegfs", "panfs", "afs",
-              "pvfs2", "orangefs", "9p", "fuse.cephfs", "wekafs", "fuse.juicefs"}
+NETWORK_FS = {
+    "nfs",
+    "nfs4",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "ceph",
+    "glusterfs",
+    "fuse.glusterfs",
+    "fuse.sshfs",
+    "fuse.beegfs",
+    "panfs",
+    "afs",
+    "pvfs2",
+    "orangefs",
+    "9p",
+    "fuse.cephfs",
+    "wekafs",
+    "fuse.juicefs",
+}
 _WILDCARD_BINDS = ("0.0.0.0", "::", "")
 # MLflow's own defaults (mlflow.server.security_utils), used if that module cannot be imported
-_FALLBACK_DEFAULT_HOSTS = (["localhost", "127.0.0.1", "[::1]", "0.0.0.0", "localhost:*",
-                            "127.0.0.1:*", "[[]::1]:*", "0.0.0.0:*", "192.168.*", "10.*"]
-                           + [f"172.{i}.*" for i in range(16, 32)] + ["fc00:*", "fd00:*"])
+_FALLBACK_DEFAULT_HOSTS = (
+    [
+        "localhost",
+        "127.0.0.1",
+        "[::1]",
+        "0.0.0.0",
+        "localhost:*",
+        "127.0.0.1:*",
+        "[[]::1]:*",
+        "0.0.0.0:*",
+        "192.168.*",
+        "10.*",
+    ]
+    + [f"172.{i}.*" for i in range(16, 32)]
+    + ["fc00:*", "fd00:*"]
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tracking", help="MLflow tracking server for cluster jobs",
-                       description="MLflow tracking for many concurrent jobs (docs/engine.md, MLflow).")
+    p = sub.add_parser(
+        "tracking",
+        help="MLflow tracking server for cluster jobs",
+        description="MLflow tracking for many concurrent jobs (docs/engine.md, MLflow).",
+    )
     tsub = p.add_subparsers(dest="tracking_command", metavar="COMMAND")
     tsub.required = True
     s = tsub.add_parser(
-        "serve", help="run an MLflow tracking server; jobs set MLFLOW_TRACKING_URI to its URI",
+        "serve",
+        help="run an MLflow tracking server; jobs set MLFLOW_TRACKING_URI to its URI",
         description="Run `mlflow server` for cluster jobs: store on this host's local disk (or a "
         "database), artifacts uploaded over HTTP (--serve-artifacts), Host-header checks that "
         "admit this host's names. Prints the URI jobs must use (MLFLOW_TRACKING_URI, the slurm "
         "profile's MLFLOW_URI) and writes it to --uri-file once the server answers. Stop it with "
-        "SIGTERM or Ctrl-C.")
-    s.add_argument("--host", default="0.0.0.0",
-                   help="interface to bind (default 0.0.0.0: reachable from compute nodes; "
-                   "127.0.0.1 = this machine only)")
+        "SIGTERM or Ctrl-C.",
+    )
+    s.add_argument(
+        "--host",
+        default="0.0.0.0",
+        help="interface to bind (default 0.0.0.0: reachable from compute nodes; "
+        "127.0.0.1 = this machine only)",
+    )
     s.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    s.add_argument("--store-dir", help="directory of the default SQLite store and artifacts "
-                   "(default $XDG_DATA_HOME/smallbig/mlflow-server); must be on LOCAL disk")
-    s.add_argument("--backend-store-uri",
-                   help="sqlite:////local/disk/mlflow.db (local disk of this host) or "
-                   "postgresql://user:pw@db/mlflow (default: sqlite:///STORE_DIR/mlflow.db)")
-    s.add_argument("--artifacts-destination",
-                   help="where uploaded artifacts are stored: a directory or s3://... "
-                   "(default STORE_DIR/artifacts)")
-    s.add_argument("--workers", type=int,
-                   help="server worker processes (default: 1 for SQLite, 4 otherwise)")
-    s.add_argument("--public-host",
-                   help="host name jobs use to reach this server (default: this host's name "
-                   "when bound to all interfaces, else --host)")
-    s.add_argument("--allowed-hosts", default="",
-                   help="extra comma-separated Host headers to accept (wildcards as in "
-                   "`mlflow server --allowed-hosts`), e.g. an alias or a tunnel name")
-    s.add_argument("--uri-file", help="write {\"uri\": ...} (JSON) here once the server is ready")
-    s.add_argument("--startup-timeout", type=float, default=300.0,
-                   help="seconds to wait for the server to answer (default 300)")
-    s.add_argument("--mlflow", default=None,
-                   help="mlflow executable (default: the one next to this Python)")
+    s.add_argument(
+        "--store-dir",
+        help="directory of the default SQLite store and artifacts "
+        "(default $XDG_DATA_HOME/smallbig/mlflow-server); must be on LOCAL disk",
+    )
+    s.add_argument(
+        "--backend-store-uri",
+        help="sqlite:////local/disk/mlflow.db (local disk of this host) or "
+        "postgresql://user:pw@db/mlflow (default: sqlite:///STORE_DIR/mlflow.db)",
+    )
+    s.add_argument(
+        "--artifacts-destination",
+        help="where uploaded artifacts are stored: a directory or s3://... (default STORE_DIR/artifacts)",
+    )
+    s.add_argument("--workers", type=int, help="server worker processes (default: 1 for SQLite, 4 otherwise)")
+    s.add_argument(
+        "--public-host",
+        help="host name jobs use to reach this server (default: this host's name "
+        "when bound to all interfaces, else --host)",
+    )
+    s.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="extra comma-separated Host headers to accept (wildcards as in "
+        "`mlflow server --allowed-hosts`), e.g. an alias or a tunnel name",
+    )
+    s.add_argument("--uri-file", help='write {"uri": ...} (JSON) here once the server is ready')
+    s.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the server to answer (default 300)",
+    )
+    s.add_argument("--mlflow", default=None, help="mlflow executable (default: the one next to this Python)")
     s.set_defaults(func=_serve)
 
 
@@ -98,7 +153,7 @@ def default_store_dir() -> Path:
 def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri[len("sqlite:///"):])
+    return Path(uri[len("sqlite:///") :])
 
 
 def filesystem_type(path: str | Path) -> str | None:
@@ -164,6 +219,7 @@ def allowed_hosts(names: list[str], extra: str = "") -> list[str]:
     `extra`."""
     try:
         from mlflow.server.security_utils import get_default_allowed_hosts
+
         hosts = list(get_default_allowed_hosts())
     except Exception:  # pragma: no cover - other MLflow versions
         hosts = list(_FALLBACK_DEFAULT_HOSTS)
@@ -173,16 +229,36 @@ def allowed_hosts(names: list[str], extra: str = "") -> list[str]:
     return list(dict.fromkeys(hosts))
 
 
-def server_command(mlflow: str, *, host: str, port: int, backend_store_uri: str,
-                   artifacts_destination: str, workers: int, allowed: list[str],
-                   cors_origins: list[str]) -> list[str]:
-    return [mlflow, "server",
-            "--host", host, "--port", str(port),
-            "--backend-store-uri", backend_store_uri,
-            "--serve-artifacts", "--artifacts-destination", artifacts_destination,
-            "--workers", str(workers),
-            "--allowed-hosts", ",".join(allowed),
-            "--cors-allowed-origins", ",".join(cors_origins)]
+def server_command(
+    mlflow: str,
+    *,
+    host: str,
+    port: int,
+    backend_store_uri: str,
+    artifacts_destination: str,
+    workers: int,
+    allowed: list[str],
+    cors_origins: list[str],
+) -> list[str]:
+    return [
+        mlflow,
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts_destination,
+        "--workers",
+        str(workers),
+        "--allowed-hosts",
+        ",".join(allowed),
+        "--cors-allowed-origins",
+        ",".join(cors_origins),
+    ]
 
 
 def _http_get(url: str, host_header: str | None = None, timeout: float = 5.0) -> int:
@@ -265,10 +341,11 @@ def _serve(args) -> int:
     signal.signal(signal.SIGINT, stop)
     _say(f"backend store {cfg['backend']}")
     _say(f"artifacts {cfg['artifacts']} (uploaded by the jobs over HTTP: --serve-artifacts)")
-    _say(f"starting mlflow server on {args.host}:{args.port} ({cfg['workers']} worker"
-         f"{'s' if cfg['workers'] != 1 else ''})")
-    proc = subprocess.Popen(cfg["cmd"], env=cfg["env"], start_new_session=True,
-                            preexec_fn=_set_pdeathsig)
+    _say(
+        f"starting mlflow server on {args.host}:{args.port} ({cfg['workers']} worker"
+        f"{'s' if cfg['workers'] != 1 else ''})"
+    )
+    proc = subprocess.Popen(cfg["cmd"], env=cfg["env"], start_new_session=True, preexec_fn=_set_pdeathsig)
     t0 = time.time()
     ready = _wait_ready(proc, cfg, stop, args.startup_timeout)
     if ready is None:  # refused or no answer: reported
@@ -292,15 +369,18 @@ def _server_config(args) -> dict:
         artifacts = str(Path(artifacts).expanduser().absolute())
         Path(artifacts).mkdir(parents=True, exist_ok=True)
     elif artifacts.startswith("file://"):
-        Path(artifacts[len("file://"):]).mkdir(parents=True, exist_ok=True)
+        Path(artifacts[len("file://") :]).mkdir(parents=True, exist_ok=True)
     db = sqlite_path(backend)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         if on_network_fs(db):
-            print(f"smallbig tracking serve: WARNING: the SQLite store {db} is on a network file "
-                  f"system ({filesystem_type(db)}). Put it on this host's local disk "
-                  "(--backend-store-uri sqlite:////local/disk/mlflow.db) or use PostgreSQL.",
-                  file=sys.stderr, flush=True)
+            print(
+                f"smallbig tracking serve: WARNING: the SQLite store {db} is on a network file "
+                f"system ({filesystem_type(db)}). Put it on this host's local disk "
+                "(--backend-store-uri sqlite:////local/disk/mlflow.db) or use PostgreSQL.",
+                file=sys.stderr,
+                flush=True,
+            )
     workers = args.workers or (1 if db is not None else 4)
     public = args.public_host or (socket.gethostname() if args.host in _WILDCARD_BINDS else args.host)
     names = host_names(public)
@@ -308,14 +388,20 @@ def _server_config(args) -> dict:
     allowed = allowed_hosts(names, args.allowed_hosts)
     cors = [f"http://{_format_host(n)}:{args.port}" for n in names]
     netloc = f"{_format_host(public)}:{args.port}"
-    connect = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(args.host,
-                                                                          _format_host(args.host))
+    connect = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(args.host, _format_host(args.host))
     mlflow = args.mlflow or str(Path(sys.executable).with_name("mlflow"))
     if not Path(mlflow).exists():
         mlflow = "mlflow"
-    cmd = server_command(mlflow, host=args.host, port=args.port, backend_store_uri=backend,
-                         artifacts_destination=artifacts, workers=workers, allowed=allowed,
-                         cors_origins=cors)
+    cmd = server_command(
+        mlflow,
+        host=args.host,
+        port=args.port,
+        backend_store_uri=backend,
+        artifacts_destination=artifacts,
+        workers=workers,
+        allowed=allowed,
+        cors_origins=cors,
+    )
     env = dict(os.environ)
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -323,9 +409,18 @@ def _server_config(args) -> dict:
     uri_file = Path(args.uri_file).absolute() if args.uri_file else None
     if uri_file is not None and uri_file.exists():
         uri_file.unlink()  # a stale file from an earlier server must not look ready
-    return {"backend": backend, "artifacts": artifacts, "workers": workers, "public": public,
-            "netloc": netloc, "uri": f"http://{netloc}", "probe": f"http://{connect}:{args.port}",
-            "cmd": cmd, "env": env, "uri_file": uri_file}
+    return {
+        "backend": backend,
+        "artifacts": artifacts,
+        "workers": workers,
+        "public": public,
+        "netloc": netloc,
+        "uri": f"http://{netloc}",
+        "probe": f"http://{connect}:{args.port}",
+        "cmd": cmd,
+        "env": env,
+        "uri_file": uri_file,
+    }
 
 
 def _wait_ready(proc, cfg: dict, stop: _Stop, startup_timeout: float) -> bool | None:
@@ -334,13 +429,16 @@ def _wait_ready(proc, cfg: dict, stop: _Stop, startup_timeout: float) -> bool | 
     probe, netloc, t0 = cfg["probe"], cfg["netloc"], time.time()
     while stop.signal is None and proc.poll() is None:
         if _http_get(f"{probe}/health", timeout=2) == 200:
-            code = _http_get(f"{probe}/api/2.0/mlflow/experiments/search?max_results=1",
-                             host_header=netloc, timeout=30)
+            code = _http_get(
+                f"{probe}/api/2.0/mlflow/experiments/search?max_results=1", host_header=netloc, timeout=30
+            )
             if code == 200:
                 return True
             if code == 403:
-                _say(f"error: the server rejects the Host header {netloc!r}; pass "
-                     "--allowed-hosts or --public-host")
+                _say(
+                    f"error: the server rejects the Host header {netloc!r}; pass "
+                    "--allowed-hosts or --public-host"
+                )
                 return None
         if time.time() - t0 > startup_timeout:
             _say(f"error: no answer from {probe} within {startup_timeout:.0f} s")
@@ -353,18 +451,30 @@ def _announce(args, cfg: dict, t0: float) -> None:
     """The URI file (if asked) and what jobs must set."""
     uri, uri_file = cfg["uri"], cfg["uri_file"]
     if uri_file is not None:
-        atomic_write_json(uri_file, {
-            "uri": uri, "host": cfg["public"], "port": args.port, "bind": args.host,
-            "pid": os.getpid(), "backend_store_uri": cfg["backend"],
-            "artifacts_destination": cfg["artifacts"], "workers": cfg["workers"],
-            "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds")})
-    print(f"\nMLflow tracking server ready ({time.time() - t0:.0f} s). Jobs must use:\n"
-          f"  export MLFLOW_TRACKING_URI={uri}\n"
-          f"  slurm profile (workflow/profiles/slurm/config.yaml): - MLFLOW_URI = \"{uri}\"\n"
-          f"UI: {uri} (or ssh -L {args.port}:localhost:{args.port} <this host>, then "
-          f"http://localhost:{args.port})\n"
-          + (f"URI file: {uri_file}\n" if uri_file else "")
-          + "Stop with Ctrl-C or SIGTERM.\n", flush=True)
+        atomic_write_json(
+            uri_file,
+            {
+                "uri": uri,
+                "host": cfg["public"],
+                "port": args.port,
+                "bind": args.host,
+                "pid": os.getpid(),
+                "backend_store_uri": cfg["backend"],
+                "artifacts_destination": cfg["artifacts"],
+                "workers": cfg["workers"],
+                "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            },
+        )
+    print(
+        f"\nMLflow tracking server ready ({time.time() - t0:.0f} s). Jobs must use:\n"
+        f"  export MLFLOW_TRACKING_URI={uri}\n"
+        f'  slurm profile (workflow/profiles/slurm/config.yaml): - MLFLOW_URI = "{uri}"\n'
+        f"UI: {uri} (or ssh -L {args.port}:localhost:{args.port} <this host>, then "
+        f"http://localhost:{args.port})\n"
+        + (f"URI file: {uri_file}\n" if uri_file else "")
+        + "Stop with Ctrl-C or SIGTERM.\n",
+        flush=True,
+    )
 
 
 def _shutdown(proc, uri_file: Path | None, stop: _Stop, port: int) -> int:
@@ -378,8 +488,10 @@ def _shutdown(proc, uri_file: Path | None, stop: _Stop, port: int) -> int:
         except (OSError, ValueError):
             pass
     if died:
-        _say(f"error: mlflow server exited ({rc}) before it was stopped (see its messages "
-             f"above; port {port} in use? pick another with --port)")
+        _say(
+            f"error: mlflow server exited ({rc}) before it was stopped (see its messages "
+            f"above; port {port} in use? pick another with --port)"
+        )
         return 1
     if rc not in (0, -signal.SIGTERM):
         _say(f"stopped ({signal.Signals(stop.signal).name}), but mlflow server exited {rc}")

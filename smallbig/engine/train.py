@@ -16,6 +16,7 @@ command with --resume (Slurm: `#SBATCH --signal=B:USR1@120` + `--requeue`, see d
 The MLflow run then has the status KILLED; a failure ends it FAILED (a resume that fails, even
 before loading a checkpoint, ends the run it was to continue FAILED).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -167,25 +168,42 @@ def _fail_resumed_run(out_dir: Path, state: dict, error: BaseException, log) -> 
 
 
 # --------------------------------------------------------------------------- training
-def train(params: dict | Params, out_dir: str | Path, resume: bool = False, device: str | None = None,
-          track: bool = True, progress: bool = True, builders=None, log=None,
-          stop: StopFlag | None = None) -> int:
+def train(
+    params: dict | Params,
+    out_dir: str | Path,
+    resume: bool = False,
+    device: str | None = None,
+    track: bool = True,
+    progress: bool = True,
+    builders=None,
+    log=None,
+    stop: StopFlag | None = None,
+) -> int:
     """Train per `params` (a validated params mapping or Params); returns EXIT_OK or
     EXIT_REQUEUE (stopped by a signal or the time-limit deadline of `stop`, checkpointed).
     `stop`: an installed StopFlag (the CLI installs one at start); default: a new one with no
     deadline, installed here."""
     state: dict = {}
     try:
-        return _train(params, Path(out_dir), resume, device, track, progress, builders, log, stop,
-                      state)
+        return _train(params, Path(out_dir), resume, device, track, progress, builders, log, stop, state)
     except Exception as e:
         if resume and track and state.get("is_main") and state.get("run") is None:
             _fail_resumed_run(Path(out_dir), state, e, state.get("say") or log or print)
         raise
 
 
-def _train(params, out_dir: Path, resume: bool, device: str | None, track: bool, progress: bool,
-           builders, log, stop: StopFlag | None, state: dict) -> int:
+def _train(
+    params,
+    out_dir: Path,
+    resume: bool,
+    device: str | None,
+    track: bool,
+    progress: bool,
+    builders,
+    log,
+    stop: StopFlag | None,
+    state: dict,
+) -> int:
     own_stop = stop is None
     stop = stop if stop is not None else StopFlag()
     stop.install()
@@ -201,8 +219,18 @@ def _train(params, out_dir: Path, resume: bool, device: str | None, track: bool,
     build_model, build_dataset, collate, normalize = builders or default_builders()
     p = Params.from_dict(params)
     raw = p.to_dict() if isinstance(params, Params) else params
-    r = TrainRun(p=p, params=raw, phash=params_hash(raw), out_dir=out_dir, info=info, dev=dev,
-                 say=say, stop=stop, collate=collate, normalize=normalize)
+    r = TrainRun(
+        p=p,
+        params=raw,
+        phash=params_hash(raw),
+        out_dir=out_dir,
+        info=info,
+        dev=dev,
+        say=say,
+        stop=stop,
+        collate=collate,
+        normalize=normalize,
+    )
     ckpt = _checkpoint_to_resume(r, resume, state)
     _build(r, ckpt, build_model, build_dataset)
     if info.is_main:
@@ -219,7 +247,8 @@ def _checkpoint_to_resume(r: TrainRun, resume: bool, state: dict) -> dict | None
     if ((out_dir / "last.pt").exists() or (out_dir / "checkpoint.pt").exists()) and not resume:
         raise CheckpointError(
             f"{out_dir}: already holds a checkpoint (last.pt/checkpoint.pt); pass --resume to "
-            f"continue it, or choose another --out")
+            f"continue it, or choose another --out"
+        )
     if not resume:
         return None
     if info.is_main:
@@ -233,7 +262,8 @@ def _checkpoint_to_resume(r: TrainRun, resume: bool, state: dict) -> dict | None
     if ckpt is not None and ckpt["params_hash"] != r.phash:
         raise CheckpointError(
             f"{out_dir / 'last.pt'}: made with different params (hash {ckpt['params_hash'][:12]} "
-            f"vs {r.phash[:12]} now); refusing to resume. Use a new --out for new params.")
+            f"vs {r.phash[:12]} now); refusing to resume. Use a new --out for new params."
+        )
     return ckpt
 
 
@@ -268,7 +298,8 @@ def _build(r: TrainRun, ckpt: dict | None, build_model, build_dataset) -> None:
         _resume_position(r, ckpt)
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
     r.model = model
     r.train_model = torch.compile(model) if tr.compile else model
     if ckpt is not None and "rng" in ckpt:
@@ -281,8 +312,10 @@ def _build(r: TrainRun, ckpt: dict | None, build_model, build_dataset) -> None:
 def _load_pretrained(r: TrainRun, model, weights) -> None:
     """The verified ImageNet file `resolve_pretrained` gave for model.pretrained."""
     got = load_pretrained_2d(model, weights)
-    r.say(f"initialised from {r.p.model.pretrained} ({weights}, ResNet-"
-          f"{got['source_depth']}: {got['loaded']} tensors loaded)")
+    r.say(
+        f"initialised from {r.p.model.pretrained} ({weights}, ResNet-"
+        f"{got['source_depth']}: {got['loaded']} tensors loaded)"
+    )
 
 
 def _plan_iterations(r: TrainRun) -> None:
@@ -294,11 +327,18 @@ def _plan_iterations(r: TrainRun) -> None:
         raise TrainingError(
             f"training set of {n} clips is smaller than one optimizer step "
             f"({plan.total_batch} clips = {plan.per_gpu_batch} x {plan.accum_steps} accumulation x "
-            f"{info.world_size} process(es)); lower train.batch_size/per_gpu_batch")
+            f"{info.world_size} process(es)); lower train.batch_size/per_gpu_batch"
+        )
     r.epochs = r.p.train.epochs
     r.total_iters = r.ipe * r.epochs
-    r.sampler = EpochSampler(n, r.p.train.seed, info.rank, info.world_size, shuffle=True,
-                             samples_per_rank=r.ipe * plan.accum_steps * plan.per_gpu_batch)
+    r.sampler = EpochSampler(
+        n,
+        r.p.train.seed,
+        info.rank,
+        info.world_size,
+        shuffle=True,
+        samples_per_rank=r.ipe * plan.accum_steps * plan.per_gpu_batch,
+    )
 
 
 def _resume_position(r: TrainRun, ckpt: dict) -> None:
@@ -309,11 +349,14 @@ def _resume_position(r: TrainRun, ckpt: dict) -> None:
     r.prior_elapsed, r.started = float(ckpt.get("elapsed_s", 0.0)), ckpt.get("started") or r.started
     old, plan = ckpt.get("batch_plan", {}), r.plan
     if old and (old.get("world_size"), old.get("accum_steps")) != (plan.world_size, plan.accum_steps):
-        r.say(f"WARNING: resuming with {plan.world_size} process(es) x {plan.accum_steps} accumulation "
-              f"(checkpoint: {old.get('world_size')} x {old.get('accum_steps')}): same "
-              f"total batch, but the data order per process differs from an uninterrupted run")
-    r.say(f"resuming {r.out_dir / 'last.pt'} at epoch {r.start_epoch}, iteration "
-          f"{r.global_it}/{r.total_iters}")
+        r.say(
+            f"WARNING: resuming with {plan.world_size} process(es) x {plan.accum_steps} accumulation "
+            f"(checkpoint: {old.get('world_size')} x {old.get('accum_steps')}): same "
+            f"total batch, but the data order per process differs from an uninterrupted run"
+        )
+    r.say(
+        f"resuming {r.out_dir / 'last.pt'} at epoch {r.start_epoch}, iteration {r.global_it}/{r.total_iters}"
+    )
 
 
 def _run(r: TrainRun, state: dict, track: bool, progress: bool, own_stop: bool) -> int:
@@ -324,13 +367,22 @@ def _run(r: TrainRun, state: dict, track: bool, progress: bool, own_stop: bool) 
         if r.info.is_main:
             _start_tracking(r, state, track)
         plan = r.plan
-        r.say(f"{r.p.id}: {r.n} clips, {r.epochs} epochs x {r.ipe} iterations, batch "
-              f"{plan.total_batch} ({plan.per_gpu_batch}/process x {plan.accum_steps} accumulation "
-              f"x {plan.world_size} process(es), policy {plan.policy}), lr {plan.lr:g}, amp "
-              f"{r.amp_eff}, device {r.dev}")
-        pbar = tqdm(total=r.total_iters, initial=r.global_it,
-                    disable=not (progress and r.info.is_main), desc=f"train {r.p.id}", unit="it",
-                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+        r.say(
+            f"{r.p.id}: {r.n} clips, {r.epochs} epochs x {r.ipe} iterations, batch "
+            f"{plan.total_batch} ({plan.per_gpu_batch}/process x {plan.accum_steps} accumulation "
+            f"x {plan.world_size} process(es), policy {plan.policy}), lr {plan.lr:g}, amp "
+            f"{r.amp_eff}, device {r.dev}"
+        )
+        pbar = tqdm(
+            total=r.total_iters,
+            initial=r.global_it,
+            disable=not (progress and r.info.is_main),
+            desc=f"train {r.p.id}",
+            unit="it",
+            dynamic_ncols=True,
+            mininterval=1.0,
+            file=sys.stderr,
+        )
         rc = _epochs(r, pbar)
         status = "FINISHED" if rc == EXIT_OK else "KILLED"
         return rc
@@ -356,19 +408,29 @@ def _run(r: TrainRun, state: dict, track: bool, progress: bool, own_stop: bool) 
 def _start_tracking(r: TrainRun, state: dict, track: bool) -> None:
     """Rank 0: start (or resume) the MLflow run; OUT/mlflow-run.json names it."""
     run = r.run = state["run"] = tracking.start_run(
-        r.params, "train", resume_run_id=r.run_id, enabled=track, log=r.say,
+        r.params,
+        "train",
+        resume_run_id=r.run_id,
+        enabled=track,
+        log=r.say,
         unsent_file=r.out_dir / tracking.UNSENT_FILE,
-        extra_tags={"out_dir": str(r.out_dir.resolve()), "amp_effective": r.amp_eff,
-                    "device": str(r.dev)})
+        extra_tags={"out_dir": str(r.out_dir.resolve()), "amp_effective": r.amp_eff, "device": str(r.dev)},
+    )
     if run.run_id and (r.run_id is None or run.run_id != r.run_id):
-        run.log_params({f"engine.{k}": v for k, v in r.plan.as_dict().items()}
-                       | {"engine.amp_effective": r.amp_eff, "engine.iters_per_epoch": r.ipe,
-                          "engine.device": r.dev.type})
+        run.log_params(
+            {f"engine.{k}": v for k, v in r.plan.as_dict().items()}
+            | {
+                "engine.amp_effective": r.amp_eff,
+                "engine.iters_per_epoch": r.ipe,
+                "engine.device": r.dev.type,
+            }
+        )
         run.log_artifact(r.out_dir / "params.yaml")
     if run.run_id:
-        atomic_write_json(r.out_dir / RUN_FILE, {"run_id": run.run_id,
-                                                 "tracking_uri": tracking.tracking_uri(),
-                                                 "experiment": r.p.id})
+        atomic_write_json(
+            r.out_dir / RUN_FILE,
+            {"run_id": run.run_id, "tracking_uri": tracking.tracking_uri(), "experiment": r.p.id},
+        )
     r.run_id = run.run_id
 
 
@@ -404,12 +466,26 @@ def _save_last(r: TrainRun, epoch: int, stats) -> None:
 
 def _state(r: TrainRun, epoch: int, stats) -> dict:
     return training_state(
-        model=r.model, optimizer=r.optimizer, scheduler=r.scheduler, scaler=r.scaler,
-        rngs=D.all_gather_objects(rng_state(), r.info), epoch=epoch, iteration=r.global_it,
-        iters_per_epoch=r.ipe, total_iters=r.total_iters, history=r.history, epoch_stats=stats,
-        plan=r.plan, seed=r.p.train.seed, params=r.params, params_hash=r.phash,
-        version=__version__, run_id=r.run_id, started=r.started,
-        elapsed_s=r.prior_elapsed + time.time() - r.t_start)
+        model=r.model,
+        optimizer=r.optimizer,
+        scheduler=r.scheduler,
+        scaler=r.scaler,
+        rngs=D.all_gather_objects(rng_state(), r.info),
+        epoch=epoch,
+        iteration=r.global_it,
+        iters_per_epoch=r.ipe,
+        total_iters=r.total_iters,
+        history=r.history,
+        epoch_stats=stats,
+        plan=r.plan,
+        seed=r.p.train.seed,
+        params=r.params,
+        params_hash=r.phash,
+        version=__version__,
+        run_id=r.run_id,
+        started=r.started,
+        elapsed_s=r.prior_elapsed + time.time() - r.t_start,
+    )
 
 
 def train_epoch(r: TrainRun, epoch: int, stats: dict, pbar) -> bool:
@@ -421,10 +497,16 @@ def train_epoch(r: TrainRun, epoch: int, stats: dict, pbar) -> bool:
         return False
     plan = r.plan
     r.sampler.set_epoch(epoch, start=it0 * plan.accum_steps * plan.per_gpu_batch)
-    loader = DataLoader(SeededDataset(r.dataset), batch_size=plan.per_gpu_batch,
-                        sampler=r.sampler, num_workers=r.p.data.num_workers, collate_fn=r.collate,
-                        worker_init_fn=WorkerInit(r.p.train.seed, epoch, r.info.rank),
-                        pin_memory=r.dev.type == "cuda", drop_last=True)
+    loader = DataLoader(
+        SeededDataset(r.dataset),
+        batch_size=plan.per_gpu_batch,
+        sampler=r.sampler,
+        num_workers=r.p.data.num_workers,
+        collate_fn=r.collate,
+        worker_init_fn=WorkerInit(r.p.train.seed, epoch, r.info.rank),
+        pin_memory=r.dev.type == "cuda",
+        drop_last=True,
+    )
     batches = iter(loader)
     r.train_model.train()
     value = float("nan")
@@ -440,15 +522,22 @@ def train_epoch(r: TrainRun, epoch: int, stats: dict, pbar) -> bool:
         stats["lr"] = lr_now
         if pbar is not None:
             pbar.update(1)
-            pbar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}", lr=f"{lr_now:.3g}",
-                             clips_s=f"{clips * r.info.world_size / max(dt, 1e-9):.1f}",
-                             refresh=False)
+            pbar.set_postfix(
+                epoch=epoch + 1,
+                loss=f"{value:.4f}",
+                lr=f"{lr_now:.3g}",
+                clips_s=f"{clips * r.info.world_size / max(dt, 1e-9):.1f}",
+                refresh=False,
+            )
         stopping = D.any_flag(r.stop.set, r.info, r.dev)
         last_of_epoch = r.global_it == (epoch + 1) * r.ipe
         if stopping and not last_of_epoch:
             _save_last(r, epoch, stats)
-            _stopped(r, f": checkpointed {r.out_dir / 'last.pt'} at iteration {r.global_it}",
-                     " (resume with --resume)")
+            _stopped(
+                r,
+                f": checkpointed {r.out_dir / 'last.pt'} at iteration {r.global_it}",
+                " (resume with --resume)",
+            )
             return True
         if r.global_it % r.p.train.checkpoint_every_iters == 0 and not last_of_epoch:
             _save_last(r, epoch, stats)
@@ -467,8 +556,11 @@ def _optimizer_step(r: TrainRun, batches, stats: dict, epoch: int, value: float)
             continue
         x = to_input(batch["video"], dev, p.data.mean, p.data.std, r.normalize, r.channels_last)
         y = batch_labels(batch, dev)
-        sync = (r.model.no_sync() if r.info.distributed and micro < plan.accum_steps - 1
-                else contextlib.nullcontext())
+        sync = (
+            r.model.no_sync()
+            if r.info.distributed and micro < plan.accum_steps - 1
+            else contextlib.nullcontext()
+        )
         with sync:
             with torch.autocast(dev.type, dtype=r.amp_dtype, enabled=r.amp_dtype is not None):
                 logits = r.train_model(x)
@@ -478,7 +570,8 @@ def _optimizer_step(r: TrainRun, batches, stats: dict, epoch: int, value: float)
                 raise NonFiniteLossError(
                     f"loss is {value} at iteration {r.global_it + 1} (epoch {epoch + 1}, "
                     f"micro-batch {micro + 1}/{plan.accum_steps}); stopping. Lower "
-                    f"train.lr or check the data; last good checkpoint: {r.out_dir / 'last.pt'}")
+                    f"train.lr or check the data; last good checkpoint: {r.out_dir / 'last.pt'}"
+                )
             scaled = loss / plan.accum_steps
             (r.scaler.scale(scaled) if r.scaler is not None else scaled).backward()
         stats["loss_sum"] += value * y.shape[0]
@@ -498,25 +591,40 @@ def end_epoch(r: TrainRun, epoch: int, stats: dict) -> None:
     row (history.json, MLflow), last.pt."""
     val_top1 = None
     if (epoch + 1) % r.p.train.val_every_epochs == 0 or epoch + 1 == r.epochs:
-        val_top1 = validate(unwrap(r.model), r.val_ds, r.p, r.dev, r.info, r.collate, r.normalize,
-                            r.amp_dtype, r.channels_last)
+        val_top1 = validate(
+            unwrap(r.model),
+            r.val_ds,
+            r.p,
+            r.dev,
+            r.info,
+            r.collate,
+            r.normalize,
+            r.amp_dtype,
+            r.channels_last,
+        )
     if r.info.distributed:  # loss over all processes' clips
         parts = D.all_gather_objects((stats["loss_sum"], stats["loss_n"], stats["skipped"]), r.info)
         loss_sum, loss_n = sum(p[0] for p in parts), sum(p[1] for p in parts)
         skipped = sum(p[2] for p in parts)
     else:
         loss_sum, loss_n, skipped = stats["loss_sum"], stats["loss_n"], stats["skipped"]
-    row = {"epoch": epoch + 1, "iteration": r.global_it,
-           "loss": loss_sum / max(1, loss_n),
-           "lr": stats.get("lr", r.optimizer.param_groups[0]["lr"]), "val_top1": val_top1,
-           "clips_per_s": stats["clips"] * r.info.world_size / max(stats["time"], 1e-9),
-           "peak_mem_mb": peak_mem_mb(r.dev), "skipped": skipped}
+    row = {
+        "epoch": epoch + 1,
+        "iteration": r.global_it,
+        "loss": loss_sum / max(1, loss_n),
+        "lr": stats.get("lr", r.optimizer.param_groups[0]["lr"]),
+        "val_top1": val_top1,
+        "clips_per_s": stats["clips"] * r.info.world_size / max(stats["time"], 1e-9),
+        "peak_mem_mb": peak_mem_mb(r.dev),
+        "skipped": skipped,
+    }
     r.history.append(row)
     if r.info.is_main:
         atomic_write_json(r.out_dir / "history.json", r.history)
         if r.run is not None:
-            r.run.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "iteration")},
-                              step=epoch + 1)
+            r.run.log_metrics(
+                {k: v for k, v in row.items() if k not in ("epoch", "iteration")}, step=epoch + 1
+            )
     _save_last(r, epoch + 1, None)
 
 
@@ -532,9 +640,13 @@ def write_final(r: TrainRun) -> None:
     summary = run_summary(r)
     atomic_write_json(r.out_dir / "train_metrics.json", summary)
     if r.run is not None:
-        r.run.log_metrics({"final_loss": summary["final_loss"] or float("nan"),
-                           **({"final_val_top1": summary["val_top1"]}
-                              if summary["val_top1"] is not None else {})}, step=r.epochs)
+        r.run.log_metrics(
+            {
+                "final_loss": summary["final_loss"] or float("nan"),
+                **({"final_val_top1": summary["val_top1"]} if summary["val_top1"] is not None else {}),
+            },
+            step=r.epochs,
+        )
         r.run.log_artifact(r.out_dir / "history.json")
         r.run.log_artifact(r.out_dir / "train_metrics.json")
 
@@ -545,34 +657,50 @@ def run_summary(r: TrainRun) -> dict:
     vals = [h["val_top1"] for h in history if h.get("val_top1") is not None]
     last = history[-1] if history else {}
     return {
-        "experiment": r.p.id, "params_hash": r.phash, "epochs": r.epochs,
-        "iterations": r.global_it, "iters_per_epoch": r.ipe,
-        "final_loss": last.get("loss"), "final_lr": last.get("lr"),
-        "val_top1": vals[-1] if vals else None, "best_val_top1": max(vals) if vals else None,
+        "experiment": r.p.id,
+        "params_hash": r.phash,
+        "epochs": r.epochs,
+        "iterations": r.global_it,
+        "iters_per_epoch": r.ipe,
+        "final_loss": last.get("loss"),
+        "final_lr": last.get("lr"),
+        "val_top1": vals[-1] if vals else None,
+        "best_val_top1": max(vals) if vals else None,
         "clips_per_s": last.get("clips_per_s"),
         "wall_time_s_this_process": time.time() - r.t_start,
         "wall_time_s": r.prior_elapsed + time.time() - r.t_start,
-        "started": r.started, "finished": now_iso(),
+        "started": r.started,
+        "finished": now_iso(),
         "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "gpu_hours": ((r.prior_elapsed + time.time() - r.t_start) * r.info.world_size / 3600.0
-                      if dev.type == "cuda" else None),  # CPU runs: wall_time_s
-        "batch_plan": r.plan.as_dict(), "amp": r.amp_eff, "channels_last": r.channels_last,
-        "compile": r.p.train.compile, "device": str(dev),
-        "world_size": r.info.world_size, "mlflow_run_id": r.run_id,
+        "gpu_hours": (
+            (r.prior_elapsed + time.time() - r.t_start) * r.info.world_size / 3600.0
+            if dev.type == "cuda"
+            else None
+        ),  # CPU runs: wall_time_s
+        "batch_plan": r.plan.as_dict(),
+        "amp": r.amp_eff,
+        "channels_last": r.channels_last,
+        "compile": r.p.train.compile,
+        "device": str(dev),
+        "world_size": r.info.world_size,
+        "mlflow_run_id": r.run_id,
         "checkpoint": str(r.out_dir / "checkpoint.pt"),
     }
 
 
 @torch.no_grad()
-def validate(model, dataset, p: Params, dev, info, collate, normalize, amp_dtype,
-             channels_last) -> float:
+def validate(model, dataset, p: Params, dev, info, collate, normalize, amp_dtype, channels_last) -> float:
     """Top-1 (%) on the validation split, one centre clip per video (the paper's 'val clip')."""
     p = Params.from_dict(p)
     was_training = model.training
     model.eval()
     idx = list(range(info.rank, len(dataset), info.world_size))
-    loader = DataLoader(Subset(dataset, idx), batch_size=p.test.batch_size * 2,
-                        num_workers=p.data.num_workers, collate_fn=collate)
+    loader = DataLoader(
+        Subset(dataset, idx),
+        batch_size=p.test.batch_size * 2,
+        num_workers=p.data.num_workers,
+        collate_fn=collate,
+    )
     ids, logits_all, labels_all = [], [], []
     for batch in loader:
         if batch["video"].shape[0] == 0:

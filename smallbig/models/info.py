@@ -6,6 +6,7 @@ else (no BN, pooling, activations, element-wise products). Counted with
 ``torch.utils.flop_counter.FlopCounterMode`` (its FLOPs / 2) on a model built on the ``meta``
 device, so no memory is allocated and no weights are initialised for real.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,10 +30,18 @@ PAPER: dict[str, dict] = {
     "k400-r23-sb-full-singlebn": {"params_m": 13.3, "gflops": 17, "source": "Table 6 (Single BN)"},
     "k400-r23-nonlocal": {"params_m": 18.7, "gflops": 34, "source": "Table 7 (NonLocal-R23)"},
     "k400-r50-c2d": {"gflops": 33, "source": "Table 10 (R50 8-frame baselines TSM/TEI: 33)"},
-    "k400-r50-sb-full": {"gflops": 57, "gflops_x_views": 1710, "views": 30,
-                         "source": "Table 10 (SmallBig R50, 57 x 30)"},
-    "k400-r101-sb-typical-32f": {"gflops": 418, "gflops_x_views": 5016, "views": 12,
-                                 "source": "Table 10 (SmallBig R101, 418 x 12)"},
+    "k400-r50-sb-full": {
+        "gflops": 57,
+        "gflops_x_views": 1710,
+        "views": 30,
+        "source": "Table 10 (SmallBig R50, 57 x 30)",
+    },
+    "k400-r101-sb-typical-32f": {
+        "gflops": 418,
+        "gflops_x_views": 5016,
+        "views": 12,
+        "source": "Table 10 (SmallBig R101, 418 x 12)",
+    },
     "sthv1-r50-sb-8f": {"gflops": 52, "source": "Table 11 (SmallBig R50, 8 frames)"},
     "sthv2-r50-sb-8f": {"gflops": 52, "source": "Table 11 (SmallBig R50, 8 frames)"},
     "sthv1-r50-sb-16f": {"gflops": 105, "source": "Table 11 (SmallBig R50, 16 frames)"},
@@ -170,8 +179,10 @@ def _fmt(v, spec: str = "") -> str:
 
 def info_table(infos: list[dict]) -> str:
     """Markdown table: ours beside the paper's (and the authors' code where measured)."""
-    head = ("| experiment | params M | paper M | GMACs 224 | paper GFlops | authors' code M / GMACs "
-            "| test crop GMACs | views | GFlops×views | paper ×views | differences > 2% |")
+    head = (
+        "| experiment | params M | paper M | GMACs 224 | paper GFlops | authors' code M / GMACs "
+        "| test crop GMACs | views | GFlops×views | paper ×views | differences > 2% |"
+    )
     lines = [head, "|" + "---|" * 11]
     for i in infos:
         p = i["paper"] or {}
@@ -182,5 +193,6 @@ def info_table(infos: list[dict]) -> str:
             f"| {_fmt(p.get('gflops'))} | {authors} "
             f"| {i['gmacs_test_crop']:.2f} ({i['test_crop']}²) | {i['views']} ({i['protocol']}) "
             f"| {i['gflops_x_views']:.0f} | {_fmt(p.get('gflops_x_views'))} "
-            f"| {'; '.join(i['flags']) if i['flags'] else ''} |")
+            f"| {'; '.join(i['flags']) if i['flags'] else ''} |"
+        )
     return "\n".join(lines)

@@ -17,6 +17,7 @@ Two formulations of the same maths live side by side (``module.efficient``):
 
 Both formulations have identical parameters and state-dict keys; tests check them equal.
 """
+
 from __future__ import annotations
 
 import math
@@ -133,12 +134,19 @@ def pool_frames(f: torch.Tensor, n: int, t: int, pool: Pool, mode: str) -> tuple
 class ConvBN(nn.Module):
     """conv (kt×kh×kw, spatial stride s, 'same' padding, no bias) -> BN. No ReLU."""
 
-    def __init__(self, cin: int, cout: int, kernel: Sequence[int], stride: int = 1,
-                 efficient: bool = True) -> None:
+    def __init__(
+        self, cin: int, cout: int, kernel: Sequence[int], stride: int = 1, efficient: bool = True
+    ) -> None:
         super().__init__()
         kt, kh, kw = kernel
-        self.conv = nn.Conv3d(cin, cout, (kt, kh, kw), stride=(1, stride, stride),
-                              padding=(kt // 2, kh // 2, kw // 2), bias=False)
+        self.conv = nn.Conv3d(
+            cin,
+            cout,
+            (kt, kh, kw),
+            stride=(1, stride, stride),
+            padding=(kt // 2, kh // 2, kw // 2),
+            bias=False,
+        )
         self.bn = BatchNorm(cout)
         self.efficient = efficient
 
@@ -171,9 +179,18 @@ class SmallBigUnit(nn.Module):
     applies to both views (pooling sits before the conv). BN_b starts at gamma = beta = 0.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: Sequence[int], stride: int,
-                 pool: Pool, pool_mode: str = "max", share: bool = True,
-                 bn: str = "individual", efficient: bool = True) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: Sequence[int],
+        stride: int,
+        pool: Pool,
+        pool_mode: str = "max",
+        share: bool = True,
+        bn: str = "individual",
+        efficient: bool = True,
+    ) -> None:
         super().__init__()
         kt, kh, kw = kernel
         if kt != 1:
@@ -183,9 +200,16 @@ class SmallBigUnit(nn.Module):
         self.share = share
         self.single_bn = bn == "single"
         self.efficient = efficient
+
         def conv() -> nn.Conv3d:
-            return nn.Conv3d(cin, cout, kernel_size=(1, kh, kw), stride=(1, stride, stride),
-                             padding=(0, kh // 2, kw // 2), bias=False)
+            return nn.Conv3d(
+                cin,
+                cout,
+                kernel_size=(1, kh, kw),
+                stride=(1, stride, stride),
+                padding=(0, kh // 2, kw // 2),
+                bias=False,
+            )
 
         self.conv = conv()
         self.bn = BatchNorm(cout)
@@ -199,8 +223,10 @@ class SmallBigUnit(nn.Module):
 
     def extra_repr(self) -> str:
         kt, kh, kw = self.pool
-        return (f"pool={self.pool_mode} {kt}x{kh}x{kw}, share={self.share}, "
-                f"bn={'single' if self.single_bn else 'individual'}, efficient={self.efficient}")
+        return (
+            f"pool={self.pool_mode} {kt}x{kh}x{kw}, share={self.share}, "
+            f"bn={'single' if self.single_bn else 'individual'}, efficient={self.efficient}"
+        )
 
     @property
     def big_weight(self) -> torch.Tensor:
@@ -239,15 +265,16 @@ class SmallBigUnit(nn.Module):
             ws, bs = fold_bn(w, self.bn)
             wbf, bbf = fold_bn(wb, self.bn_big)
             if tp == t:  # one conv over the channel-concatenated views
-                y = F.conv2d(torch.cat([f, pf], dim=1), torch.cat([ws, wbf], dim=1), bs + bbf,
-                             stride, padding)
+                y = F.conv2d(
+                    torch.cat([f, pf], dim=1), torch.cat([ws, wbf], dim=1), bs + bbf, stride, padding
+                )
                 return from_frames(y, n, t)
             ys = F.conv2d(f, ws, bs, stride, padding)
             yb = F.conv2d(pf, wbf, bbf, stride, padding)
         else:
             if self.share:  # one conv call for both views (batch-concatenated)
                 y = F.conv2d(torch.cat([f, pf], dim=0), w, None, stride, padding)
-                ys, yb = y[: n * t], y[n * t:]
+                ys, yb = y[: n * t], y[n * t :]
             else:
                 ys = F.conv2d(f, w, None, stride, padding)
                 yb = F.conv2d(pf, wb, None, stride, padding)

@@ -15,6 +15,7 @@ Rules (``../shared/design/model-spec.md``):
   its zero initialisation. Extra units, NonLocal blocks are new (left as initialised).
 - The classifier is copied only when its shape matches (e.g. not 1000 ImageNet classes -> 400).
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,7 +55,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PretrainedError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
 def source_depth(sd: dict[str, torch.Tensor], path: Any = "<state dict>") -> int:
@@ -64,8 +65,10 @@ def source_depth(sd: dict[str, torch.Tensor], path: Any = "<state dict>") -> int
         idx = {int(m.group(1)) for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.", k))}
         counts.append(len(idx))
     if not any(k.endswith("conv3.weight") for k in sd):
-        raise PretrainedError(f"{path}: not a bottleneck ResNet state dict (no conv3 weights; "
-                              f"block counts {counts}); need torchvision ResNet-50 or ResNet-101")
+        raise PretrainedError(
+            f"{path}: not a bottleneck ResNet state dict (no conv3 weights; "
+            f"block counts {counts}); need torchvision ResNet-50 or ResNet-101"
+        )
     depth = _SOURCE_DEPTHS.get((counts[0], counts[1], counts[2], counts[3]))
     if depth is None:
         raise PretrainedError(f"{path}: unrecognised ResNet layout, blocks per stage {counts}")
@@ -80,8 +83,10 @@ def _convert(name: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         if kt > 1:
             src = src.repeat(1, 1, kt, 1, 1) / kt
     if src.shape != dst.shape:
-        raise PretrainedError(f"{name}: shape {tuple(src.shape)} in the file, the model needs "
-                              f"{tuple(dst.shape)} (base_width or depth mismatch?)")
+        raise PretrainedError(
+            f"{name}: shape {tuple(src.shape)} in the file, the model needs "
+            f"{tuple(dst.shape)} (base_width or depth mismatch?)"
+        )
     return src
 
 
@@ -118,7 +123,8 @@ def load_pretrained_2d(model: VideoResNet, path: str | Path, strict_depth: bool 
     if strict_depth and src_depth != _REQUIRED_SOURCE[depth]:
         raise PretrainedError(
             f"{path}: a ResNet-{src_depth} state dict, but the model is R{depth}, which loads "
-            f"ResNet-{_REQUIRED_SOURCE[depth]} weights (R23 takes the first blocks of each ResNet-50 stage)")
+            f"ResNet-{_REQUIRED_SOURCE[depth]} weights (R23 takes the first blocks of each ResNet-50 stage)"
+        )
     own = model.state_dict()
     used: set[str] = set()
     loaded, new, skipped = [], [], []
@@ -138,10 +144,24 @@ def load_pretrained_2d(model: VideoResNet, path: str | Path, strict_depth: bool 
             used.add(src_key)
             loaded.append(key)
     unused = sorted(set(sd) - used)
-    summary = {"file": str(path), "source_depth": src_depth, "loaded": len(loaded),
-               "new": new, "skipped": skipped, "unused": unused}
-    log.info("pretrained %s (ResNet-%d): %d tensors loaded, %d new in the video net (e.g. %s), "
-             "%d skipped %s, %d unused in the file", path, src_depth, len(loaded), len(new),
-             ", ".join(sorted({re.sub(r'^res\d\.\d+\.', '', k).split('.')[0] for k in new})[:6]) or "-",
-             len(skipped), skipped, len(unused))
+    summary = {
+        "file": str(path),
+        "source_depth": src_depth,
+        "loaded": len(loaded),
+        "new": new,
+        "skipped": skipped,
+        "unused": unused,
+    }
+    log.info(
+        "pretrained %s (ResNet-%d): %d tensors loaded, %d new in the video net (e.g. %s), "
+        "%d skipped %s, %d unused in the file",
+        path,
+        src_depth,
+        len(loaded),
+        len(new),
+        ", ".join(sorted({re.sub(r"^res\d\.\d+\.", "", k).split(".")[0] for k in new})[:6]) or "-",
+        len(skipped),
+        skipped,
+        len(unused),
+    )
     return summary

@@ -8,6 +8,7 @@ global temporal pooling of ``T×k×k`` units is computed from the input, so any 
 ``model`` mapping of a params file, which is checked once, by the params validation
 (``smallbig.config.validate_model``), and completed from params/base.yaml.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -68,8 +69,9 @@ class Stem(nn.Module):
 class Head(nn.Module):
     """Global average pool over T×H×W -> dropout (optional) -> linear."""
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0,
-                 efficient: bool = True) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, dropout: float = 0.0, efficient: bool = True
+    ) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_features, num_classes)
@@ -97,8 +99,9 @@ class Bottleneck(nn.Module):
     conv2: nn.Module
     conv3: nn.Module
 
-    def __init__(self, cin: int, planes: int, stride: int, stage: StageSpec, unit: UnitSpec,
-                 efficient: bool = True) -> None:
+    def __init__(
+        self, cin: int, planes: int, stride: int, stage: StageSpec, unit: UnitSpec, efficient: bool = True
+    ) -> None:
         super().__init__()
         kind, smallbig, extra = stage.block, stage.smallbig, stage.extra
         cout = planes * EXPANSION
@@ -114,8 +117,9 @@ class Bottleneck(nn.Module):
         }
         for name, (ci, co, kernel, s) in specs.items():
             if name in smallbig:
-                layer: nn.Module = SmallBigUnit(ci, co, kernel, s, smallbig[name], unit.pool,
-                                                unit.share, unit.bn, efficient)
+                layer: nn.Module = SmallBigUnit(
+                    ci, co, kernel, s, smallbig[name], unit.pool, unit.share, unit.bn, efficient
+                )
             else:
                 layer = ConvBN(ci, co, kernel, s, efficient)
             setattr(self, name, layer)
@@ -154,7 +158,7 @@ class VideoResNet(nn.Module):
         self.stem = Stem(base, efficient)
         cin = base
         for i, name in enumerate(STAGES):
-            planes = base * 2 ** i
+            planes = base * 2**i
             blocks = []
             for j in range(DEPTHS[spec.depth][i]):
                 stride = 2 if (i > 0 and j == 0) else 1
@@ -201,7 +205,7 @@ def set_formulation(model: nn.Module, formulation: str) -> nn.Module:
         raise ValueError(f"formulation must be 'efficient' or 'reference', got {formulation!r}")
     for m in model.modules():
         if hasattr(m, "efficient"):
-            m.efficient = formulation == "efficient"
+            m.efficient = formulation == "efficient"  # type: ignore[assignment]
     return model
 
 

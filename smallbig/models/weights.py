@@ -29,6 +29,7 @@ Nothing here imports torch at module level (the CLI path stays light). Errors be
 and exit codes in `smallbig.cli.main`: a missing, undeclared or mismatching file exits 2, a
 failed transfer 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -153,8 +154,10 @@ def file_sha256(path: str | Path) -> str:
 def _mismatch(entry: dict, name: str, size: int, actual: str | None) -> str | None:
     """Why a file of `size` bytes and SHA-256 `actual` is not `entry` (None when it is)."""
     if entry.get("size") is not None and size != entry["size"]:
-        return (f"{size} bytes, but pretrained_weights.{name} declares {entry['size']} "
-                f"(expected SHA-256 {entry['sha256']}); truncated or another file")
+        return (
+            f"{size} bytes, but pretrained_weights.{name} declares {entry['size']} "
+            f"(expected SHA-256 {entry['sha256']}); truncated or another file"
+        )
     if actual is not None and not hash_matches(entry["sha256"], actual):
         return f"SHA-256 mismatch for {name}: expected {entry['sha256']}, got {actual}"
     return None
@@ -183,13 +186,15 @@ def resolve_pretrained(params: dict) -> Path | None:
         raise PretrainedError(
             "model.pretrained: not set (null); give a name declared under pretrained_weights "
             f"({', '.join(sorted(declared)) or 'none declared'}), a local .pth path, or `none` to "
-            "train from scratch")
+            "train from scratch"
+        )
     if kind == "none":
         return None
     if kind == "unknown":
         raise PretrainedError(
             f"model.pretrained: {value!r} is not declared under pretrained_weights "
-            f"({', '.join(sorted(declared)) or 'none declared'}) and is not a path")
+            f"({', '.join(sorted(declared)) or 'none declared'}) and is not a path"
+        )
     if kind == "path":
         path = Path(value)
         if not path.is_file():
@@ -200,17 +205,20 @@ def resolve_pretrained(params: dict) -> Path | None:
     if not path.is_file():
         raise PretrainedError(
             f"{path}: ImageNet weights {value!r} not found (in {Path.cwd()}); run "
-            f"`smallbig pretrained fetch {value}` first (the workflow's `pretrained` rule does)")
+            f"`smallbig pretrained fetch {value}` first (the workflow's `pretrained` rule does)"
+        )
     try:
         verify(path, entry, value)
     except ChecksumError as e:
-        raise ChecksumError(f"{e}; refusing to train from it: remove the file and run "
-                            f"`smallbig pretrained fetch {value}`") from None
+        raise ChecksumError(
+            f"{e}; refusing to train from it: remove the file and run `smallbig pretrained fetch {value}`"
+        ) from None
     return path
 
 
-def check_declared_in(files: dict[str, tuple[str, dict, str]], params_file: str | Path,
-                      overlay: str | Path | None = None) -> None:
+def check_declared_in(
+    files: dict[str, tuple[str, dict, str]], params_file: str | Path, overlay: str | Path | None = None
+) -> None:
     """Every file of `workflow_files(...)` is declared identically in `params_file` (+ overlay),
     where the workflow's download job reads it; else PretrainedError naming both."""
     declared = declared_weights(params_file, overlay)
@@ -219,7 +227,8 @@ def check_declared_in(files: dict[str, tuple[str, dict, str]], params_file: str 
             raise PretrainedError(
                 f"{exp}: pretrained_weights.{name}: differs from (or is missing in) {params_file}"
                 f"{' + ' + str(overlay) if overlay else ''}, where the workflow's download reads "
-                f"it; declare ImageNet files in {params_file}")
+                f"it; declare ImageNet files in {params_file}"
+            )
 
 
 # ----------------------------------------------------------------------------- download
@@ -232,9 +241,16 @@ def _aside(path: Path, suffix: str) -> Path:
     return bad
 
 
-def fetch(name: str, entry: dict, root: str | Path = ".", url: str | None = None,
-          retries: int = 3, timeout: float = 60.0, progress: bool = True,
-          log=lambda m: print(f"smallbig pretrained: {m}", file=sys.stderr, flush=True)) -> Path:
+def fetch(
+    name: str,
+    entry: dict,
+    root: str | Path = ".",
+    url: str | None = None,
+    retries: int = 3,
+    timeout: float = 60.0,
+    progress: bool = True,
+    log=lambda m: print(f"smallbig pretrained: {m}", file=sys.stderr, flush=True),
+) -> Path:
     """Download one declared file into `root/<file>`: resumable, verified before the atomic
     rename. An existing file with the right hash is kept (nothing downloaded); one with a wrong
     hash is moved aside and fetched again. Raises ChecksumError (kept aside as
@@ -256,8 +272,11 @@ def fetch(name: str, entry: dict, root: str | Path = ".", url: str | None = None
     last: Exception | None = None
     for attempt in range(max(1, retries)):
         try:
-            total: int | None = (dl._copy_local(url, part, progress) if dl.is_local(url)
-                                 else dl._http(url, part, timeout, progress))
+            total: int | None = (
+                dl._copy_local(url, part, progress)
+                if dl.is_local(url)
+                else dl._http(url, part, timeout, progress)
+            )
             size = part.stat().st_size
             if total is not None and size != total:
                 raise dl.DownloadError(f"{url}: incomplete: got {size} of {total} bytes")
@@ -270,24 +289,30 @@ def fetch(name: str, entry: dict, root: str | Path = ".", url: str | None = None
         except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
             last = e
         if attempt + 1 < retries:
-            time.sleep(min(2 ** attempt, 10) * 0.5)
+            time.sleep(min(2**attempt, 10) * 0.5)
     if last is not None:
-        raise dl.DownloadError(f"{url}: download failed after {retries} attempt(s): {last} "
-                               f"(partial data kept in {part}; run again to resume)")
+        raise dl.DownloadError(
+            f"{url}: download failed after {retries} attempt(s): {last} "
+            f"(partial data kept in {part}; run again to resume)"
+        )
     size = part.stat().st_size
     actual = dl.sha256_file(part)
     problem = _mismatch(entry, name, size, actual)
     if problem:
         bad = _aside(part, ".bad-sha256")
-        raise ChecksumError(f"{dest}: {problem} (downloaded from {url}); the download is kept as "
-                            f"{bad}, not deleted; check pretrained_weights.{name} (url, sha256) "
-                            f"or fetch again")
+        raise ChecksumError(
+            f"{dest}: {problem} (downloaded from {url}); the download is kept as "
+            f"{bad}, not deleted; check pretrained_weights.{name} (url, sha256) "
+            f"or fetch again"
+        )
     os.replace(part, dest)  # only a verified file ever has the final name
     _write_stamp(dest, actual)
     log(f"{name}: {dest} downloaded, SHA-256 {actual} verified")
     if len(entry["sha256"]) != 64:
-        log(f"NOTE: pretrained_weights.{name}.sha256 gives only the prefix {entry['sha256']}; the full "
-            f"SHA-256 of this file is {actual} (record it in the params)")
+        log(
+            f"NOTE: pretrained_weights.{name}.sha256 gives only the prefix {entry['sha256']}; the full "
+            f"SHA-256 of this file is {actual} (record it in the params)"
+        )
     return dest
 
 
@@ -308,7 +333,7 @@ def state_dict_shapes(depth: int, width: int = 64, num_classes: int = 1000) -> d
     bn("bn1", width)
     cin = width
     for i, n in enumerate(LAYERS[depth]):
-        planes = width * 2 ** i
+        planes = width * 2**i
         for j in range(n):
             pre = f"layer{i + 1}.{j}"
             shapes[f"{pre}.conv1.weight"] = (planes, cin, 1, 1)
@@ -350,8 +375,15 @@ def make_state_dict(depth: int, width: int = 64, num_classes: int = 1000, seed: 
     return sd
 
 
-def write_test_file(out: str | Path, depth: int, width: int = 64, num_classes: int = 1000,
-                    seed: int = 0, zip_format: bool = False, deterministic: bool = False) -> str:
+def write_test_file(
+    out: str | Path,
+    depth: int,
+    width: int = 64,
+    num_classes: int = 1000,
+    seed: int = 0,
+    zip_format: bool = False,
+    deterministic: bool = False,
+) -> str:
     """Write `make_state_dict(...)` with torch.save (legacy, non-zip serialisation by default, as
     torchvision's 2017 files) and return the file's SHA-256. The tensors are the same for a seed;
     the bytes are not (the legacy serialiser embeds storage addresses; the zip one names its
@@ -378,21 +410,33 @@ def write_test_file(out: str | Path, depth: int, width: int = 64, num_classes: i
 # ----------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     """`smallbig pretrained fetch | list | make-test-file`."""
-    p = sub.add_parser("pretrained", help="ImageNet initialisation files: fetch, list, test files",
-                       description="The ImageNet-trained 2-D ResNets the trainings start from, "
-                                   "declared under `pretrained_weights:` in the params.")
+    p = sub.add_parser(
+        "pretrained",
+        help="ImageNet initialisation files: fetch, list, test files",
+        description="The ImageNet-trained 2-D ResNets the trainings start from, "
+        "declared under `pretrained_weights:` in the params.",
+    )
     psub = p.add_subparsers(dest="pretrained_command", metavar="ACTION")
     psub.required = True
 
     q = psub.add_parser("fetch", help="download and verify declared weights into data/pretrained/")
     q.add_argument("names", nargs="*", metavar="NAME", help="declared names (e.g. torchvision-resnet50)")
     q.add_argument("--all", action="store_true", help="every declared name")
-    q.add_argument("--params", help="params file whose pretrained_weights to use (default params/base.yaml; "
-                                    "follows `extends`; an experiment id works too)")
+    q.add_argument(
+        "--params",
+        help="params file whose pretrained_weights to use (default params/base.yaml; "
+        "follows `extends`; an experiment id works too)",
+    )
     q.add_argument("--overlay", help="overlay applied to --params (e.g. params/embedded.yaml)")
-    q.add_argument("--from", dest="source", metavar="URL_OR_PATH",
-                   help="fetch from here instead of the declared url (one NAME; a mirror, a local copy)")
-    q.add_argument("--root", default=".", help="directory the declared `file` paths are relative to (default: .)")
+    q.add_argument(
+        "--from",
+        dest="source",
+        metavar="URL_OR_PATH",
+        help="fetch from here instead of the declared url (one NAME; a mirror, a local copy)",
+    )
+    q.add_argument(
+        "--root", default=".", help="directory the declared `file` paths are relative to (default: .)"
+    )
     q.add_argument("--retries", type=int, default=3)
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_fetch)
@@ -403,17 +447,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--root", default=".")
     q.set_defaults(func=_list)
 
-    q = psub.add_parser("make-test-file", help="write a torchvision-format ResNet with seeded random "
-                                               "weights and print its SHA-256")
+    q = psub.add_parser(
+        "make-test-file",
+        help="write a torchvision-format ResNet with seeded random weights and print its SHA-256",
+    )
     q.add_argument("--depth", type=int, choices=sorted(LAYERS), required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--width", type=int, default=64, help="stem width (64 = torchvision's shapes)")
     q.add_argument("--num-classes", type=int, default=1000)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--deterministic", action="store_true",
-                   help="bytes that depend only on seed, shapes and torch version (zip format)")
-    q.add_argument("--zip", action="store_true", help="torch's zip serialisation (default: the legacy "
-                                                      "format of torchvision's 2017 files)")
+    q.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="bytes that depend only on seed, shapes and torch version (zip format)",
+    )
+    q.add_argument(
+        "--zip",
+        action="store_true",
+        help="torch's zip serialisation (default: the legacy format of torchvision's 2017 files)",
+    )
     q.set_defaults(func=_make_test_file)
 
 
@@ -421,19 +473,28 @@ def _fetch(args) -> int:
     declared = declared_weights(args.params, args.overlay)
     names = sorted(declared) if args.all else list(args.names)
     if not names:
-        raise PretrainedError("give one or more NAMEs or --all (declared: "
-                              + (", ".join(sorted(declared)) or "none") + ")")
+        raise PretrainedError(
+            "give one or more NAMEs or --all (declared: " + (", ".join(sorted(declared)) or "none") + ")"
+        )
     unknown = [n for n in names if n not in declared]
     if unknown:
-        raise PretrainedError(f"not declared under pretrained_weights in {args.params or default_params_file()}: "
-                              f"{', '.join(unknown)} (declared: {', '.join(sorted(declared)) or 'none'})")
+        raise PretrainedError(
+            f"not declared under pretrained_weights in {args.params or default_params_file()}: "
+            f"{', '.join(unknown)} (declared: {', '.join(sorted(declared)) or 'none'})"
+        )
     if args.source and len(names) != 1:
         raise PretrainedError("--from takes exactly one NAME")
     failures: list[Exception] = []
     for name in names:  # one failure does not stop the others
         try:
-            fetch(name, declared[name], root=args.root, url=args.source, retries=args.retries,
-                  progress=not args.no_progress)
+            fetch(
+                name,
+                declared[name],
+                root=args.root,
+                url=args.source,
+                retries=args.retries,
+                progress=not args.no_progress,
+            )
         except (ChecksumError, dl.DownloadError) as e:
             failures.append(e)
     if failures:
@@ -458,7 +519,14 @@ def _list(args) -> int:
 
 
 def _make_test_file(args) -> int:
-    digest = write_test_file(args.out, args.depth, args.width, args.num_classes, args.seed, args.zip,
-                             deterministic=args.deterministic)
+    digest = write_test_file(
+        args.out,
+        args.depth,
+        args.width,
+        args.num_classes,
+        args.seed,
+        args.zip,
+        deterministic=args.deterministic,
+    )
     print(f"{digest}  {args.out}")
     return 0

@@ -8,6 +8,7 @@ torch nor the engine. A cache entry is used only when its hash of the shape fiel
 (:func:`shape_fields`) matches; else the experiment is measured again with the measurer (about a
 second on the meta device) and reported as such -- never a stale entry.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -22,7 +23,7 @@ from smallbig.fsutil import atomic_write_text
 
 MEMORY_JSON = config.REPO_ROOT / "params" / "memory.json"
 MEMORY_MODEL_VERSION = 1  # bump when what is measured changes: every cache entry goes stale
-GIB = 2 ** 30
+GIB = 2**30
 FRAGMENTATION = 0.10
 WORKSPACE_GIB = 2.0
 BYTES_PER_PARAM_STATE = 4  # fp32 parameter / gradient / momentum / DDP bucket element
@@ -31,11 +32,13 @@ PRECISIONS = ("fp32", "bf16")
 # on; at batch 1 models save less (reshapes merging the size-1 batch dim are views instead of
 # copies: fp32 NonLocal-R23 saves 3.4 % less at batch 1 than the line through batches 2 and 3)
 FIT_BATCHES = (2, 3)
-FORMULA = ("total(b) = 4P weights + 4P grads + 4P SGD momentum [+ 4P DDP buckets if gpus > 1] "
-           "+ BN buffers + saved_fixed + b*saved_per_clip + b*2*largest_per_clip "
-           f"+ b*input_uint8 + {FRAGMENTATION:g}*(batch-dependent terms) + {WORKSPACE_GIB:g} GiB "
-           "workspace; saved_* measured on the meta device (saved_tensors_hooks, batch 2 and 3, "
-           "distinct storages, parameters excluded); bf16 = CUDA autocast policy emulated")
+FORMULA = (
+    "total(b) = 4P weights + 4P grads + 4P SGD momentum [+ 4P DDP buckets if gpus > 1] "
+    "+ BN buffers + saved_fixed + b*saved_per_clip + b*2*largest_per_clip "
+    f"+ b*input_uint8 + {FRAGMENTATION:g}*(batch-dependent terms) + {WORKSPACE_GIB:g} GiB "
+    "workspace; saved_* measured on the meta device (saved_tensors_hooks, batch 2 and 3, "
+    "distinct storages, parameters excluded); bf16 = CUDA autocast policy emulated"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,9 +48,12 @@ def shape_fields(params: dict) -> dict:
     section but the pretrained path (weights' values do not matter; dropout, formulation and
     the stages do), frames and crop size."""
     model = {k: v for k, v in params["model"].items() if k != "pretrained"}
-    return {"model": model, "num_frames": int(params["data"]["num_frames"]),
-            "crop_size": int(params["data"]["crop_size"]),
-            "memory_model_version": MEMORY_MODEL_VERSION}
+    return {
+        "model": model,
+        "num_frames": int(params["data"]["num_frames"]),
+        "crop_size": int(params["data"]["crop_size"]),
+        "memory_model_version": MEMORY_MODEL_VERSION,
+    }
 
 
 def shape_hash(params: dict) -> str:
@@ -62,8 +68,7 @@ def amp_precision(params: dict) -> str:
 
 # --------------------------------------------------------------------------------------------
 # the formula
-def estimate(entry: dict, params: dict, batch: int | None = None,
-             precision: str | None = None) -> dict:
+def estimate(entry: dict, params: dict, batch: int | None = None, precision: str | None = None) -> dict:
     """Bytes per GPU of a training step with ``batch`` clips per GPU (default: the params'
     ``train.per_gpu_batch``) in ``precision`` (default: from ``train.amp``). -> the terms and
     ``total``."""
@@ -73,7 +78,8 @@ def estimate(entry: dict, params: dict, batch: int | None = None,
     act = entry["activations"][prec]
     gpus = int(params.get("resources", {}).get("gpus", 1))
     static = {
-        "weights": entry["param_bytes"], "grads": entry["grad_bytes"],
+        "weights": entry["param_bytes"],
+        "grads": entry["grad_bytes"],
         "momentum": entry["optimizer_bytes"],
         "ddp_buckets": entry["grad_bytes"] if gpus > 1 else 0,
         "buffers": entry["buffer_bytes"],
@@ -96,8 +102,9 @@ def estimate(entry: dict, params: dict, batch: int | None = None,
 
 def per_clip_bytes(entry: dict, precision: str) -> float:
     act = entry["activations"][precision]
-    return (1 + FRAGMENTATION) * (act["saved_per_clip"] + 2 * act["largest_per_clip"]
-                                  + entry["input_uint8_per_clip"])
+    return (1 + FRAGMENTATION) * (
+        act["saved_per_clip"] + 2 * act["largest_per_clip"] + entry["input_uint8_per_clip"]
+    )
 
 
 def max_batch(entry: dict, params: dict, gpu_mem_gb: float, precision: str | None = None) -> int:
@@ -156,8 +163,9 @@ def load_cache(path: Path | str = MEMORY_JSON) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise config.ParamsError(f"{path}: not valid JSON ({e}); delete it and run "
-                                 "`smallbig plan --measure-memory`") from None
+        raise config.ParamsError(
+            f"{path}: not valid JSON ({e}); delete it and run `smallbig plan --measure-memory`"
+        ) from None
     data.setdefault("experiments", {})
     return data
 
@@ -165,10 +173,16 @@ def load_cache(path: Path | str = MEMORY_JSON) -> dict:
 def save_cache(cache: dict, path: Path | str = MEMORY_JSON) -> None:
     path = Path(path)
     cache = dict(cache)
-    cache.update({"formula": FORMULA, "memory_model_version": MEMORY_MODEL_VERSION,
-                  "torch": _torch_version(), "date": _dt.date.today().isoformat(),
-                  "command": "smallbig plan --measure-memory",
-                  "units": "bytes; GiB = 2**30 in reports"})
+    cache.update(
+        {
+            "formula": FORMULA,
+            "memory_model_version": MEMORY_MODEL_VERSION,
+            "torch": _torch_version(),
+            "date": _dt.date.today().isoformat(),
+            "command": "smallbig plan --measure-memory",
+            "units": "bytes; GiB = 2**30 in reports",
+        }
+    )
     cache["experiments"] = dict(sorted(cache["experiments"].items()))
     order = ["command", "date", "torch", "memory_model_version", "formula", "units", "experiments"]
     out = {k: cache[k] for k in order if k in cache}
@@ -211,7 +225,8 @@ def measurer() -> Measurer:
     if _MEASURER is None:
         raise config.ParamsError(
             "GPU memory: an experiment has no current entry in params/memory.json and nothing "
-            "to measure it with here (import smallbig.engine.memory, which measures with torch)")
+            "to measure it with here (import smallbig.engine.memory, which measures with torch)"
+        )
     return _MEASURER
 
 
@@ -221,9 +236,12 @@ def measure_for_plan(params: dict) -> dict:
     return measurer()(params, precisions=(amp_precision(params),))
 
 
-def memory_plan(params_by_exp: dict[str, dict], gpu_mem_gb: float | None = None,
-                cache_path: Path | str = MEMORY_JSON,
-                measurer: Callable[[dict], dict] = measure_for_plan) -> dict[str, dict]:
+def memory_plan(
+    params_by_exp: dict[str, dict],
+    gpu_mem_gb: float | None = None,
+    cache_path: Path | str = MEMORY_JSON,
+    measurer: Callable[[dict], dict] = measure_for_plan,
+) -> dict[str, dict]:
     """Per experiment id: the estimate at its configured per-GPU batch and precision and, with
     ``gpu_mem_gb`` (GiB per GPU), ``max_batch`` (the most clips per GPU that fit), ``fits`` and
     ``use`` ((per_gpu_batch, accumulation steps) keeping the total batch, or None). ``status``:
@@ -241,9 +259,14 @@ def memory_plan(params_by_exp: dict[str, dict], gpu_mem_gb: float | None = None,
         est = estimate(entry, p)
         gpus = int(p.get("resources", {}).get("gpus", 1))
         row = {
-            "status": status, "entry": entry, "precision": prec, "gpus": gpus,
-            "num_frames": entry["num_frames"], "crop_size": entry["crop_size"],
-            "per_gpu_batch": est["batch"], "accum_steps": accum_steps(p["train"], gpus),
+            "status": status,
+            "entry": entry,
+            "precision": prec,
+            "gpus": gpus,
+            "num_frames": entry["num_frames"],
+            "crop_size": entry["crop_size"],
+            "per_gpu_batch": est["batch"],
+            "accum_steps": accum_steps(p["train"], gpus),
             "batch_size": int(p["train"]["batch_size"]),
             "total_gib": est["total"] / GIB,
             "static_gib": est["static"] / GIB,
@@ -252,9 +275,14 @@ def memory_plan(params_by_exp: dict[str, dict], gpu_mem_gb: float | None = None,
         }
         if gpu_mem_gb is not None:
             limit = max_batch(entry, p, gpu_mem_gb, prec)
-            row.update({"gpu_mem_gb": gpu_mem_gb, "max_batch": limit,
-                        "fits": est["total"] <= gpu_mem_gb * GIB,
-                        "use": batch_to_use(p, limit)})
+            row.update(
+                {
+                    "gpu_mem_gb": gpu_mem_gb,
+                    "max_batch": limit,
+                    "fits": est["total"] <= gpu_mem_gb * GIB,
+                    "use": batch_to_use(p, limit),
+                }
+            )
         out[exp] = row
     return out
 
@@ -268,22 +296,28 @@ def _params_file(exp: str) -> str:
 
 def advice(exp: str, row: dict) -> str:
     """One line for a training that does not fit: its need and what to use instead."""
-    need = (f"{_params_file(exp)}: train.per_gpu_batch: {row['per_gpu_batch']} needs "
-            f"≈ {row['total_gib']:.1f} GiB per GPU ({row['num_frames']}x{row['crop_size']}², "
-            f"{row['precision']}) > {row['gpu_mem_gb']:g} GiB")
+    need = (
+        f"{_params_file(exp)}: train.per_gpu_batch: {row['per_gpu_batch']} needs "
+        f"≈ {row['total_gib']:.1f} GiB per GPU ({row['num_frames']}x{row['crop_size']}², "
+        f"{row['precision']}) > {row['gpu_mem_gb']:g} GiB"
+    )
     if row.get("use"):
         b, k = row["use"]
-        return (f"{exp}: {need}; use train.per_gpu_batch: {b} with {k} accumulation step(s) "
-                f"(keeps train.batch_size {row['batch_size']} on {row['gpus']} GPU(s); at most "
-                f"{row['max_batch']} clip(s) per GPU fit)")
+        return (
+            f"{exp}: {need}; use train.per_gpu_batch: {b} with {k} accumulation step(s) "
+            f"(keeps train.batch_size {row['batch_size']} on {row['gpus']} GPU(s); at most "
+            f"{row['max_batch']} clip(s) per GPU fit)"
+        )
     if row.get("max_batch", 0) > 0:
-        return (f"{exp}: {need}; at most {row['max_batch']} clip(s) per GPU fit, but none of "
-                f"those batches keeps train.batch_size {row['batch_size']} exactly on "
-                f"{row['gpus']} GPU(s); change resources.gpus or use train.batch_policy: scale_lr")
-    one = estimate(row["entry"], {"train": {"batch_size": 1}, "resources": {"gpus": row["gpus"]}},
-                   1, row["precision"])["total"]
-    return (f"{exp}: {need}; not even 1 clip per GPU fits (≈ {one / GIB:.1f} GiB): use GPUs "
-            f"with more memory")
+        return (
+            f"{exp}: {need}; at most {row['max_batch']} clip(s) per GPU fit, but none of "
+            f"those batches keeps train.batch_size {row['batch_size']} exactly on "
+            f"{row['gpus']} GPU(s); change resources.gpus or use train.batch_policy: scale_lr"
+        )
+    one = estimate(
+        row["entry"], {"train": {"batch_size": 1}, "resources": {"gpus": row["gpus"]}}, 1, row["precision"]
+    )["total"]
+    return f"{exp}: {need}; not even 1 clip per GPU fits (≈ {one / GIB:.1f} GiB): use GPUs with more memory"
 
 
 def memory_errors(rows: dict[str, dict]) -> list[str]:
@@ -294,13 +328,14 @@ def memory_errors(rows: dict[str, dict]) -> list[str]:
 
 def memory_error_message(rows: dict[str, dict], gpu_mem_gb: float) -> str:
     bad = memory_errors(rows)
-    return (f"GPU memory: {len(bad)} training(s) do not fit {gpu_mem_gb:g} GiB per GPU "
-            f"(estimate: smallbig/engine/memory.py, `smallbig plan --gpu-mem {gpu_mem_gb:g}`); "
-            "nothing was run or submitted:\n  " + "\n  ".join(bad))
+    return (
+        f"GPU memory: {len(bad)} training(s) do not fit {gpu_mem_gb:g} GiB per GPU "
+        f"(estimate: smallbig/engine/memory.py, `smallbig plan --gpu-mem {gpu_mem_gb:g}`); "
+        "nothing was run or submitted:\n  " + "\n  ".join(bad)
+    )
 
 
-def check_memory(params_by_exp: dict, gpu_mem_gb: float,
-                 cache_path: Path | str = MEMORY_JSON) -> None:
+def check_memory(params_by_exp: dict, gpu_mem_gb: float, cache_path: Path | str = MEMORY_JSON) -> None:
     """Raise ``smallbig.config.ParamsError`` naming every experiment whose configured
     ``train.per_gpu_batch`` does not fit ``gpu_mem_gb`` GiB per GPU, with its need and the
     per_gpu_batch / accumulation steps to use instead. Uses params/memory.json where its
@@ -311,9 +346,13 @@ def check_memory(params_by_exp: dict, gpu_mem_gb: float,
         raise config.ParamsError(memory_error_message(rows, gpu_mem_gb))
 
 
-def measure_all(params_by_exp: dict[str, dict], cache_path: Path | str = MEMORY_JSON,
-                force: bool = False, say: Callable[[str], None] = print,
-                check: bool = True) -> dict:
+def measure_all(
+    params_by_exp: dict[str, dict],
+    cache_path: Path | str = MEMORY_JSON,
+    force: bool = False,
+    say: Callable[[str], None] = print,
+    check: bool = True,
+) -> dict:
     """Measure every experiment whose entry is missing or stale (all with ``force``), with the
     batch-2 allocator-level cross-check (``check``), and write the cache. -> the cache."""
     cache = load_cache(cache_path)

@@ -11,6 +11,7 @@ that file, so code never writes a default again (no `.get("crop_size", 224)`).
 `Params.raw` keeps the validated mapping: it is what is hashed (`config.params_hash`), written
 (`params.yaml` of a run) and logged to MLflow, so a run's identity does not change with this layer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -82,8 +83,12 @@ class StageSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StageSpec:
         units = {k: tuple(v) for k, v in (d.get("smallbig") or {}).items()}
-        return cls(block=d["block"], smallbig=units, extra=d.get("extra", "none"),
-                   nonlocal_=bool(d.get("nonlocal", False)))
+        return cls(
+            block=d["block"],
+            smallbig=units,
+            extra=d.get("extra", "none"),
+            nonlocal_=bool(d.get("nonlocal", False)),
+        )
 
 
 @dataclass(frozen=True)
@@ -105,13 +110,20 @@ class ModelSpec:
         if not isinstance(m.get("stages"), Mapping) or set(STAGES) - set(m["stages"]):
             from smallbig.config import ParamsError
 
-            raise ParamsError(f"model.stages: needs {', '.join(STAGES)} (there is no default for "
-                              f"the stages in {BASE_PATH.name})")
-        return cls(depth=int(m["depth"]), base_width=int(m["base_width"]),
-                   num_classes=int(m["num_classes"]), dropout=float(m["dropout"]),
-                   pretrained=m.get("pretrained"), formulation=m["formulation"],
-                   unit=UnitSpec.from_dict(m["unit"]),
-                   stages={s: StageSpec.from_dict(m["stages"][s]) for s in STAGES})
+            raise ParamsError(
+                f"model.stages: needs {', '.join(STAGES)} (there is no default for "
+                f"the stages in {BASE_PATH.name})"
+            )
+        return cls(
+            depth=int(m["depth"]),
+            base_width=int(m["base_width"]),
+            num_classes=int(m["num_classes"]),
+            dropout=float(m["dropout"]),
+            pretrained=m.get("pretrained"),
+            formulation=m["formulation"],
+            unit=UnitSpec.from_dict(m["unit"]),
+            stages={s: StageSpec.from_dict(m["stages"][s]) for s in STAGES},
+        )
 
 
 @dataclass(frozen=True)
@@ -139,14 +151,24 @@ class DataSpec:
         if "source" in d:  # replaced whole
             m["source"] = copy.deepcopy(d["source"])
         lo, hi = m["train_short_side"]
-        return cls(dataset=m["dataset"], root=str(m["root"]), source=_frozen(m.get("source")),
-                   format=m["format"], num_frames=int(m["num_frames"]), sampling=m["sampling"],
-                   frame_stride=m.get("frame_stride"), train_short_side=(int(lo), int(hi)),
-                   crop_size=int(m["crop_size"]), flip=bool(m["flip"]),
-                   mean=tuple(float(v) for v in m["mean"]),  # type: ignore[arg-type]
-                   std=tuple(float(v) for v in m["std"]),  # type: ignore[arg-type]
-                   frame_short_side=int(m["frame_short_side"]), num_workers=int(m["num_workers"]),
-                   limit_train=m.get("limit_train"), limit_val=m.get("limit_val"))
+        return cls(
+            dataset=m["dataset"],
+            root=str(m["root"]),
+            source=_frozen(m.get("source")),
+            format=m["format"],
+            num_frames=int(m["num_frames"]),
+            sampling=m["sampling"],
+            frame_stride=m.get("frame_stride"),
+            train_short_side=(int(lo), int(hi)),
+            crop_size=int(m["crop_size"]),
+            flip=bool(m["flip"]),
+            mean=tuple(float(v) for v in m["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in m["std"]),  # type: ignore[arg-type]
+            frame_short_side=int(m["frame_short_side"]),
+            num_workers=int(m["num_workers"]),
+            limit_train=m.get("limit_train"),
+            limit_val=m.get("limit_val"),
+        )
 
 
 @dataclass(frozen=True)
@@ -175,18 +197,28 @@ class TrainSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainSpec:
         m = _merged("train", d)
-        return cls(epochs=int(m["epochs"]), batch_size=int(m["batch_size"]),
-                   per_gpu_batch=int(m["per_gpu_batch"]), batch_policy=m["batch_policy"],
-                   lr=float(m["lr"]), momentum=float(m["momentum"]),
-                   weight_decay=float(m["weight_decay"]),
-                   wd_exclude_bn_bias=bool(m["wd_exclude_bn_bias"]), schedule=m["schedule"],
-                   lr_steps=tuple(int(s) for s in m.get("lr_steps") or ()),
-                   lr_gamma=float(m["lr_gamma"]), warmup_epochs=float(m["warmup_epochs"]),
-                   amp=str(m["amp"]), channels_last=bool(m["channels_last"]),
-                   compile=bool(m["compile"]), sync_bn=bool(m["sync_bn"]), seed=int(m["seed"]),
-                   checkpoint_every_iters=int(m["checkpoint_every_iters"]),
-                   val_every_epochs=int(m["val_every_epochs"]),
-                   clips_per_sec_per_gpu=float(m["clips_per_sec_per_gpu"]))
+        return cls(
+            epochs=int(m["epochs"]),
+            batch_size=int(m["batch_size"]),
+            per_gpu_batch=int(m["per_gpu_batch"]),
+            batch_policy=m["batch_policy"],
+            lr=float(m["lr"]),
+            momentum=float(m["momentum"]),
+            weight_decay=float(m["weight_decay"]),
+            wd_exclude_bn_bias=bool(m["wd_exclude_bn_bias"]),
+            schedule=m["schedule"],
+            lr_steps=tuple(int(s) for s in m.get("lr_steps") or ()),
+            lr_gamma=float(m["lr_gamma"]),
+            warmup_epochs=float(m["warmup_epochs"]),
+            amp=str(m["amp"]),
+            channels_last=bool(m["channels_last"]),
+            compile=bool(m["compile"]),
+            sync_bn=bool(m["sync_bn"]),
+            seed=int(m["seed"]),
+            checkpoint_every_iters=int(m["checkpoint_every_iters"]),
+            val_every_epochs=int(m["val_every_epochs"]),
+            clips_per_sec_per_gpu=float(m["clips_per_sec_per_gpu"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -202,9 +234,13 @@ class TestSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TestSpec:
         m = _merged("test", d)
-        return cls(short_side=int(m["short_side"]), multi_crop_size=int(m["multi_crop_size"]),
-                   single_crop_size=int(m["single_crop_size"]), batch_size=int(m["batch_size"]),
-                   protocols=tuple(Protocol.parse(p) for p in m["protocols"]))
+        return cls(
+            short_side=int(m["short_side"]),
+            multi_crop_size=int(m["multi_crop_size"]),
+            single_crop_size=int(m["single_crop_size"]),
+            batch_size=int(m["batch_size"]),
+            protocols=tuple(Protocol.parse(p) for p in m["protocols"]),
+        )
 
     def crop_size(self, protocol: str | Protocol) -> int:
         return Protocol.parse(protocol).crop_size(self)
@@ -221,8 +257,12 @@ class Resources:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Resources:
         m = _merged("resources", d)
-        return cls(**{k: int(m[k]) for k in ("gpus", "cpus_per_gpu", "mem_gb", "train_runtime_min",
-                                              "eval_runtime_min")})
+        return cls(
+            **{
+                k: int(m[k])
+                for k in ("gpus", "cpus_per_gpu", "mem_gb", "train_runtime_min", "eval_runtime_min")
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -235,8 +275,9 @@ class PretrainedWeight:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PretrainedWeight:
-        return cls(url=d["url"], sha256=d["sha256"], depth=int(d["depth"]), file=d["file"],
-                   size=d.get("size"))
+        return cls(
+            url=d["url"], sha256=d["sha256"], depth=int(d["depth"]), file=d["file"], size=d.get("size")
+        )
 
 
 @dataclass(frozen=True)
@@ -262,15 +303,19 @@ class Params:
         declared = d.get("pretrained_weights")
         if declared is None:
             declared = defaults().get("pretrained_weights") or {}
-        return cls(id=str(d.get("id", "")), description=str(d.get("description", "")),
-                   tables=tuple(d.get("tables") or ()), notes=tuple(d.get("notes") or ()),
-                   model=ModelSpec.from_dict(d.get("model") or {}),
-                   data=DataSpec.from_dict(d.get("data") or {}),
-                   train=TrainSpec.from_dict(d.get("train") or {}),
-                   test=TestSpec.from_dict(d.get("test") or {}),
-                   resources=Resources.from_dict(d.get("resources") or {}),
-                   pretrained_weights={k: PretrainedWeight.from_dict(v) for k, v in declared.items()},
-                   raw=_frozen(d))
+        return cls(
+            id=str(d.get("id", "")),
+            description=str(d.get("description", "")),
+            tables=tuple(d.get("tables") or ()),
+            notes=tuple(d.get("notes") or ()),
+            model=ModelSpec.from_dict(d.get("model") or {}),
+            data=DataSpec.from_dict(d.get("data") or {}),
+            train=TrainSpec.from_dict(d.get("train") or {}),
+            test=TestSpec.from_dict(d.get("test") or {}),
+            resources=Resources.from_dict(d.get("resources") or {}),
+            pretrained_weights={k: PretrainedWeight.from_dict(v) for k, v in declared.items()},
+            raw=_frozen(d),
+        )
 
     def to_dict(self) -> dict:
         """The validated mapping this was built from (a deep copy)."""

@@ -22,6 +22,7 @@ configured per_gpu_batch does not fit.
 The workflow (Snakefile) uses `evaluations()` and `datasets()` from here, so the plan and the
 DAG always agree on which jobs exist.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,7 @@ def evaluations(params: dict[str, dict], tables: list[dict] | None) -> list[tupl
     if tables:
         for exp, proto in required_evaluations(tables):
             if exp not in params:
-                raise config.ParamsError(
-                    f"tables: a row needs experiment {exp!r}, which is not configured")
+                raise config.ParamsError(f"tables: a row needs experiment {exp!r}, which is not configured")
             if (exp, proto) not in pairs:
                 pairs.append((exp, proto))
     return pairs
@@ -72,15 +72,20 @@ def datasets(params: dict[str, dict]) -> dict[str, dict]:
         d = params[exp]["data"]
         ds = d["dataset"]
         if ds not in out:
-            out[ds] = {"rep": exp, "root": d["root"], "format": d.get("format", "video"),
-                       "data": {k: d.get(k) for k in DATA_KEYS}}
+            out[ds] = {
+                "rep": exp,
+                "root": d["root"],
+                "format": d.get("format", "video"),
+                "data": {k: d.get(k) for k in DATA_KEYS},
+            }
             continue
         for k in DATA_KEYS:
             if d.get(k) != out[ds]["data"][k]:
                 raise config.ParamsError(
                     f"{config.experiment_path(exp)}: data.{k}: {d.get(k)!r} differs from "
                     f"{out[ds]['rep']}'s {out[ds]['data'][k]!r}; experiments of dataset {ds} "
-                    f"share one prepared dataset")
+                    f"share one prepared dataset"
+                )
     return out
 
 
@@ -129,40 +134,68 @@ def pretrained_files(params: dict[str, dict]) -> dict:
 
 
 def load_all(overlay: str | None = None) -> dict[str, dict]:
-    return {e: config.load_params(config.experiment_path(e), overlay=overlay)
-            for e in config.experiment_ids()}
+    return {
+        e: config.load_params(config.experiment_path(e), overlay=overlay) for e in config.experiment_ids()
+    }
 
 
-def memory_section(params: dict[str, dict], gpu_mem: float | None = None,
-                   cache_path=None) -> dict:
+def memory_section(params: dict[str, dict], gpu_mem: float | None = None, cache_path=None) -> dict:
     """The plan's "memory" entry: per experiment the estimate (GiB) at its per-GPU batch, and
     with ``gpu_mem`` what fits; ``error``: the refusal message (None when everything fits)."""
     rows = mem.memory_plan(params, gpu_mem, cache_path or mem.MEMORY_JSON)
     exps = {}
     for exp, r in rows.items():
         est = r["estimate"]
-        e = {"status": r["status"], "frames": r["num_frames"], "crop": r["crop_size"],
-             "precision": r["precision"], "gpus": r["gpus"], "per_gpu_batch": r["per_gpu_batch"],
-             "accum_steps": r["accum_steps"], "batch_size": r["batch_size"],
-             "params": r["entry"]["params"], "static_gib": round(r["static_gib"], 4),
-             "activations_per_clip_gib": round(r["activation_per_clip_gib"], 4),
-             "total_gib": round(r["total_gib"], 3),
-             "terms_gib": {k: round(v / mem.GIB, 4) for k, v in est.items()
-                           if k not in ("batch", "precision", "static", "total")}}
+        e = {
+            "status": r["status"],
+            "frames": r["num_frames"],
+            "crop": r["crop_size"],
+            "precision": r["precision"],
+            "gpus": r["gpus"],
+            "per_gpu_batch": r["per_gpu_batch"],
+            "accum_steps": r["accum_steps"],
+            "batch_size": r["batch_size"],
+            "params": r["entry"]["params"],
+            "static_gib": round(r["static_gib"], 4),
+            "activations_per_clip_gib": round(r["activation_per_clip_gib"], 4),
+            "total_gib": round(r["total_gib"], 3),
+            "terms_gib": {
+                k: round(v / mem.GIB, 4)
+                for k, v in est.items()
+                if k not in ("batch", "precision", "static", "total")
+            },
+        }
         if gpu_mem is not None:
-            e.update({"max_batch": r["max_batch"], "fits": r["fits"],
-                      "use_per_gpu_batch": r["use"][0] if r["use"] else None,
-                      "use_accum_steps": r["use"][1] if r["use"] else None})
+            e.update(
+                {
+                    "max_batch": r["max_batch"],
+                    "fits": r["fits"],
+                    "use_per_gpu_batch": r["use"][0] if r["use"] else None,
+                    "use_accum_steps": r["use"][1] if r["use"] else None,
+                }
+            )
         exps[exp] = e
-    return {"gpu_mem_gb": gpu_mem, "cache": str(mem.MEMORY_JSON.relative_to(config.REPO_ROOT))
-            if cache_path is None else str(cache_path),
-            "formula": mem.FORMULA, "experiments": exps,
-            "error": (mem.memory_error_message(rows, gpu_mem)
-                      if gpu_mem is not None and mem.memory_errors(rows) else None)}
+    return {
+        "gpu_mem_gb": gpu_mem,
+        "cache": str(mem.MEMORY_JSON.relative_to(config.REPO_ROOT))
+        if cache_path is None
+        else str(cache_path),
+        "formula": mem.FORMULA,
+        "experiments": exps,
+        "error": (
+            mem.memory_error_message(rows, gpu_mem)
+            if gpu_mem is not None and mem.memory_errors(rows)
+            else None
+        ),
+    }
 
 
-def make_plan(overlay: str | None = None, tables_path: str | None = None,
-              gpu_mem: float | None = None, memory: bool = True) -> dict:
+def make_plan(
+    overlay: str | None = None,
+    tables_path: str | None = None,
+    gpu_mem: float | None = None,
+    memory: bool = True,
+) -> dict:
     params = load_all(overlay)
     tables = load_tables(tables_path)
     evals = evaluations(params, tables)
@@ -179,12 +212,17 @@ def make_plan(overlay: str | None = None, tables_path: str | None = None,
         # one `pretrained` download per declared ImageNet file the trainings load
         pretrained_jobs = len(pretrained_files({e: params[e] for e in exps}))
         return {
-            "experiments": len(exps), "train_jobs": len(exps), "eval_jobs": len(ev),
-            "ensemble_jobs": len(ens), "data_jobs": data_jobs, "table_jobs": n_tables,
+            "experiments": len(exps),
+            "train_jobs": len(exps),
+            "eval_jobs": len(ev),
+            "ensemble_jobs": len(ens),
+            "data_jobs": data_jobs,
+            "table_jobs": n_tables,
             "pretrained_jobs": pretrained_jobs,
             # + one local `params resolve` job per experiment
             "jobs": 2 * len(exps) + len(ev) + len(ens) + data_jobs + pretrained_jobs + n_tables,
-            "gpu_hours_train": gh_train, "gpu_hours_eval": gh_eval,
+            "gpu_hours_train": gh_train,
+            "gpu_hours_eval": gh_eval,
             "gpu_hours": gh_train + gh_eval,
         }
 
@@ -203,38 +241,54 @@ def make_plan(overlay: str | None = None, tables_path: str | None = None,
         per_table[t["number"]] = summarise(exps, ev, ens, 1)
     total = summarise(set(params), set(evals), set(ensembles), 1)
     total["jobs"] += 3  # figures, feature maps, the HTML report
-    sizes = {ds: {s: split_size(params[info["rep"]], s) for s in ("train", "val")}
-             for ds, info in dsets.items()}
-    out = {"overlay": overlay, "tables": per_table, "total": total,
-           "datasets": {ds: {s: {"videos": n, "from": src} for s, (n, src) in v.items()}
-                        for ds, v in sizes.items()},
-           "eval_speedup": EVAL_SPEEDUP}
+    sizes = {
+        ds: {s: split_size(params[info["rep"]], s) for s in ("train", "val")} for ds, info in dsets.items()
+    }
+    out = {
+        "overlay": overlay,
+        "tables": per_table,
+        "total": total,
+        "datasets": {
+            ds: {s: {"videos": n, "from": src} for s, (n, src) in v.items()} for ds, v in sizes.items()
+        },
+        "eval_speedup": EVAL_SPEEDUP,
+    }
     if memory:
         out["memory"] = memory_section(params, gpu_mem)
     return out
 
 
 def format_plan(plan: dict) -> str:
-    head = (f"{'':8}{'exps':>5}{'train':>7}{'eval':>6}{'ens':>5}{'jobs':>6}"
-            f"{'GPU-h train':>13}{'GPU-h eval':>12}{'GPU-h':>10}")
+    head = (
+        f"{'':8}{'exps':>5}{'train':>7}{'eval':>6}{'ens':>5}{'jobs':>6}"
+        f"{'GPU-h train':>13}{'GPU-h eval':>12}{'GPU-h':>10}"
+    )
     lines = [f"smallbig plan (overlay: {plan['overlay'] or 'none, full scale'})", head]
 
     def row(name, s):
-        return (f"{name:8}{s['experiments']:>5}{s['train_jobs']:>7}{s['eval_jobs']:>6}"
-                f"{s['ensemble_jobs']:>5}{s['jobs']:>6}{s['gpu_hours_train']:>13.1f}"
-                f"{s['gpu_hours_eval']:>12.1f}{s['gpu_hours']:>10.1f}")
+        return (
+            f"{name:8}{s['experiments']:>5}{s['train_jobs']:>7}{s['eval_jobs']:>6}"
+            f"{s['ensemble_jobs']:>5}{s['jobs']:>6}{s['gpu_hours_train']:>13.1f}"
+            f"{s['gpu_hours_eval']:>12.1f}{s['gpu_hours']:>10.1f}"
+        )
 
     for n, s in plan["tables"].items():
         lines.append(row(f"table{n}", s))
     lines.append(row("total", plan["total"]))
-    lines.append("(tables share experiments, so the table rows do not add up to the total; "
-                 "jobs include params resolution, data preparation, ImageNet weight downloads, "
-                 "tables, figures and the report)")
+    lines.append(
+        "(tables share experiments, so the table rows do not add up to the total; "
+        "jobs include params resolution, data preparation, ImageNet weight downloads, "
+        "tables, figures and the report)"
+    )
     for ds, v in plan["datasets"].items():
-        lines.append(f"{ds}: train {v['train']['videos']} videos ({v['train']['from']}), "
-                     f"val {v['val']['videos']} ({v['val']['from']})")
-    lines.append("GPU-h = epochs x train clips / train.clips_per_sec_per_gpu; evaluation at "
-                 f"{plan['eval_speedup']:g}x that rate per view")
+        lines.append(
+            f"{ds}: train {v['train']['videos']} videos ({v['train']['from']}), "
+            f"val {v['val']['videos']} ({v['val']['from']})"
+        )
+    lines.append(
+        "GPU-h = epochs x train clips / train.clips_per_sec_per_gpu; evaluation at "
+        f"{plan['eval_speedup']:g}x that rate per view"
+    )
     if plan.get("memory"):
         lines.append("")
         lines.extend(format_memory(plan["memory"], plan["overlay"]))
@@ -243,25 +297,33 @@ def format_plan(plan: dict) -> str:
 
 def format_memory(m: dict, overlay: str | None = None) -> list[str]:
     gpu_mem = m["gpu_mem_gb"]
-    lines = ["GPU memory per GPU of each training (GiB = 2^30 bytes; estimate at its "
-             "train.per_gpu_batch and AMP setting, smallbig/engine/memory.py)"]
-    head = (f"{'experiment':28}{'T x crop':>10}{'amp':>6}{'gpus':>5}{'batch x accum':>15}"
-            f"{'static':>8}{'act/clip':>9}{'total':>8}")
+    lines = [
+        "GPU memory per GPU of each training (GiB = 2^30 bytes; estimate at its "
+        "train.per_gpu_batch and AMP setting, smallbig/engine/memory.py)"
+    ]
+    head = (
+        f"{'experiment':28}{'T x crop':>10}{'amp':>6}{'gpus':>5}{'batch x accum':>15}"
+        f"{'static':>8}{'act/clip':>9}{'total':>8}"
+    )
     if gpu_mem is not None:
         head += f"  {'max batch':>9}  at {gpu_mem:g} GiB"
     lines.append(head)
     for exp, e in m["experiments"].items():
         accum = e["accum_steps"] if e["accum_steps"] is not None else "?"
-        row = (f"{exp:28}{str(e['frames']) + ' x ' + str(e['crop']):>10}{e['precision']:>6}"
-               f"{e['gpus']:>5}{str(e['per_gpu_batch']) + ' x ' + str(accum):>15}"
-               f"{e['static_gib']:>8.2f}{e['activations_per_clip_gib']:>9.2f}"
-               f"{e['total_gib']:>8.1f}")
+        row = (
+            f"{exp:28}{str(e['frames']) + ' x ' + str(e['crop']):>10}{e['precision']:>6}"
+            f"{e['gpus']:>5}{str(e['per_gpu_batch']) + ' x ' + str(accum):>15}"
+            f"{e['static_gib']:>8.2f}{e['activations_per_clip_gib']:>9.2f}"
+            f"{e['total_gib']:>8.1f}"
+        )
         if gpu_mem is not None:
             if e["fits"]:
                 verdict = "fits"
             elif e["use_per_gpu_batch"]:
-                verdict = (f"DOES NOT FIT: use per_gpu_batch {e['use_per_gpu_batch']} x "
-                           f"{e['use_accum_steps']} accumulation")
+                verdict = (
+                    f"DOES NOT FIT: use per_gpu_batch {e['use_per_gpu_batch']} x "
+                    f"{e['use_accum_steps']} accumulation"
+                )
             elif e["max_batch"] == 0:
                 verdict = "DOES NOT FIT: not even 1 clip"
             else:
@@ -270,15 +332,24 @@ def format_memory(m: dict, overlay: str | None = None) -> list[str]:
         lines.append(row)
     fresh = [x for x, e in m["experiments"].items() if e["status"] != "cached"]
     if fresh:
-        why = ("an overlay changes the shapes; params/memory.json holds the full-scale ones"
-               if overlay else "run `smallbig plan --measure-memory` to update it")
-        lines.append(f"measured now, not taken from {m['cache']} (missing or shape changed since "
-                     f"measured; {why}): {', '.join(fresh)}")
+        why = (
+            "an overlay changes the shapes; params/memory.json holds the full-scale ones"
+            if overlay
+            else "run `smallbig plan --measure-memory` to update it"
+        )
+        lines.append(
+            f"measured now, not taken from {m['cache']} (missing or shape changed since "
+            f"measured; {why}): {', '.join(fresh)}"
+        )
     else:
-        lines.append(f"activations: {m['cache']} (measured once per configuration on the meta "
-                     "device; current for every experiment)")
-    lines.append("total = weights + grads + momentum (+ DDP buckets) + saved activations x batch "
-                 "+ gradients in flight + input + 10% fragmentation + 2 GiB workspace")
+        lines.append(
+            f"activations: {m['cache']} (measured once per configuration on the meta "
+            "device; current for every experiment)"
+        )
+    lines.append(
+        "total = weights + grads + momentum (+ DDP buckets) + saved activations x batch "
+        "+ gradients in flight + input + 10% fragmentation + 2 GiB workspace"
+    )
     return lines
 
 
@@ -288,14 +359,15 @@ def _run(args) -> int:
             raise config.ParamsError(
                 f"--measure-memory writes {mem.MEMORY_JSON}, which holds the full-scale shapes "
                 "of params/experiments; run it without --overlay (an overlay's shapes are "
-                "measured on the fly by every `smallbig plan --overlay`)")
-        mem.measure_all(load_all(), force=args.measure_memory == "all",
-                        say=lambda msg: print(msg, file=sys.stderr))
+                "measured on the fly by every `smallbig plan --overlay`)"
+            )
+        mem.measure_all(
+            load_all(), force=args.measure_memory == "all", say=lambda msg: print(msg, file=sys.stderr)
+        )
         print(f"wrote {mem.MEMORY_JSON}", file=sys.stderr)
     if args.gpu_mem is not None and args.gpu_mem <= 0:
         raise config.ParamsError(f"--gpu-mem: must be > 0 GiB, got {args.gpu_mem:g}")
-    plan = make_plan(args.overlay, args.tables, gpu_mem=args.gpu_mem,
-                     memory=not args.no_memory)
+    plan = make_plan(args.overlay, args.tables, gpu_mem=args.gpu_mem, memory=not args.no_memory)
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
@@ -312,14 +384,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay", help="params overlay (e.g. params/embedded.yaml)")
     p.add_argument("--tables", help="tables file (default params/tables.yaml)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--gpu-mem", type=float, metavar="GiB",
-                   help="memory of one GPU in GiB (A100 40GB: 40, H100 80GB: 80): report the "
-                        "largest per-GPU batch that fits and exit 2 naming every training whose "
-                        "train.per_gpu_batch does not fit")
-    p.add_argument("--measure-memory", nargs="?", const="stale", choices=("stale", "all"),
-                   help="measure the activation memory of the missing or stale (or all) "
-                        "experiments at full scale and write params/memory.json")
-    p.add_argument("--no-memory", action="store_true",
-                   help="leave out the GPU-memory section (which imports torch to measure "
-                        "where params/memory.json is not current)")
+    p.add_argument(
+        "--gpu-mem",
+        type=float,
+        metavar="GiB",
+        help="memory of one GPU in GiB (A100 40GB: 40, H100 80GB: 80): report the "
+        "largest per-GPU batch that fits and exit 2 naming every training whose "
+        "train.per_gpu_batch does not fit",
+    )
+    p.add_argument(
+        "--measure-memory",
+        nargs="?",
+        const="stale",
+        choices=("stale", "all"),
+        help="measure the activation memory of the missing or stale (or all) "
+        "experiments at full scale and write params/memory.json",
+    )
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="leave out the GPU-memory section (which imports torch to measure "
+        "where params/memory.json is not current)",
+    )
     p.set_defaults(func=_run)

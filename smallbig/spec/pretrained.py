@@ -1,6 +1,7 @@
 """Which ImageNet files the workflow needs (`model.pretrained` of each experiment): the inputs of
 the trainings and the downloads the workflow schedules. Pure: no download, no torch
 (smallbig/models/weights.py fetches and verifies them)."""
+
 from __future__ import annotations
 
 from smallbig.config import ParamsError, classify
@@ -34,5 +35,6 @@ def workflow_files(params_by_exp: dict[str, dict]) -> dict[str, tuple[str, dict,
         if (seen[0], seen[1]) != (value, entry):
             raise ParamsError(
                 f"{exp}: pretrained_weights.{value}: {entry['file']} is declared differently "
-                f"(as {seen[0]}: {seen[1]}) for {seen[2]}")
+                f"(as {seen[0]}: {seen[1]}) for {seen[2]}"
+            )
     return out

@@ -1,5 +1,6 @@
 """The test protocol: CLIPS x CROPS views of a video (the paper's "10 x 3"). One parser, one crop
 size rule, used by the data layer, the model info, the plan, the engine and the report."""
+
 from __future__ import annotations
 
 import re
@@ -28,8 +29,9 @@ class Protocol:
 
     def __post_init__(self) -> None:
         if self.clips < 1 or self.crops not in (1, 3):
-            raise ProtocolError(f"protocol {self.clips}x{self.crops}: clips must be >= 1 and crops "
-                                f"1 or 3 (e.g. 10x3)")
+            raise ProtocolError(
+                f"protocol {self.clips}x{self.crops}: clips must be >= 1 and crops 1 or 3 (e.g. 10x3)"
+            )
 
     @classmethod
     def parse(cls, text: str | Protocol) -> Protocol:

@@ -9,6 +9,7 @@ Row kinds:
                                    the members' eval-<protocol>/scores.npz)
   external: true                   another paper's number, shown as reported
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,8 +63,10 @@ def _message(e: jsonschema.ValidationError) -> tuple[str, str]:
         forbidden = [k for k in (e.validator_value or {}).get("required", []) if k in inst]
         kind = next((k for k in _KINDS if k in inst), "this")
         article = "an" if kind[0] in "ae" else "a"
-        return (f"{key}.{forbidden[0]}" if forbidden else key,
-                f"{article} {kind} row has no {'/'.join(forbidden) or 'such key'}")
+        return (
+            f"{key}.{forbidden[0]}" if forbidden else key,
+            f"{article} {kind} row has no {'/'.join(forbidden) or 'such key'}",
+        )
     if e.validator == "oneOf" and e.schema.get("oneOf", [{}])[0].get("type") == "number":
         return key, f"must be a number or null, got {inst!r}"
     text = e.message if len(e.message) <= 240 else e.message[:240] + "…"
@@ -81,8 +84,9 @@ def _pick(errors: list[jsonschema.ValidationError]) -> jsonschema.ValidationErro
     return min(here, key=lambda e: (_PRIORITY.get(str(e.validator), 9), -len(list(e.path))))
 
 
-def validate_tables(data: Any, source: str | Path = TABLES_PATH,
-                    known_ids: set[str] | None = None) -> list[dict]:
+def validate_tables(
+    data: Any, source: str | Path = TABLES_PATH, known_ids: set[str] | None = None
+) -> list[dict]:
     """Check a tables document (schema, then the paper's order, known experiment ids, one meaning
     per ensemble name, a dataset for every row); return its list of tables."""
     src = str(source)
@@ -136,8 +140,7 @@ def load_tables(path: str | Path | None = None) -> list[dict]:
         for r in t["rows"]:
             r["kind"] = next(k for k in ("experiment", "ensemble", "external") if k in r)
             r.setdefault("dataset", t.get("dataset"))
-            r["members"] = ([r["experiment"]] if r["kind"] == "experiment"
-                            else list(r.get("ensemble", [])))
+            r["members"] = [r["experiment"]] if r["kind"] == "experiment" else list(r.get("ensemble", []))
     return tables
 
 

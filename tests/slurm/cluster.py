@@ -12,6 +12,7 @@ started (by pid) and restores the config files.
 Needs root and Debian's `slurm-wlm munge` (`make system-deps`). Command line, for debugging:
   python -m tests.slurm.cluster start DIR   /   python -m tests.slurm.cluster stop DIR
 """
+
 from __future__ import annotations
 
 import json
@@ -126,12 +127,15 @@ PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
     # ---------------------------------------------------------------- daemons
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.workdir / "log" / f"{name}.out", "ab")  # noqa: SIM115 - handed to the daemon process
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         time.sleep(0.5)
         if self.procs[name].poll() is not None:
-            raise SlurmError(f"{name} exited at start (code {self.procs[name].returncode}); "
-                             f"see {self.workdir}/log/{name}.out\n{self.tail(name)}")
+            raise SlurmError(
+                f"{name} exited at start (code {self.procs[name].returncode}); "
+                f"see {self.workdir}/log/{name}.out\n{self.tail(name)}"
+            )
 
     def tail(self, name: str, n: int = 30) -> str:
         text = ""
@@ -161,10 +165,25 @@ PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
             sock = d / "munge-run" / "munge.socket.2"
             # munged runs as the munge user (it refuses root); the clients find it at the
             # default socket, so the default socket path is linked to ours.
-            self._spawn("munged", ["runuser", "-u", "munge", "--", _exe("munged"), "-F",
-                                   "--socket", str(sock), "--pid-file", str(d / "munge-run" / "munged.pid"),
-                                   "--log-file", str(d / "munge-log" / "munged.log"),
-                                   "--seed-file", str(d / "munge-lib" / "munged.seed")])
+            self._spawn(
+                "munged",
+                [
+                    "runuser",
+                    "-u",
+                    "munge",
+                    "--",
+                    _exe("munged"),
+                    "-F",
+                    "--socket",
+                    str(sock),
+                    "--pid-file",
+                    str(d / "munge-run" / "munged.pid"),
+                    "--log-file",
+                    str(d / "munge-log" / "munged.log"),
+                    "--seed-file",
+                    str(d / "munge-lib" / "munged.seed"),
+                ],
+            )
             default_dir = Path("/run/munge")
             default_dir.mkdir(parents=True, exist_ok=True)
             default_sock = default_dir / "munge.socket.2"
@@ -173,13 +192,21 @@ PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
                     default_sock.unlink()
                 default_sock.symlink_to(sock)
                 self._munge_link = default_sock
-            _wait(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0,
-                  timeout, "munge credentials", lambda: self.tail("munged"))
+            _wait(
+                lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0,
+                timeout,
+                "munge credentials",
+                lambda: self.tail("munged"),
+            )
             d = self.workdir
             self._spawn("slurmctld", [_exe("slurmctld"), "-D", "-i", "-c"])
             self._spawn("slurmd", [_exe("slurmd"), "-D", "-N", self.node])
-            _wait(self.node_idle, timeout, "the node to become idle",
-                  lambda: self.tail("slurmctld") + self.tail("slurmd"))
+            _wait(
+                self.node_idle,
+                timeout,
+                "the node to become idle",
+                lambda: self.tail("slurmctld") + self.tail("slurmd"),
+            )
         except BaseException:
             self.stop()
             raise
@@ -236,8 +263,12 @@ def make_test_profile(profile_src: str | Path, out_dir: str | Path, **definition
     """The user's slurm profile with this cluster's partition (and no account), 2 GPUs per node
     and any other `definitions` (NAME=python literal text): the only difference is the values of
     the definitions block at its top."""
-    values = {"GPU_PARTITION": f'"{PARTITION}"', "CPU_PARTITION": f'"{PARTITION}"',
-              "ACCOUNT": '""', "GPUS_PER_NODE": "2"}
+    values = {
+        "GPU_PARTITION": f'"{PARTITION}"',
+        "CPU_PARTITION": f'"{PARTITION}"',
+        "ACCOUNT": '""',
+        "GPUS_PER_NODE": "2",
+    }
     values.update({k: str(v) for k, v in definitions.items()})
     src = Path(profile_src).read_text()
     lines, seen = [], set()
@@ -245,7 +276,7 @@ def make_test_profile(profile_src: str | Path, out_dir: str | Path, **definition
         s = line.strip()
         key = s[2:].split("=")[0].strip() if s.startswith("- ") and "=" in s else None
         if key in values:
-            line = f'{line[:line.index("-")]}- {key} = {values[key]}'
+            line = f"{line[: line.index('-')]}- {key} = {values[key]}"
             seen.add(key)
         lines.append(line)
     missing = set(values) - seen

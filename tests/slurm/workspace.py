@@ -1,5 +1,6 @@
 """Scratch copies of the repository for the workflow tests (so a test never writes into the
 developer's results/, data/ or reports/, and tests can run the workflow side by side)."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,13 @@ VENV_BIN = Path(sys.executable).parent
 def copy_repo(dest: str | Path) -> Path:
     """Copy the working tree (tracked and untracked, not ignored files, symlinks kept) to dest."""
     dest = Path(dest)
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         out = dest / rel
@@ -40,14 +46,15 @@ def env(**extra) -> dict:
     return e
 
 
-def snakemake(cwd: Path, *args: str, timeout: float = 1800, check: bool = True,
-              **env_extra) -> subprocess.CompletedProcess:
+def snakemake(
+    cwd: Path, *args: str, timeout: float = 1800, check: bool = True, **env_extra
+) -> subprocess.CompletedProcess:
     cmd = [str(VENV_BIN / "snakemake"), *args]
-    r = subprocess.run(cmd, cwd=cwd, env=env(**env_extra), capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(cmd, cwd=cwd, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}) in {cwd}:\n"
-                             f"{r.stdout[-6000:]}\n{r.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({r.returncode}) in {cwd}:\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
+        )
     return r
 
 
