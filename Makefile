@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup embedded test test-fast system-deps clean-results
+.PHONY: setup embedded test test-fast lint system-deps clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,15 @@ system-deps:
 embedded: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH bash workflow/scripts/run-embedded.sh
 
-# The test suite (CI runs exactly this: see .ci/run).
-test: setup system-deps
+# Lint, format and type checks (ruff, mypy: configured in pyproject.toml).
+LINT_PATHS := smallbig tests benchmarks workflow/scripts
+lint: setup
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/python -m mypy
+
+# The test suite (CI runs exactly this: see .ci/run): lint first, then every test.
+test: setup system-deps lint
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -ra
 
 test-fast: setup
