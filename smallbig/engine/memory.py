@@ -522,6 +522,66 @@ def build_for_memory(params: dict, device: str = "meta"):
     return build_model(cfg).to(device)
 
 
+def _measure_meta(model, params: dict, device: str, precisions, check: bool) -> dict:
+    """Per precision: saved bytes per clip and fixed, from forwards of batch 2 and 3."""
+    prec = {}
+    for p in precisions:
+        dtype = None if p == "fp32" else torch.bfloat16
+        s2 = saved_tensor_bytes(model, _clip(params, FIT_BATCHES[0], device), dtype)
+        s3 = saved_tensor_bytes(model, _clip(params, FIT_BATCHES[1], device), dtype)
+        per = (s3["bytes"] - s2["bytes"]) // (FIT_BATCHES[1] - FIT_BATCHES[0])
+        prec[p] = {
+            "saved_per_clip": per,
+            "saved_fixed": s2["bytes"] - FIT_BATCHES[0] * per,
+            "largest_per_clip": s3["largest"] // FIT_BATCHES[1],
+            "saved_tensors": s3["count"],
+        }
+        if check:
+            prec[p]["check_batch2"] = _check_batch2(model, params, device, dtype, prec[p])
+    return prec
+
+
+def _check_batch2(model, params: dict, device: str, dtype, entry: dict) -> dict:
+    """The allocator-level simulated peak of a whole step at batch 2 beside the formula's terms
+    without the allowances."""
+    model.zero_grad(set_to_none=True)
+    sim = simulate_step_peak(model, _clip(params, 2, device), dtype)["peak"]
+    model.zero_grad(set_to_none=True)
+    n = sum(q.numel() for q in model.parameters())
+    formula = (
+        n * BYTES_PER_PARAM_STATE
+        + entry["saved_fixed"]
+        + 2 * (entry["saved_per_clip"] + 2 * entry["largest_per_clip"])
+    )
+    return {"simulated_peak": sim, "formula_no_allowance": formula, "ratio": round(sim / formula, 4)}
+
+
+def _measure_cpu_fallback(model, params: dict, precisions, e: BaseException) -> dict:
+    """One real CPU forward of batch 1 (the meta device could not run an op)."""
+    prec = {}
+    for p in precisions:
+        dtype = None if p == "fp32" else torch.bfloat16
+        s1 = saved_tensor_bytes(model, _clip(params, 1, "cpu"), dtype)
+        prec[p] = {
+            "saved_per_clip": s1["bytes"],
+            "saved_fixed": 0,
+            "largest_per_clip": s1["largest"],
+            "saved_tensors": s1["count"],
+            "fallback": f"meta device failed ({type(e).__name__}: {e}); one real CPU "
+            "forward at batch 1, all of it counted per clip",
+        }
+    return prec
+
+
+def _can_fall_back(e: BaseException, device: str, fallback: bool) -> bool:
+    return (
+        device == "meta"
+        and fallback
+        and not isinstance(e, (MemoryMeasurementError, RecursionError))
+        and (isinstance(e, NotImplementedError) or "meta" in str(e).lower())
+    )
+
+
 def measure(
     params: dict, device: str = "meta", precisions=PRECISIONS, fallback: bool = True, check: bool = False
 ) -> dict:
@@ -536,56 +596,12 @@ def measure(
     torch.manual_seed(0)
     try:
         model = build_for_memory(params, device)
-        prec = {}
-        for p in precisions:
-            dtype = None if p == "fp32" else torch.bfloat16
-            s2 = saved_tensor_bytes(model, _clip(params, FIT_BATCHES[0], device), dtype)
-            s3 = saved_tensor_bytes(model, _clip(params, FIT_BATCHES[1], device), dtype)
-            per = (s3["bytes"] - s2["bytes"]) // (FIT_BATCHES[1] - FIT_BATCHES[0])
-            prec[p] = {
-                "saved_per_clip": per,
-                "saved_fixed": s2["bytes"] - FIT_BATCHES[0] * per,
-                "largest_per_clip": s3["largest"] // FIT_BATCHES[1],
-                "saved_tensors": s3["count"],
-            }
-            if check:
-                model.zero_grad(set_to_none=True)
-                sim = simulate_step_peak(model, _clip(params, 2, device), dtype)["peak"]
-                model.zero_grad(set_to_none=True)
-                n = sum(q.numel() for q in model.parameters())
-                formula = (
-                    n * BYTES_PER_PARAM_STATE
-                    + prec[p]["saved_fixed"]
-                    + 2 * (prec[p]["saved_per_clip"] + 2 * prec[p]["largest_per_clip"])
-                )
-                prec[p]["check_batch2"] = {
-                    "simulated_peak": sim,
-                    "formula_no_allowance": formula,
-                    "ratio": round(sim / formula, 4),
-                }
-        used = device
+        prec, used = _measure_meta(model, params, device, precisions, check), device
     except (NotImplementedError, RuntimeError) as e:
-        if (
-            device != "meta"
-            or not fallback
-            or isinstance(e, (MemoryMeasurementError, RecursionError))
-            or not (isinstance(e, NotImplementedError) or "meta" in str(e).lower())
-        ):
+        if not _can_fall_back(e, device, fallback):
             raise
         model = build_for_memory(params, "cpu")
-        prec = {}
-        for p in precisions:
-            dtype = None if p == "fp32" else torch.bfloat16
-            s1 = saved_tensor_bytes(model, _clip(params, 1, "cpu"), dtype)
-            prec[p] = {
-                "saved_per_clip": s1["bytes"],
-                "saved_fixed": 0,
-                "largest_per_clip": s1["largest"],
-                "saved_tensors": s1["count"],
-                "fallback": f"meta device failed ({type(e).__name__}: {e}); one real CPU "
-                "forward at batch 1, all of it counted per clip",
-            }
-        used = "cpu"
+        prec, used = _measure_cpu_fallback(model, params, precisions, e), "cpu"
     n_params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     T, crop = int(params["data"]["num_frames"]), int(params["data"]["crop_size"])

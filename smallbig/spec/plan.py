@@ -33,6 +33,7 @@ from pathlib import Path
 from smallbig import config
 from smallbig.spec import memory_plan as mem
 from smallbig.spec.pretrained import workflow_files
+from smallbig.spec.protocol import Protocol
 from smallbig.spec.tables import load_tables, required_ensembles, required_evaluations
 
 EVAL_SPEEDUP = 3.0
@@ -112,8 +113,7 @@ def split_size(p: dict, split: str) -> tuple[int, str]:
 
 
 def views(protocol: str) -> int:
-    clips, crops = protocol.split("x")
-    return int(clips) * int(crops)
+    return Protocol.parse(protocol).views
 
 
 def train_gpu_hours(p: dict) -> float:
