@@ -109,7 +109,9 @@ def test_dvc_round_trip_restores_the_workflow_outputs_up_to_date(embedded_run, t
     assert "Nothing to be done" in text, text[-4000:]
     # ... while a real change is still noticed: one experiment's params -> only its chain
     exp = clone / "params/experiments/k400-r23-c2d.yaml"
-    exp.write_text(exp.read_text() + "description: changed\n")
+    before = exp.read_text()  # edit the key in place: a second `description:` is refused now
+    exp.write_text(re.sub(r"^description: .*$", "description: changed", before, count=1, flags=re.M))
+    assert exp.read_text() != before
     text = snakemake(clone, "--profile", "embedded", "-n", "table2", **mlflow_env(clone)).stdout
     assert jobs_of(text, "train") == ["exp=k400-r23-c2d"], text[-3000:]
 
