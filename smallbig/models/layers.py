@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from smallbig.models import pooling
+
 PoolDim = int | str
 Pool = tuple[PoolDim, int, int]  # [kt|'T', kh, kw]
 
@@ -98,36 +100,15 @@ def pool_reference(x: torch.Tensor, pool: Pool, mode: str) -> torch.Tensor:
     return F.avg_pool3d(F.pad(x, (pw, pw, ph, ph, pt, pt)), kernel, stride=1)
 
 
-def _temporal_pool_frames(v: torch.Tensor, kt: int, mode: str) -> torch.Tensor:
-    """Stride-1 'same' pooling along dim 1 of v [N, T, C, H, W] (frame-major): one 3-D pooling
-    over the free view [N, 1, T, C*H, W] with a kt×1×1 window (zero padding counted for avg)."""
-    if kt == 1:
-        return v
-    n, t = v.shape[:2]
-    u = v.contiguous().view(n, 1, t, -1, v.shape[-1])
-    r = kt // 2
-    if mode == "max":
-        u = F.max_pool3d(u, (kt, 1, 1), stride=1, padding=(r, 0, 0))
-    else:
-        u = F.avg_pool3d(F.pad(u, (0, 0, 0, 0, r, r)), (kt, 1, 1), stride=1)
-    return u.view(v.shape)
-
-
 def pool_frames(f: torch.Tensor, n: int, t: int, pool: Pool, mode: str) -> tuple[torch.Tensor, int]:
-    """Separable P on frames [N*T, C, H, W] -> (pooled frames [N*Tp, C, H, W], Tp)."""
+    """Separable P on frames [N*T, C, H, W] -> (pooled frames [N*Tp, C, H, W], Tp): window maxima
+    / sums over shifted views of the frame-major [N, T, C, H, W] view, H×W then T ('T' = global
+    over time, Tp = 1); only the input is kept for backward (``pooling.py``)."""
     kt, kh, kw = pool
-    if kh > 1 or kw > 1:
-        pad = (kh // 2, kw // 2)
-        if mode == "max":
-            f = F.max_pool2d(f, (kh, kw), stride=1, padding=pad)
-        else:
-            f = F.avg_pool2d(F.pad(f, (pad[1], pad[1], pad[0], pad[0])), (kh, kw), stride=1)
     v = f.reshape(n, t, *f.shape[1:])
-    if isinstance(kt, str):  # 'T'
-        v = v.amax(dim=1) if mode == "max" else v.mean(dim=1)
-        return v, 1
-    v = _temporal_pool_frames(v, kt, mode)
-    return v.reshape(n * t, *v.shape[2:]), t
+    y = pooling.pool(v, n, 0 if isinstance(kt, str) else kt, kh, kw, 1, mode)
+    tp = y.shape[1]
+    return y.reshape(n * tp, *y.shape[2:]), tp
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smallbig.config import validate_model
+from smallbig.models import pooling
 from smallbig.models.layers import (
     BatchNorm,
     ConvBN,
@@ -62,7 +63,7 @@ class Stem(nn.Module):
             f = F.conv2d(f, wf, bf, 2, 3)
         else:
             f = self.bn(F.conv2d(f, w, None, 2, 3))
-        f = F.max_pool2d(F.relu(f), 3, stride=2, padding=1)
+        f = pooling.pool(F.relu(f), n, 1, 3, 3, 2, "max")  # 1×3×3 stride 2, pad 1
         return from_frames(f, n, t)
 
 
