@@ -111,14 +111,16 @@ def test_cuda_autocast_emulation_where_cpu_and_cuda_policies_agree(tmp_path):
 
 
 def test_cuda_emulation_differs_from_cpu_where_the_policies_do(tmp_path):
-    """CUDA autocast runs softmax in fp32 (CPU: bf16) and max_pool3d in bf16 (CPU: fp32)."""
-    for exp, cuda_more in (("k400-r23-nonlocal", True), ("k400-r23-sb-full", False)):
+    """CUDA autocast runs softmax in fp32 (CPU: bf16): NonLocal keeps more under CUDA's policy.
+    The efficient SmallBig net pools with the project's own operator (no autocast policy; the
+    reference formulation's max_pool3d has one): the same bytes under both policies."""
+    for exp, cuda_more in (("k400-r23-nonlocal", True), ("k400-r23-sb-full", None)):
         p = small(exp, tmp_path)
         meta = mem.build_for_memory(p, "meta")
         xm = torch.empty(2, 3, 4, 112, 112, device="meta")
         cuda = mem.saved_tensor_bytes(meta, xm, torch.bfloat16)["bytes"]
         cpu = mem.saved_tensor_bytes(meta, xm, torch.bfloat16, CPU_POLICY)["bytes"]
-        assert (cuda > cpu) if cuda_more else (cuda < cpu)
+        assert (cuda > cpu) if cuda_more else (cuda == cpu)
 
 
 def test_an_unlisted_autocast_op_stops_the_emulation():
@@ -173,9 +175,11 @@ def test_activations_grow_with_frames_and_width(tmp_path):
     assert w16["activations"]["fp32"]["saved_per_clip"] - inp == pytest.approx(
         2 * (f8["activations"]["fp32"]["saved_per_clip"] - inp), rel=1e-3
     )
-    # SmallBig saves more than C2D (the big views, their pooling indices)
+    # SmallBig saves more than C2D (the big views and their BN inputs) but less than twice as
+    # much: its pooling keeps no indices (smallbig/models/pooling.py), the reference's did
     sb = mem.measure(small("k400-r23-sb-full", tmp_path, frames=8))
-    assert sb["activations"]["fp32"]["saved_per_clip"] > 2 * f8["activations"]["fp32"]["saved_per_clip"]
+    ratio = sb["activations"]["fp32"]["saved_per_clip"] / f8["activations"]["fp32"]["saved_per_clip"]
+    assert 1.2 < ratio < 2.0, ratio
 
 
 def test_meta_failure_falls_back_to_a_real_cpu_forward(tmp_path, monkeypatch):

@@ -253,12 +253,10 @@ class SmallBigUnit(nn.Module):
             ys = F.conv2d(f, ws, bs, stride, padding)
             yb = F.conv2d(pf, wbf, bbf, stride, padding)
         else:
-            if self.share:  # one conv call for both views (batch-concatenated)
-                y = F.conv2d(torch.cat([f, pf], dim=0), w, None, stride, padding)
-                ys, yb = y[: n * t], y[n * t :]
-            else:
-                ys = F.conv2d(f, w, None, stride, padding)
-                yb = F.conv2d(pf, wb, None, stride, padding)
+            # two conv calls, not one over the batch-concatenated views: the concatenation would
+            # be a third copy of the activations kept for backward (f and pf are kept anyway)
+            ys = F.conv2d(f, w, None, stride, padding)
+            yb = F.conv2d(pf, wb, None, stride, padding)
             ys, yb = self.bn(ys), self.bn_big(yb)
         out = ys.reshape(n, t, *ys.shape[1:]) + yb.reshape(n, tp, *yb.shape[1:])
         if self.record:

@@ -93,33 +93,8 @@ def _frames_cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=CL)
 
 
-class _Pool(torch.autograd.Function):
-    """y = pool_T(pool_HW(x)) on frames; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, cfg: tuple[int, int, int, int, int, str]) -> torch.Tensor:
-        n, kt, kh, kw, s, mode = cfg
-        ctx.cfg = cfg
-        ctx.save_for_backward(x)
-        return _pool_forward(x, n, kt, kh, kw, s, mode)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (g,) = grads
-        (x,) = ctx.saved_tensors
-        n, kt, kh, kw, s, mode = ctx.cfg
-        with torch.no_grad():
-            if mode == "max":
-                gx = _max_backward(g, x, n, kt, kh, kw, s)
-            else:
-                gx = _avg_backward(g, x.shape, n, kt, kh, kw, s)
-        return gx, None
-
-
 def _pool_forward(x: torch.Tensor, n: int, kt: int, kh: int, kw: int, s: int, mode: str) -> torch.Tensor:
     five = x.dim() == 5
-    if (kt == 1 or not five) and (kh, kw, s) == (1, 1, 1):
-        return x.clone()
     f = x.flatten(0, 1) if five else x
     f = _shift_reduce(_shift_reduce(f, 3, kw, s, mode), 2, kh, s, mode)
     if five:
@@ -186,6 +161,50 @@ def _avg_backward(
     return g.reshape(shape)
 
 
+def _identity(x: torch.Tensor, kt: int, kh: int, kw: int, s: int) -> bool:
+    return (kt == 1 or x.dim() == 4) and (kh, kw, s) == (1, 1, 1)
+
+
+# Custom operators (torch.library): opaque to torch.compile (Dynamo does not trace the Python
+# loops over window offsets, Inductor calls them as they are) with their own autograd formula.
+def _frame_pool(x: torch.Tensor, n: int, kt: int, kh: int, kw: int, stride: int, mode: str) -> torch.Tensor:
+    if _identity(x, kt, kh, kw, stride):
+        return x.clone()
+    return _pool_forward(x, n, kt, kh, kw, stride, mode)
+
+
+def _frame_pool_backward(
+    g: torch.Tensor, x: torch.Tensor, n: int, kt: int, kh: int, kw: int, stride: int, mode: str
+) -> torch.Tensor:
+    if _identity(x, kt, kh, kw, stride):
+        return g.clone()
+    if mode == "max":
+        return _max_backward(g, x, n, kt, kh, kw, stride)
+    return _avg_backward(g, x.shape, n, kt, kh, kw, stride)
+
+
+frame_pool = torch.library.custom_op("smallbig::frame_pool", _frame_pool, mutates_args=())
+frame_pool_backward = torch.library.custom_op(
+    "smallbig::frame_pool_backward", _frame_pool_backward, mutates_args=()
+)
+# shapes and strides on fake tensors: the same code (every op it uses has a meta kernel)
+frame_pool.register_fake(_frame_pool)
+frame_pool_backward.register_fake(_frame_pool_backward)
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[0])
+    ctx.cfg = inputs[1:]
+
+
+def _backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    (x,) = ctx.saved_tensors
+    return (frame_pool_backward(g, x, *ctx.cfg),) + (None,) * 6
+
+
+frame_pool.register_autograd(_backward, setup_context=_setup)
+
+
 def pool(x: torch.Tensor, n: int, kt: int, kh: int, kw: int, stride: int, mode: str) -> torch.Tensor:
     """Pooling with 'same' padding (kernel // 2) and spatial stride ``stride``.
 
@@ -197,6 +216,4 @@ def pool(x: torch.Tensor, n: int, kt: int, kh: int, kw: int, stride: int, mode: 
     for name, k in (("kt", kt), ("kh", kh), ("kw", kw)):
         if (k % 2 == 0 and not (name == "kt" and k == 0)) or k < 0:
             raise ValueError(f"pooling {name}={k}: must be odd (kt 0 = global over time)")
-    out = _Pool.apply(x, (n, kt, kh, kw, stride, mode))
-    assert isinstance(out, torch.Tensor)
-    return out
+    return frame_pool(x, n, kt, kh, kw, stride, mode)
