@@ -507,7 +507,11 @@ class Suite:
 
     def eager_phase(self) -> None:
         for exp in self.args.models:
-            ctx = self.context(exp)
+            try:
+                ctx = self.context(exp)
+            except Exception as err:  # the params or the MAC count: recorded, the others go on
+                self.note(f"{exp}: not measured: {type(err).__name__}: {err}"[:600])
+                continue
             for cfg in eager_grid():
                 need = estimate(self.rows, exp, False, self.args.eager_estimate_s, self.depths)
                 if not self.deadline.fits(need):
@@ -520,7 +524,7 @@ class Suite:
 
     def compile_phase(self) -> None:
         todo = compile_candidates(self.rows, self.args.models)
-        for exp in self.args.models:
+        for exp in self.ctxs:
             if not any(e == exp for e, _ in todo):
                 self.note(f"{exp}: no successful eager configuration, torch.compile not tried")
         cap = self.args.compile_max
