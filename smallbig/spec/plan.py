@@ -1,14 +1,19 @@
 """`smallbig plan`: jobs and GPU-hours of the workflow, per table and in total, before anything is
 submitted.
 
-GPU-hours are an estimate from params only:
-  training   = train.epochs x train clips / train.clips_per_sec_per_gpu
-  evaluation = val videos x views / (EVAL_SPEEDUP x train.clips_per_sec_per_gpu)
-(a forward pass without backward is about EVAL_SPEEDUP = 3 times faster than a training step).
+GPU-hours:
+  training   = train.epochs x train clips / training clips/s per GPU
+  evaluation = val videos x views / evaluation clips/s per GPU
 Train clips / val videos are the line counts of the prepared `train.txt` / `val.txt` under
 `data.root` when they exist, else the datasets' nominal sizes below (capped by
-`data.limit_train` / `data.limit_val`). Measure `clips_per_sec_per_gpu` on your GPUs with
-`benchmarks/train_throughput.py` and put it in params for a better estimate.
+`data.limit_train` / `data.limit_val`). The rates ("GPU rates", `gpu_rates`): measured by
+`benchmarks/gpu_suite.py` (benchmarks/results/gpu_*.json, or `--throughput FILE`) for an
+experiment it measured at the same shape (`throughput_shape`), at the settings the engine trains
+with (`engine_settings`: model.formulation, train.amp, train.channels_last, train.compile);
+evaluation from the measured inference clips/s (eager, as `smallbig evaluate`), scaled by
+(measured crop / test crop)^2. Otherwise the GUESS `train.clips_per_sec_per_gpu` (params) and,
+for evaluation, EVAL_SPEEDUP = 3 times it (a forward without backward), labelled as a guess in
+the output. Only JSON is read here: no torch.
 
 GPU memory per training (`smallbig/spec/memory_plan.py`; the measuring is
 `smallbig/engine/memory.py`'s, plugged in by the engine: no torch, no engine import here): the
@@ -32,6 +37,7 @@ from pathlib import Path
 
 from smallbig import config
 from smallbig.spec import memory_plan as mem
+from smallbig.spec.params import TestSpec
 from smallbig.spec.pretrained import workflow_files
 from smallbig.spec.protocol import Protocol
 from smallbig.spec.tables import load_tables, required_ensembles, required_evaluations
@@ -116,15 +122,202 @@ def views(protocol: str) -> int:
     return Protocol.parse(protocol).views
 
 
-def train_gpu_hours(p: dict) -> float:
+def train_gpu_hours(p: dict, rate: dict | None = None) -> float:
+    """`rate`: the experiment's entry of `gpu_rates` (None: the params' guess)."""
     clips, _ = split_size(p, "train")
-    return p["train"]["epochs"] * clips / p["train"]["clips_per_sec_per_gpu"] / 3600.0
+    per_s = rate["train_clips_s"] if rate else p["train"]["clips_per_sec_per_gpu"]
+    return p["train"]["epochs"] * clips / per_s / 3600.0
 
 
-def eval_gpu_hours(p: dict, protocol: str) -> float:
+def eval_clips_per_s(p: dict, protocol: str, rate: dict | None = None) -> float:
+    """Evaluation clips (views) per second per GPU at the protocol's test crop: a measured
+    inference rate scaled by (measured crop / test crop)^2 (compute grows with the pixels), or
+    EVAL_SPEEDUP x the params' guess."""
+    if rate is None or rate.get("eval_crop") is None:
+        guess = rate["eval_clips_s"] if rate else EVAL_SPEEDUP * p["train"]["clips_per_sec_per_gpu"]
+        return guess
+    crop = Protocol.parse(protocol).crop_size(TestSpec.from_dict(p["test"]))
+    return rate["eval_clips_s"] * (rate["eval_crop"] / crop) ** 2
+
+
+def eval_gpu_hours(p: dict, protocol: str, rate: dict | None = None) -> float:
     videos, _ = split_size(p, "val")
-    rate = EVAL_SPEEDUP * p["train"]["clips_per_sec_per_gpu"]
-    return videos * views(protocol) / rate / 3600.0
+    return videos * views(protocol) / eval_clips_per_s(p, protocol, rate) / 3600.0
+
+
+# --------------------------------------------------------------------------------------------
+# GPU rates: measured by benchmarks/gpu_suite.py where a measurement fits, else the guess
+THROUGHPUT_DIR = config.REPO_ROOT / "benchmarks" / "results"
+_NOT_SHAPE = ("pretrained", "formulation")  # model keys that do not change a step's cost
+
+
+def throughput_shape(p: dict) -> dict:
+    """What decides the cost of a training step of these params, as JSON: the model section
+    (but `pretrained`; `formulation` is a setting of the measurement), frames and crop. The GPU
+    suite stores it per model; a measurement applies to an experiment only when they agree."""
+    model = {k: v for k, v in p["model"].items() if k not in _NOT_SHAPE}
+    shape = {"model": model, "num_frames": p["data"]["num_frames"], "crop_size": p["data"]["crop_size"]}
+    return json.loads(json.dumps(shape, sort_keys=True))
+
+
+def engine_settings(p: dict, device_type: str = "cuda") -> dict:
+    """The settings `smallbig train` runs these params with on a `device_type` device: model
+    formulation, precision (train.amp; AMP runs on CUDA only, as
+    smallbig.engine.runtime.amp_settings), channels-last and torch.compile."""
+    tr = p["train"]
+    amp = tr.get("amp") or "none"
+    precision = {"none": "fp32"}.get(amp, amp) if device_type == "cuda" else "fp32"
+    return {
+        "formulation": p["model"].get("formulation", "efficient"),
+        "precision": precision,
+        "channels_last": bool(tr.get("channels_last")),
+        "compile": bool(tr.get("compile")),
+    }
+
+
+def _read_measurement(path: Path) -> dict:
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise config.ParamsError(f"{path}: not a readable GPU suite result: {e}") from None
+    kinds = {"device": dict, "models": dict, "results": list}
+    missing = [k for k in kinds if not isinstance(m, dict) or k not in m]
+    if missing:
+        raise config.ParamsError(
+            f"{path}: not a GPU suite result (benchmarks/gpu_suite.py): missing {', '.join(missing)}"
+        )
+    wrong = [k for k, t in kinds.items() if not isinstance(m[k], t)]
+    wrong += ["results[]" for r in m["results"] if not isinstance(r, dict)][:1]
+    if wrong:
+        raise config.ParamsError(f"{path}: not a GPU suite result: wrong type of {', '.join(wrong)}")
+    m["file"] = str(path)
+    return m
+
+
+def load_throughput(
+    throughput: str | None = None, gpu: str | None = None, results_dir: Path | None = None
+) -> dict | None:
+    """The GPU suite measurement the plan uses: `throughput` = a file, or "none" (use the
+    guesses); default: benchmarks/results/gpu_*.json (smoke runs left out) whose device name or
+    file name contains `gpu` (case-insensitive), the newest (`date`) when several match.
+    -> the measurement (with "file" and "others": the files not chosen) or None."""
+    if throughput == "none":
+        return None
+    if throughput:
+        path = Path(throughput)
+        if not path.is_file():
+            raise config.ParamsError(f"--throughput {throughput}: no such file")
+        m = _read_measurement(path)
+        if gpu and not _device_matches(m, gpu):
+            raise config.ParamsError(f"--gpu {gpu}: {path} measured {m['device'].get('name')!r}")
+        m["others"] = []
+        return m
+    directory = results_dir or THROUGHPUT_DIR
+    found = [_read_measurement(f) for f in sorted(directory.glob("gpu_*.json"))]
+    found = [m for m in found if not m.get("smoke")]
+    chosen = [m for m in found if not gpu or _device_matches(m, gpu)]
+    if gpu and not chosen:
+        have = ", ".join(f"{Path(m['file']).name} ({m['device'].get('name')})" for m in found) or "none"
+        raise config.ParamsError(f"--gpu {gpu}: no measurement of that device in {directory} (have: {have})")
+    if not chosen:
+        return None
+    best = max(chosen, key=lambda m: str(m.get("date", "")))
+    best["others"] = [m["file"] for m in found if m is not best]
+    return best
+
+
+def _device_matches(m: dict, gpu: str) -> bool:
+    text = f"{m['device'].get('name', '')} {Path(m['file']).stem}".lower()
+    return gpu.lower() in text
+
+
+def _row_label(r: dict) -> str:
+    mode = r["precision"] + (" channels-last" if r["channels_last"] else "")
+    return f"{r['formulation']} {mode} {'compiled' if r['compile'] else 'eager'}, batch {r.get('batch')}"
+
+
+def _find_row(m: dict, exp: str, want: dict) -> dict | None:
+    for r in m["results"]:
+        if r.get("model") == exp and all(r.get(k) == v for k, v in want.items()):
+            return r
+    return None
+
+
+def measured_rate(p: dict, m: dict) -> tuple[dict | None, str]:
+    """(the rate of experiment `p` from measurement `m`, or None; why not)."""
+    exp = p["id"]
+    model = m["models"].get(exp)
+    if model is None:
+        return None, "not measured"
+    if model.get("shape") != throughput_shape(p):
+        return None, "measured at another shape: " + _shape_diff(
+            model.get("shape") or {}, throughput_shape(p)
+        )
+    want = engine_settings(p, m["device"].get("type", "cuda"))
+    row = _find_row(m, exp, want)
+    if row is None or row.get("status") != "ok" or not row.get("train_clips_s"):
+        status = "not measured" if row is None else f"{row.get('status')}"
+        label = _row_label(dict(want, batch=model.get("batch")))
+        return None, f"no measurement at the engine's settings ({label}: {status})"
+    evaluation = _find_row(m, exp, dict(want, compile=False))  # `smallbig evaluate` never compiles
+    name = Path(m["file"]).name
+    label = _row_label(row)
+    if row.get("batch") != p["train"]["per_gpu_batch"]:
+        label += f" (params: per_gpu_batch {p['train']['per_gpu_batch']})"
+    rate = {
+        "measured": True,
+        "train_clips_s": row["train_clips_s"],
+        "train_source": f"measured: {name}, {label}",
+    }
+    if evaluation is not None and evaluation.get("status") == "ok" and evaluation.get("infer_clips_s"):
+        rate.update(
+            eval_clips_s=evaluation["infer_clips_s"],
+            eval_crop=evaluation.get("crop", model.get("crop")),
+            eval_source=f"measured: {name}, inference {_row_label(evaluation)}, scaled to the test crop",
+        )
+    else:
+        rate.update(
+            eval_clips_s=EVAL_SPEEDUP * row["train_clips_s"],
+            eval_crop=None,
+            eval_source=f"{EVAL_SPEEDUP:g} x the measured training rate (no inference measurement)",
+        )
+    return rate, ""
+
+
+def _shape_diff(measured: dict, want: dict) -> str:
+    """'4 x 112², base_width 8 (these params: 8 x 224², base_width 64)'."""
+    got, need = [], []
+    for key, name in (("num_frames", "frames"), ("crop_size", "crop")):
+        if measured.get(key) != want.get(key):
+            got.append(f"{name} {measured.get(key)}")
+            need.append(f"{name} {want.get(key)}")
+    mm, wm = measured.get("model") or {}, want.get("model") or {}
+    for key in sorted(set(mm) | set(wm)):
+        if mm.get(key) != wm.get(key):
+            scalar = not isinstance(mm.get(key), (dict, list)) and not isinstance(wm.get(key), (dict, list))
+            got.append(f"model.{key} {mm.get(key)}" if scalar else f"model.{key}")
+            need.append(f"model.{key} {wm.get(key)}" if scalar else f"model.{key} differs")
+    return f"{', '.join(got)} (these params: {', '.join(need)})"
+
+
+def gpu_rates(params: dict[str, dict], measurement: dict | None) -> dict[str, dict]:
+    """experiment -> {"measured", "train_clips_s", "train_source", "eval_clips_s",
+    "eval_crop" (None: not crop-scaled), "eval_source"}."""
+    out = {}
+    for exp, p in params.items():
+        rate, why = measured_rate(p, measurement) if measurement else (None, "no measurement file")
+        if rate is None:
+            guess = p["train"]["clips_per_sec_per_gpu"]
+            rate = {
+                "measured": False,
+                "train_clips_s": guess,
+                "train_source": f"GUESS train.clips_per_sec_per_gpu: {why}",
+                "eval_clips_s": EVAL_SPEEDUP * guess,
+                "eval_crop": None,
+                "eval_source": f"GUESS {EVAL_SPEEDUP:g} x train.clips_per_sec_per_gpu",
+            }
+        out[exp] = rate
+    return out
 
 
 def pretrained_files(params: dict[str, dict]) -> dict:
@@ -195,16 +388,23 @@ def make_plan(
     tables_path: str | None = None,
     gpu_mem: float | None = None,
     memory: bool = True,
+    throughput: str | None = None,
+    gpu: str | None = None,
+    results_dir: Path | None = None,
 ) -> dict:
+    """`throughput` / `gpu` / `results_dir`: which GPU suite measurement gives the rates
+    (`load_throughput`)."""
     params = load_all(overlay)
+    measurement = load_throughput(throughput, gpu, results_dir)
+    rates = gpu_rates(params, measurement)
     tables = load_tables(tables_path)
     evals = evaluations(params, tables)
     ensembles = required_ensembles(tables)
     dsets = datasets(params)
 
     def summarise(exps: set[str], ev: set[tuple[str, str]], ens: set[str], n_tables: int) -> dict:
-        gh_train = sum(train_gpu_hours(params[e]) for e in exps)
-        gh_eval = sum(eval_gpu_hours(params[e], pr) for e, pr in ev)
+        gh_train = sum(train_gpu_hours(params[e], rates[e]) for e in exps)
+        gh_eval = sum(eval_gpu_hours(params[e], pr, rates[e]) for e, pr in ev)
         used = {params[e]["data"]["dataset"] for e in exps}
         data_jobs = len(used)  # one `data prepare` per dataset
         # its params come from the dataset's first experiment, resolved even if not in `exps`
@@ -252,6 +452,16 @@ def make_plan(
             ds: {s: {"videos": n, "from": src} for s, (n, src) in v.items()} for ds, v in sizes.items()
         },
         "eval_speedup": EVAL_SPEEDUP,
+        "rates": {
+            "file": measurement["file"] if measurement else None,
+            "device": measurement["device"].get("name") if measurement else None,
+            "date": measurement.get("date") if measurement else None,
+            "smoke": bool(measurement.get("smoke")) if measurement else False,
+            "others": measurement["others"] if measurement else [],
+            "measured": sum(r["measured"] for r in rates.values()),
+            "guessed": sum(not r["measured"] for r in rates.values()),
+            "experiments": rates,
+        },
     }
     if memory:
         out["memory"] = memory_section(params, gpu_mem)
@@ -286,13 +496,61 @@ def format_plan(plan: dict) -> str:
             f"val {v['val']['videos']} ({v['val']['from']})"
         )
     lines.append(
-        "GPU-h = epochs x train clips / train.clips_per_sec_per_gpu; evaluation at "
-        f"{plan['eval_speedup']:g}x that rate per view"
+        "GPU-h = epochs x train clips / training clips/s per GPU; evaluation = val videos x views / "
+        "evaluation clips/s per GPU (rates and their sources below)"
     )
+    lines.append("")
+    lines.extend(format_rates(plan["rates"], plan["eval_speedup"]))
     if plan.get("memory"):
         lines.append("")
         lines.extend(format_memory(plan["memory"], plan["overlay"]))
     return "\n".join(lines)
+
+
+def format_rates(r: dict, eval_speedup: float) -> list[str]:
+    """The rates behind the GPU-hours, each with its source: M = measured by
+    benchmarks/gpu_suite.py, G = GUESS (train.clips_per_sec_per_gpu)."""
+    exps = r["experiments"]
+    hint = "run `bash benchmarks/gpu_suite.sh` on a GPU (docs/workflow.md)"
+    if r["measured"] == 0:
+        guesses = sorted({e["train_clips_s"] for e in exps.values()})
+        where = r["file"] or f"no benchmarks/results/gpu_*.json ({hint})"
+        lines = [
+            f"GPU rates: every rate is a GUESS: train.clips_per_sec_per_gpu = "
+            f"{', '.join(f'{g:g}' for g in guesses)} clips/s per GPU for training, {eval_speedup:g}x "
+            f"that per view for evaluation, for all {len(exps)} experiments; measurement: {where}"
+        ]
+        if r["file"]:
+            whys = sorted({e["train_source"].split(": ", 1)[-1] for e in exps.values()})
+            lines.append(
+                "  it has no measurement of these experiments at their shape and settings: " + "; ".join(whys)
+            )
+        return lines
+    lines = [
+        f"GPU rates (clips/s per GPU) from {r['file']} ({r['device']}, {r['date']}"
+        + (", SMOKE RUN: tiny models on a CPU, not a GPU" if r["smoke"] else "")
+        + f"): {r['measured']} measured (M), {r['guessed']} GUESSED (G: train.clips_per_sec_per_gpu, "
+        f"evaluation {eval_speedup:g}x it)",
+        f"{'experiment':28}{'train':>9}  {'eval':>9}       source",
+    ]
+    for exp, e in exps.items():
+        tag = "M" if e["measured"] else "G"
+        crop = f"@{e['eval_crop']}" if e["eval_crop"] else ""
+        if e["measured"]:
+            source = e["train_source"] + ("" if e["eval_crop"] else f"; evaluation: {e['eval_source']}")
+        else:
+            source = e["train_source"].replace("GUESS train.clips_per_sec_per_gpu: ", "GUESS: ")
+        lines.append(
+            f"{exp:28}{e['train_clips_s']:>7.1f} {tag}  {e['eval_clips_s']:>7.1f} {tag}{crop:5} {source}"
+        )
+    lines.append(
+        "eval@N: measured inference clips/s (eager, the same settings) at N x N, scaled per protocol "
+        "by (N / test crop)^2; G: the guess, eval = "
+        f"{eval_speedup:g} x train"
+    )
+    if r["others"]:
+        lines.append(f"other measurements (choose with --gpu NAME): {', '.join(r['others'])}")
+    return lines
 
 
 def format_memory(m: dict, overlay: str | None = None) -> list[str]:
@@ -367,7 +625,14 @@ def _run(args) -> int:
         print(f"wrote {mem.MEMORY_JSON}", file=sys.stderr)
     if args.gpu_mem is not None and args.gpu_mem <= 0:
         raise config.ParamsError(f"--gpu-mem: must be > 0 GiB, got {args.gpu_mem:g}")
-    plan = make_plan(args.overlay, args.tables, gpu_mem=args.gpu_mem, memory=not args.no_memory)
+    plan = make_plan(
+        args.overlay,
+        args.tables,
+        gpu_mem=args.gpu_mem,
+        memory=not args.no_memory,
+        throughput=args.throughput,
+        gpu=args.gpu,
+    )
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
@@ -391,6 +656,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="memory of one GPU in GiB (A100 40GB: 40, H100 80GB: 80): report the "
         "largest per-GPU batch that fits and exit 2 naming every training whose "
         "train.per_gpu_batch does not fit",
+    )
+    p.add_argument(
+        "--throughput",
+        metavar="FILE",
+        help="GPU suite measurement (benchmarks/gpu_suite.py json) for the GPU-hours; default: "
+        "benchmarks/results/gpu_*.json (the newest, or the one --gpu names); `none`: the params' "
+        "guess train.clips_per_sec_per_gpu for every experiment",
+    )
+    p.add_argument(
+        "--gpu",
+        metavar="NAME",
+        help="which measured device when several benchmarks/results/gpu_*.json exist (a part of "
+        "the device or file name, e.g. h200; default: the newest measurement)",
     )
     p.add_argument(
         "--measure-memory",
