@@ -8,6 +8,7 @@
   train, evaluate, ensemble                                   (smallbig/engine/cli.py)
   plan        jobs and GPU-hours of the workflow              (smallbig/spec/plan.py)
   report ...  tables, figures, feature maps, HTML report     (smallbig/analysis/cli.py)
+  dvc ...     steps of the DVC pipeline (dvc.yaml)            (smallbig/dvc_cli.py)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import os
 import sys
 
-from smallbig import __version__, config_cli
+from smallbig import __version__, config_cli, dvc_cli
 from smallbig.analysis import cli as analysis_cli
 from smallbig.data import cli as data_cli
 from smallbig.engine import cli as engine_cli
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smallbig {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (config_cli, models_cli, pretrained_cli, data_cli, engine_cli, plan, analysis_cli):
+    for module in (config_cli, models_cli, pretrained_cli, data_cli, engine_cli, plan, analysis_cli, dvc_cli):
         module.register(sub)
     return parser
 

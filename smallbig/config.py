@@ -19,7 +19,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -330,15 +330,24 @@ def _semantic_checks(p: dict, source: str) -> None:
         raise ParamsError(f"{source}: train.lr_steps: step schedule needs at least one epoch")
 
 
-def load_params(path: str | Path, overlay: str | Path | None = None) -> dict:
-    """Load an experiment (following `extends`), apply the overlay, validate, return a dict."""
+def load_params(
+    path: str | Path,
+    overlay: str | Path | None = None,
+    overrides: Sequence[tuple[str, Mapping[str, Any]]] = (),
+) -> dict:
+    """Load an experiment (following `extends`), apply the overlay, then each override (a
+    params fragment such as `{"train": {"lr": 0.01}}`, named by its source for messages, e.g.
+    `--set` or `params.yaml`) last, validate, return a dict."""
     path = Path(path)
     params = _load_chain(path)
     if "id" not in params:
         params["id"] = path.stem
     if overlay:
         params = _apply_overlay(params, Path(overlay))
+    for _label, fragment in overrides:
+        params = deep_merge(params, dict(fragment))
     source = f"{path}" + (f" (+ overlay {overlay})" if overlay else "")
+    source += "".join(f" (+ {label})" for label, _ in overrides)
     validate(params, source)
     return _only_used_weights(params)
 

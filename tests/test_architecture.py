@@ -19,7 +19,7 @@ LAYERS = [
     ("engine", ["smallbig.engine"]),
     ("analysis", ["smallbig.analysis"]),
 ]
-CLI_EDGE = {"smallbig.cli", "smallbig.__main__", "smallbig.config_cli"}
+CLI_EDGE = {"smallbig.cli", "smallbig.__main__", "smallbig.config_cli", "smallbig.dvc_cli"}
 MAX_ENGINE_FUNCTION_LINES = 80
 
 

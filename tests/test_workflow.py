@@ -254,9 +254,9 @@ def test_dvc_pipeline_is_parametrised_by_experiment(repo_copy):
     dvc = str(VENV_BIN / "dvc")
     r = subprocess.run([dvc, "stage", "list"], cwd=REPO, capture_output=True, text=True, env=env())
     assert r.returncode == 0, r.stderr
-    for stage in ("data", "params", "train", "evaluate", "report"):
+    for stage in ("params", "data", "train", "evaluate", "metrics", "report"):
         assert re.search(rf"^{stage}\s", r.stdout, re.M), stage
-    assert "results/dvc/k400-r23-sb-full/" in r.stdout
+    assert "results/dvc/embedded/k400-r23-sb-full/" in r.stdout
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert params["experiment"] in config.experiment_ids()
     cfg = (REPO / ".dvc/config").read_text()

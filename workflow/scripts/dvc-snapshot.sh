@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Version what the Snakemake workflow produced with DVC: record the hashes of the datasets,
-# checkpoints and evaluations (results/<run>) and of Snakemake's own records
-# (.snakemake/metadata: the input checksums that let a fresh clone see restored files as up to
-# date) in workflow/dvc/*.dvc (and, for the embedded data, the `data` stage of dvc.lock), push
-# the contents to the default DVC remote, and commit the hashes to git.
+# Version what the Snakemake workflow produced with DVC: record the hashes of the data, the
+# checkpoints and evaluations (results/<run>) and Snakemake's own records (.snakemake/metadata:
+# the input checksums that let a fresh clone see restored files as up to date) in
+# workflow/dvc/*.dvc, push the contents to the default DVC remote, and commit the hashes to git.
 #
 #   bash workflow/scripts/dvc-snapshot.sh embedded     # after `snakemake --profile embedded`
 #   bash workflow/scripts/dvc-snapshot.sh full         # after `snakemake --profile slurm`
+#
+# Data: embedded, the whole toy data (data/embedded: ~30 MB, a few thousand files). Full, per
+# dataset (workflow/dvc/data-<dataset>.dvc), only what a lab shares: the verified source
+# archives, the lists, manifest and quarantine report (`smallbig dvc shared-data`), never the
+# extracted videos or the frames (tens of millions of files at Kinetics scale), which
+# `smallbig data prepare` rebuilds from them (docs/workflow.md, "DVC").
 #
 # Elsewhere:  git clone ... && cd ... && bash workflow/scripts/dvc-snapshot.sh --pull
 #             snakemake --profile <profile> -n       -> nothing to be done
@@ -15,20 +20,19 @@ cd "$(dirname "$0")/../.."
 mode="${1:?usage: dvc-snapshot.sh embedded|full|--pull}"
 dir=workflow/dvc
 
-track() {  # track NAME PATH: write workflow/dvc/NAME.dvc for PATH (relative to the root)
+track() {  # track NAME PATH...: write workflow/dvc/NAME.dvc with one out per PATH (from the root)
+  local name="$1"
+  shift
   mkdir -p "$dir"
-  printf 'outs:\n- path: ../../%s\n' "$2" > "$dir/$1.dvc"
-  files+=("$dir/$1.dvc")
+  { echo "outs:"; for p in "$@"; do echo "- path: ../../$p"; done; } > "$dir/$name.dvc"
+  files+=("$dir/$name.dvc")
 }
 
 if [ "$mode" = --pull ]; then
-  targets=("$dir"/*.dvc)
-  grep -q '^  data:' dvc.lock 2>/dev/null && targets+=(data)
-  exec dvc pull "${targets[@]}"
+  exec dvc pull "$dir"/*.dvc
 fi
 
 files=()
-targets=()
 case "$mode" in
   embedded)
     for d in source kinetics400 sthv1 sthv2; do
@@ -38,19 +42,19 @@ case "$mode" in
         exit 1
       fi
     done
-    track results-embedded results/embedded
-    targets+=(data) ;;
+    track data-embedded data/embedded
+    track results-embedded results/embedded ;;
   full)
-    for ds in kinetics400 sthv1 sthv2; do
-      [ -d "data/$ds" ] && track "data-$ds" "data/$ds"
+    listing=$(smallbig dvc shared-data)
+    for ds in $(cut -f1 <<< "$listing" | sort -u); do
+      mapfile -t paths < <(awk -F'\t' -v ds="$ds" '$1 == ds {print $2}' <<< "$listing")
+      track "data-$ds" "${paths[@]}"
     done
     track results-full results/full ;;
   *) echo "dvc-snapshot: unknown run '$mode' (embedded, full or --pull)" >&2; exit 2 ;;
 esac
 track snakemake-metadata .snakemake/metadata
-targets+=("${files[@]}")
-dvc commit --force "${targets[@]}"
-dvc push "${targets[@]}"
+dvc commit --force "${files[@]}"
+dvc push "${files[@]}"
 git add "${files[@]}"
-[ -f dvc.lock ] && git add dvc.lock
-git commit -m "DVC snapshot of the $mode workflow outputs" -- "${files[@]}" $( [ -f dvc.lock ] && echo dvc.lock )
+git commit -m "DVC snapshot of the $mode workflow outputs" -- "${files[@]}"
