@@ -191,6 +191,7 @@ class ModelCtx:
         self.model_cfg = dict(self.params["model"], pretrained="none")
         self.macs = count_macs(build_meta_model(self.model_cfg), self.frames, self.crop)
         self.device = device
+        self.cl3d = False  # set per configuration by measure(): reference + channels-last
         self.model: torch.nn.Module | None = None
         self.init_state: dict | None = None
 
@@ -279,7 +280,13 @@ def measure(ctx: ModelCtx, cfg: dict, args) -> dict:
     """Training then inference of one configuration; raises on OOM / compile failure."""
     model = ctx.reset()
     set_formulation(model, cfg["formulation"])
-    set_channels_last(model, cfg["channels_last"])
+    # channels-last: the efficient formulation runs its frames channels-last (set_channels_last);
+    # the reference's convs are 3-D, so it gets channels_last_3d weights and inputs
+    cl3d = bool(cfg["channels_last"]) and cfg["formulation"] == "reference"
+    set_channels_last(model, bool(cfg["channels_last"]) and not cl3d)
+    if cl3d:
+        model = model.to(memory_format=torch.channels_last_3d)
+    ctx.cl3d = cl3d
     if cfg["compile"]:
         torch._dynamo.reset()
         fwd = torch.compile(model, backend=args.compile_backend)
@@ -304,7 +311,7 @@ def measure_train(ctx: ModelCtx, model, fwd, dtype, video, labels, warmup: int, 
     opt = build_optimizer(model, ctx.params["train"], ctx.params["train"]["lr"])
 
     def train_step():
-        x = to_input(video, dev, d["mean"], d["std"], normalize, False)
+        x = to_input(video, dev, d["mean"], d["std"], normalize, ctx.cl3d)
         y = labels.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             logits = fwd(x)
@@ -335,7 +342,7 @@ def measure_infer(ctx: ModelCtx, model, fwd, dtype, video, warmup: int, iters: i
     model.eval()
 
     def infer_step():
-        x = to_input(video, dev, d["mean"], d["std"], normalize, False)
+        x = to_input(video, dev, d["mean"], d["std"], normalize, ctx.cl3d)
         with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             return fwd(x)
 

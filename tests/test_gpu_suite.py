@@ -102,9 +102,15 @@ def test_smoke_run_measures_every_configuration(smoke):
         assert r["mfu"] == pytest.approx(r["train_clips_s"] * 6 * macs / 0.5e12, rel=1e-6)
         assert r["infer_mfu"] == pytest.approx(r["infer_clips_s"] * 2 * macs / 0.5e12, rel=1e-6)
         assert r["loss_finite"] and r["peak_mem_gib"] is None  # no CUDA allocator on a CPU
-    # the engine's settings on a CPU: efficient, fp32 (AMP is CUDA-only), no channels-last, eager
+    # the engine's settings on a CPU: efficient, fp32 (AMP is CUDA-only), channels-last
+    # (train.channels_last: true in params/base.yaml), eager
     engine = [r for r in rows if r["engine"]]
-    assert len(engine) == 1 and (engine[0]["formulation"], engine[0]["precision"]) == ("efficient", "fp32")
+    assert len(engine) == 1
+    assert (engine[0]["formulation"], engine[0]["precision"], engine[0]["channels_last"]) == (
+        "efficient",
+        "fp32",
+        True,
+    )
     # torch.compile ran (backend eager in a smoke run) at the fastest eager setting
     compiled = [r for r in rows if r["compile"]]
     best = max(eager, key=lambda r: r["train_clips_s"])
@@ -114,7 +120,7 @@ def test_smoke_run_measures_every_configuration(smoke):
         best["channels_last"],
     )
     assert res["settings"]["compile_backend"] == "eager"
-    assert "| k400-r23-sb-full | efficient | fp32 (engine) |" in md and "SMOKE RUN" in md
+    assert "| k400-r23-sb-full | efficient | fp32 +cl (engine) |" in md and "SMOKE RUN" in md
     assert "Efficient vs reference" in md
 
 
@@ -125,7 +131,7 @@ def test_a_failing_configuration_is_recorded_and_the_suite_goes_on(smoke):
     assert len(rows) == 8 and all(r["status"] == "oom" for r in rows), rows
     assert all("allocate" in r["error"] and r.get("train_clips_s") is None for r in rows)
     assert any("k400-r101-sb-typical-32f: no successful eager configuration" in n for n in res["notes"])
-    assert f"| {R101} | efficient | fp32 (engine) | – | – |" in md and "| oom: " in md
+    assert f"| {R101} | efficient | fp32 +cl (engine) | – | – |" in md and "| oom: " in md
     # R23 after it still measured (the R101 rows come between R23's eager and compiled rows)
     order = [r["model"] for r in res["results"]]
     assert order.index(R101) < len(order) - 1 and order[-1] == R23
@@ -154,7 +160,7 @@ def test_plan_uses_the_measured_rates(smoke):
     row = next(r for r in res["results"] if r["model"] == R23 and r["engine"])
     assert rates[R23]["measured"] and rates[R23]["train_clips_s"] == row["train_clips_s"]
     assert rates[R23]["eval_clips_s"] == row["infer_clips_s"] and rates[R23]["eval_crop"] == 112
-    assert "efficient fp32 eager, batch 2" in rates[R23]["train_source"]
+    assert "efficient fp32 channels-last eager, batch 2" in rates[R23]["train_source"]
     # R101: measured only as failures -> the guess, saying why
     assert not rates[R101]["measured"] and "oom" in rates[R101]["train_source"]
     assert rates[R101]["train_source"].startswith("GUESS")
@@ -261,13 +267,14 @@ def test_plan_refuses_a_bad_throughput_file(tmp_path, capsys):
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_plan_engine_settings_follow_the_engine(amp, device):
     p = config.load_params(config.experiment_path(R23))
+    assert p["train"]["channels_last"] is True
     p["train"]["amp"] = amp
     _, _, effective = amp_settings(amp, torch.device(device))
     want = {"none": "fp32"}.get(effective, effective)
     assert planmod.engine_settings(p, device) == {
         "formulation": "efficient",
         "precision": want,
-        "channels_last": False,
+        "channels_last": p["train"]["channels_last"],  # params/base.yaml: true
         "compile": False,
     }
 
