@@ -22,7 +22,8 @@ from smallbig import config
 from smallbig.fsutil import atomic_write_text
 
 MEMORY_JSON = config.REPO_ROOT / "params" / "memory.json"
-MEMORY_MODEL_VERSION = 1  # bump when what is measured changes: every cache entry goes stale
+MEMORY_MODEL_VERSION = 2  # bump when what is measured changes: every cache entry goes stale
+# 2: the efficient formulation's pooling keeps no indices (issue 12, smallbig/models/pooling.py)
 GIB = 2**30
 FRAGMENTATION = 0.10
 WORKSPACE_GIB = 2.0
