@@ -1,9 +1,10 @@
-"""`smallbig train | evaluate | evaluate-merge | ensemble` (see docs/engine.md)."""
+"""`smallbig train | evaluate | evaluate-merge | ensemble | register` (see docs/engine.md)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from pathlib import Path
 
 from smallbig import config
@@ -45,18 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="multi-view test protocol; saves per-view scores + metrics")
-    p.add_argument("params")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--protocol", help="CLIPSxCROPS (default: the first of test.protocols)")
-    p.add_argument("--shard", help="i/n: score every n-th video starting at i (partial scores)")
-    p.add_argument("--merge", action="store_true", help="merge OUT/scores.shard-*-of-n.npz, no model run")
-    p.add_argument("--overlay")
-    p.add_argument("--device")
-    p.add_argument("--no-mlflow", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_evaluate)
+    _add_evaluate(sub)
+    _add_register(sub)
 
     p = sub.add_parser("evaluate-merge", help="merge sharded evaluation scores of OUT")
     p.add_argument("params")
@@ -75,6 +66,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     # `smallbig plan` (smallbig/spec, below the engine) measures GPU memory with the engine's
     # torch code, imported only when an experiment must be measured
     memory_plan.set_measurer(_measure_memory)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="multi-view test protocol; saves per-view scores + metrics",
+        description="Evaluate a checkpoint with PARAMS, or a model logged in MLflow (--model URI: "
+        "its params come with it, PARAMS is not given).",
+    )
+    p.add_argument("params", nargs="?", help="params (with --checkpoint or --merge)")
+    p.add_argument("--checkpoint", help="a smallbig checkpoint (checkpoint.pt, last.pt)")
+    p.add_argument(
+        "--model",
+        metavar="URI",
+        help="a model logged by `smallbig train`: runs:/<run_id>/model, models:/<name>/<version> "
+        "or models:/<model_id>, in the store of MLFLOW_TRACKING_URI (or --tracking-uri)",
+    )
+    p.add_argument(
+        "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)"
+    )
+    p.add_argument("--data-root", help="prepared data directory to use instead of the params' data.root")
+    p.add_argument("--out", required=True)
+    p.add_argument("--protocol", help="CLIPSxCROPS (default: the first of test.protocols)")
+    p.add_argument("--shard", help="i/n: score every n-th video starting at i (partial scores)")
+    p.add_argument("--merge", action="store_true", help="merge OUT/scores.shard-*-of-n.npz, no model run")
+    p.add_argument("--overlay")
+    p.add_argument("--device")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_evaluate)
+
+
+def _add_register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "register",
+        help="register the trained models of reproduced rows in the MLflow model registry",
+        description="For every row of VERDICTS (reports/verdicts.json) whose verdict is "
+        "'reproduced' (every row with --all), register the model each of its training runs "
+        "logged as a version of PREFIX<experiment>, tagged with table, row, protocol, top1, "
+        "paper_top1, verdict, seed and the run ids. Idempotent.",
+    )
+    p.add_argument("verdicts", help="the report's verdict file (reports/verdicts.json)")
+    p.add_argument(
+        "--all", action="store_true", help="every row, whatever its verdict (e.g. an embedded run)"
+    )
+    p.add_argument("--prefix", default="smallbig-", help="registered model name prefix (default smallbig-)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)"
+    )
+    p.set_defaults(func=_register)
 
 
 def _measure_memory(params: dict, **kwargs) -> dict:
@@ -110,10 +151,39 @@ def _train(args) -> int:
         )
 
 
+def _evaluate_source(args) -> tuple[dict, object]:
+    """(params, what to evaluate): PARAMS + --checkpoint, or the model at --model with the
+    params stored with it."""
+    if args.model and (args.checkpoint or args.params or args.overlay or args.merge):
+        raise InputError(
+            "--model: give no PARAMS, --overlay, --checkpoint or --merge with it (the params come "
+            "with the model; --data-root and --protocol choose the data and the views)"
+        )
+    if not args.model and not args.params:
+        raise InputError("PARAMS is required (or evaluate a logged model with --model URI)")
+    if not args.model and not args.checkpoint and not args.merge:
+        raise InputError("give --checkpoint CKPT (or --model URI, or --merge)")
+    if args.model:
+        from smallbig.engine.mlflow_models import load_logged_model  # torch
+
+        loaded = load_logged_model(args.model, args.data_root)
+        return loaded.params, loaded
+    params = load_any_params(args.params, args.overlay)
+    if args.data_root:
+        params["data"]["root"] = args.data_root
+    return params, args.checkpoint
+
+
+def _use_tracking_uri(uri: str | None) -> None:
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
 def _evaluate(args) -> int:
     from smallbig.engine.evaluate import evaluate, merge, parse_shard  # torch
 
-    params = load_any_params(args.params, args.overlay)
+    _use_tracking_uri(args.tracking_uri)
+    params, source = _evaluate_source(args)
     with _input_errors():
         if args.merge:
             merge(params, args.out)
@@ -121,7 +191,7 @@ def _evaluate(args) -> int:
         shard = parse_shard(args.shard) if args.shard else None
         res = evaluate(
             params,
-            args.checkpoint,
+            source,
             args.out,
             protocol=args.protocol,
             shard=shard,
@@ -134,6 +204,14 @@ def _evaluate(args) -> int:
             f"{params['id']} {res['protocol']}: top1 {res['top1']:.2f} top5 {res['top5']:.2f} "
             f"({res['num_videos']} videos, {res['skipped']} skipped)"
         )
+    return 0
+
+
+def _register(args) -> int:
+    from smallbig.engine.registry import register_verdicts
+
+    _use_tracking_uri(args.tracking_uri)
+    register_verdicts(args.verdicts, all_rows=args.all, prefix=args.prefix)
     return 0
 
 

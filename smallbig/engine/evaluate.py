@@ -41,11 +41,12 @@ from smallbig.data import collate as default_collate
 from smallbig.data import normalize as default_normalize
 from smallbig.engine import distributed as D
 from smallbig.engine import metrics, tracking
-from smallbig.engine.checkpoint import CheckpointError, load_model_from_checkpoint
+from smallbig.engine.checkpoint import CheckpointError, clean_state_dict, load_checkpoint
+from smallbig.engine.mlflow_models import LoadedModel
 from smallbig.engine.runtime import amp_settings, apply_channels_last, to_input
 from smallbig.errors import InputError, RunError
 from smallbig.fsutil import atomic_write, atomic_write_text
-from smallbig.models import model_info
+from smallbig.models import build_model, model_info
 from smallbig.spec.params import Params
 from smallbig.spec.protocol import Protocol, ProtocolError
 
@@ -291,7 +292,7 @@ def build_metrics(
 # --------------------------------------------------------------------------- evaluate
 def evaluate(
     params: dict | Params,
-    checkpoint: str | Path,
+    checkpoint: str | Path | LoadedModel,
     out_dir: str | Path,
     protocol: str | None = None,
     shard: tuple[int, int] | None = None,
@@ -301,7 +302,8 @@ def evaluate(
     view_subset=None,
 ) -> dict | None:
     """Score the val split with the protocol's views; write scores(.shard-i-of-n).npz and, for
-    a complete run, metrics.json. Returns the metrics (None for a shard)."""
+    a complete run, metrics.json. Returns the metrics (None for a shard). `checkpoint`: a
+    checkpoint file, or a model logged in MLflow (mlflow_models.load_logged_model)."""
     p = Params.from_dict(params)
     raw = p.to_dict() if isinstance(params, Params) else params
     out_dir = Path(out_dir)
@@ -310,7 +312,7 @@ def evaluate(
     explicit_shard = shard is not None
     if shard is None and info.distributed:
         shard = (info.rank, info.world_size)
-    model, amp_dtype, amp_eff, channels_last = _model_for(p, raw, checkpoint, dev)
+    model, amp_dtype, amp_eff, channels_last, lineage = _model_for(p, raw, checkpoint, dev)
     dataset = build_dataset(raw, "val", "test", proto.name)
     indices = None if shard is None else range(shard[0], len(dataset), shard[1])
     main = explicit_shard or info.is_main  # the process that writes (and records) this call
@@ -324,7 +326,7 @@ def evaluate(
     status = "FAILED"
     try:
         if main:
-            run = _start_run(raw, p.id, proto, checkpoint, out_dir, shard, amp_eff, track)
+            run = _start_run(raw, p.id, proto, lineage, out_dir, shard, amp_eff, track, dataset)
         scores = score_views(
             model,
             dataset,
@@ -359,9 +361,32 @@ def evaluate(
 
 
 def _model_for(p: Params, raw: dict, checkpoint, dev):
-    """The checkpoint's model on `dev`, with the params' AMP and memory format.
-    -> (model, autocast dtype, effective amp, feed channels_last_3d inputs)."""
-    model, ck_params = load_model_from_checkpoint(checkpoint)
+    """The model of the checkpoint (or logged model) on `dev`, with the params' AMP and memory
+    format. -> (model, autocast dtype, effective amp, feed channels_last_3d inputs, lineage:
+    where it came from, the training run that made it, the logged model's id)."""
+    if isinstance(checkpoint, LoadedModel):
+        model, ck_params = checkpoint.model, checkpoint.params
+        lineage = {
+            "source": checkpoint.uri,
+            "train_run_id": checkpoint.run_id,
+            "model_id": checkpoint.model_id,
+        }
+    else:
+        ckpt = load_checkpoint(checkpoint)  # once: the weights and the training run's id
+        ck_params = ckpt["params"]
+        model = build_model(ck_params["model"])
+        try:
+            model.load_state_dict(clean_state_dict(ckpt["model"]))
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{checkpoint}: weights do not fit the model its params describe: {e}"
+            ) from None
+        model.eval()
+        lineage = {
+            "source": str(Path(checkpoint).resolve()),
+            "train_run_id": ckpt.get("mlflow_run_id"),
+            "model_id": None,
+        }
     if ck_params["model"] != raw["model"]:
         raise CheckpointError(
             f"{checkpoint}: trained with different model params than "
@@ -369,14 +394,24 @@ def _model_for(p: Params, raw: dict, checkpoint, dev):
         )
     amp_dtype, _, amp_eff = amp_settings(p.train.amp, dev)
     channels_last = apply_channels_last(model) if p.train.channels_last else False
-    return model.to(dev), amp_dtype, amp_eff, channels_last
+    return model.to(dev), amp_dtype, amp_eff, channels_last, lineage
 
 
 def _start_run(
-    raw: dict, exp: str, proto: Protocol, checkpoint, out_dir: Path, shard, amp_eff: str, track: bool
+    raw: dict,
+    exp: str,
+    proto: Protocol,
+    lineage: dict,
+    out_dir: Path,
+    shard,
+    amp_eff: str,
+    track: bool,
+    dataset,
 ):
-    """The MLflow run of this evaluation (or shard), with the params as an artifact."""
+    """The MLflow run of this evaluation (or shard): the params as an artifact, the validation
+    split and the logged model (if any) as inputs, the training run as lineage."""
     tag = f"-shard{shard[0]}of{shard[1]}" if shard else ""
+    from_model = {"smallbig.model_uri": lineage["source"], "smallbig.model_id": lineage["model_id"] or "none"}
     run = tracking.start_run(
         raw,
         "evaluate",
@@ -387,16 +422,22 @@ def _start_run(
         / (f"mlflow-unsent.shard-{shard[0]}-of-{shard[1]}.json" if shard else tracking.UNSENT_FILE),
         extra_tags={
             "protocol": proto.name,
-            "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint": lineage["source"],
             "out_dir": str(out_dir.resolve()),
             "amp_effective": amp_eff,
             "shard": f"{shard[0]}/{shard[1]}" if shard else "none",
+            **(from_model if lineage["model_id"] else {}),
         },
     )
-    if run.enabled:
+    if run.enabled and run.run_id:
         with tempfile.TemporaryDirectory() as tmp:
             dump_params(raw, Path(tmp) / "params.yaml")
             run.log_artifact(Path(tmp) / "params.yaml")
+        run.link_training(lineage["train_run_id"])
+        run.log_inputs(
+            [tracking.dataset_input(raw, "val", dataset, "evaluation")],
+            [lineage["model_id"]] if lineage["model_id"] else None,
+        )
     return run
 
 

@@ -25,6 +25,15 @@ end, and everything kept is sent, in order, as soon as it answers. What is still
 is reported in the log and written to `<out>/mlflow-unsent.json`. A store that cannot be reached
 when the run starts leaves that call untracked (reported); a resumed run keeps its id and is
 brought up to date when the store answers.
+
+Lineage and inputs (docs/engine.md "MLflow"): `dataset_input` describes a split of the prepared
+data as an MLflow dataset (digest of the manifest and the videos used, counts as its profile;
+`Run.log_inputs`); `Run.link_training` tags an evaluation with the training run it scores
+(`smallbig.train_run_id`, and `mlflow.parentRunId` when that run is in the same experiment of
+this store); system metrics (CPU, memory, disk, network; GPUs where MLflow finds `pynvml`) are
+sampled by MLflow's SystemMetricsMonitor for every run unless
+MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false. `Run.call` sends a record made by a function (the
+final model, smallbig/engine/mlflow_models.py) under the same offline rules.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import random
@@ -40,6 +50,7 @@ import re
 import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -153,6 +164,27 @@ def _warn_sqlite_in_slurm(uri: str) -> None:
     if os.environ.get("SLURM_JOB_ID") and is_sqlite(uri) and not _warned_sqlite_in_slurm:
         _warned_sqlite_in_slurm = True
         print(f"smallbig: {CLUSTER_SQLITE_WARNING.format(uri=uri)}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def default_store(uri: str):
+    """MLflow's own default store is `uri` inside the block, for the MLflow calls that take no
+    store (Model.log, register_model, artifact downloads). `mlflow.set_tracking_uri` also sets
+    MLFLOW_TRACKING_URI; both are put back afterwards, so a caller's setting never changes."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as mlflow_uri
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    old = getattr(mlflow_uri, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old)  # None (not set before) unsets it again
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def artifact_root(uri: str) -> str | None:
@@ -275,6 +307,58 @@ def data_tags(params: dict) -> dict:
     }
 
 
+DATASET_CONTEXTS = ("training", "validation", "evaluation")
+
+
+def _manifest(root: Path) -> tuple[str, dict]:
+    """(SHA-256 of root/manifest.json or 'none', its parsed content or {})."""
+    digest = sha256_file(root / "manifest.json") or "none"
+    try:
+        content = json.loads((root / "manifest.json").read_text()) if digest != "none" else {}
+    except (OSError, ValueError):
+        content = {}
+    return digest, content if isinstance(content, dict) else {}
+
+
+def dataset_input(params: dict, split: str, dataset, context: str):
+    """The MLflow dataset input (the entity `mlflow.log_input` sends) of `split` of the params'
+    prepared data, as used by this run (`dataset`: what build_dataset gave; its `entries` when
+    it has them). Name `<data.dataset>-<split>`; digest: 20 hex digits of the SHA-256 over
+    manifest.json's SHA-256, the split and every (path, label) used, so the same videos of the
+    same prepared data give the same digest; source: the split's list file; profile: counts
+    (videos used, in the list, quarantined), the list's and manifest's SHA-256, the DVC md5;
+    tag mlflow.data.context = `context` (training, validation, evaluation)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    root = resolve_data_root(params["data"]["root"])
+    manifest_sha, manifest = _manifest(root)
+    info = (manifest.get("splits") or {}).get(split) or {}
+    h = hashlib.sha256(f"{manifest_sha}\n{split}\n".encode())
+    entries = getattr(dataset, "entries", None)
+    for e in entries if entries is not None else []:
+        h.update(f"{e.path}\t{e.label}\n".encode())
+    if entries is None:  # a dataset without a list (tests' in-memory ones): its size only
+        h.update(f"{len(dataset)} items\n".encode())
+    profile = {
+        "split": split,
+        "videos_used": len(dataset),
+        "videos_in_list": info.get("count"),
+        "quarantined": info.get("quarantined"),
+        "list_sha256": info.get("sha256"),
+        "manifest_sha256": manifest_sha,
+        "num_classes": manifest.get("num_classes"),
+        "dvc_md5": dvc_hash(root) or "unknown",
+    }
+    ds = Dataset(
+        name=f"{params['data']['dataset']}-{split}",
+        digest=h.hexdigest()[:20],
+        source_type="local",
+        source=json.dumps({"uri": str(root / f"{split}.txt")}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(ds, [InputTag("mlflow.data.context", context)])
+
+
 # --------------------------------------------------------------------------- runs
 def _value(v) -> str:
     if isinstance(v, (list, tuple, dict)):
@@ -373,6 +457,11 @@ def _summary(ops: list) -> str:
             tags += len(op[3])
         elif op[0] == "artifact":
             arts.append(op[1])
+        elif op[0] == "inputs":
+            names = [d.dataset.name for d in op[1]] + [f"model {m.model_id}" for m in op[2]]
+            other.append(f"input(s) {', '.join(names)}")
+        elif op[0] == "call":
+            other.append(op[2])
         else:
             other.append(f"status {op[1]}")
     parts = []
@@ -408,6 +497,7 @@ class Run:
         self.retry_at = 0.0
         self.unsent_file: Path | None = None
         self.sent_late = 0
+        self.monitor = None  # MLflow's SystemMetricsMonitor, while the run is open
 
     @property
     def enabled(self) -> bool:
@@ -430,6 +520,10 @@ class Run:
                 with tempfile.TemporaryDirectory() as tmp:
                     (Path(tmp) / name).write_bytes(data)
                     retry(self.client.log_artifact, self.run_id, str(Path(tmp) / name), subdir)
+        elif kind == "inputs":
+            retry(self.client.log_inputs, self.run_id, datasets=op[1] or None, models=op[2] or None)
+        elif kind == "call":
+            retry(op[1], self.run_id)
         elif kind == "update":
             retry(self.client.update_run, self.run_id, status=op[1])
         elif kind == "terminate":
@@ -548,11 +642,71 @@ class Run:
                 ("artifact", Path(path).name, subdir, str(path), None), f"artifact {Path(path).name}"
             )
 
+    def log_inputs(self, datasets: list | None = None, model_ids: list[str] | None = None) -> None:
+        """Inputs of the run (MLflow's `log_inputs`): DatasetInput entities (`dataset_input`)
+        and LoggedModels (by id) it used."""
+        if not self.enabled or not (datasets or model_ids):
+            return
+        from mlflow.entities import LoggedModelInput
+
+        models = [LoggedModelInput(m) for m in model_ids or []]
+        self._submit(("inputs", list(datasets or []), models), "the run's inputs")
+
+    def call(self, fn, what: str, record: dict) -> None:
+        """Send what `fn(run_id)` records (e.g. a logged model), under the offline rules: a store
+        that does not answer keeps it for later; `record` describes it in mlflow-unsent.json."""
+        self._submit(("call", fn, what, record), what)
+
+    def link_training(self, train_run_id: str | None) -> None:
+        """Lineage of an evaluation: the tag smallbig.train_run_id, and mlflow.parentRunId (the UI
+        nests this run under it) when that run exists in this store and experiment."""
+        if not self.enabled or not train_run_id:
+            return
+        tags = {"smallbig.train_run_id": train_run_id}
+        if not self.offline:
+            try:
+                parent = retry(self.client.get_run, train_run_id)
+                mine = retry(self.client.get_run, self.run_id)
+                if parent.info.experiment_id == mine.info.experiment_id:
+                    tags["mlflow.parentRunId"] = train_run_id
+            except Exception as e:
+                if transient(e):
+                    self._go_offline(e, "the lineage tags")
+        self.set_tags(tags)
+
+    def start_system_metrics(self, resume: bool = False) -> None:
+        """Sample CPU/memory/disk/network (and GPUs, if MLflow's `pynvml` is installed) into
+        `system/*` metrics (MLflow's SystemMetricsMonitor, every
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, default 10). It stops at the first store
+        failure (the run's own records are kept, these samples are not)."""
+        if not self.enabled or self.offline or not system_metrics_enabled():
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            for name in ("mlflow.system_metrics", "mlflow.utils.autologging_utils"):
+                logging.getLogger(name).setLevel(logging.WARNING)  # no INFO lines in job logs
+            self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+            self.monitor.start()
+        except Exception as e:  # psutil missing, ...: the run goes on without them
+            self.monitor = None
+            self.log(f"system metrics not recorded ({_reason(e)})")
+
+    def _stop_system_metrics(self, timeout: float = 10.0) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is None:
+            return
+        # its last calls may hit a store that went silent: wait boundedly, never hang the job
+        t = threading.Thread(target=monitor.finish, daemon=True, name="stop-system-metrics")
+        t.start()
+        t.join(timeout)
+
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with `status`; an offline run tries its store once more first. Whatever
         is still unsent is reported (log + `unsent_file`)."""
         if not self.enabled:
             return
+        self._stop_system_metrics()
         if self.offline:
             self._reconnect(force=True)
         self._submit(("terminate", status), f"the final status {status}")
@@ -577,6 +731,15 @@ class Run:
                     )
                 elif op[0] == "artifact":
                     records.append({"artifact": op[1], "path": op[3], "subdir": op[2]})
+                elif op[0] == "inputs":
+                    records.append(
+                        {
+                            "datasets": [{"name": d.dataset.name, "digest": d.dataset.digest} for d in op[1]],
+                            "models": [m.model_id for m in op[2]],
+                        }
+                    )
+                elif op[0] == "call":
+                    records.append(op[3])
                 else:
                     records.append({op[0]: op[1]})
             try:
@@ -609,6 +772,11 @@ class Run:
 
 def disabled() -> bool:
     return os.environ.get("SMALLBIG_NO_MLFLOW", "").lower() in ("1", "true", "yes")
+
+
+def system_metrics_enabled() -> bool:
+    """On unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING (MLflow's switch) says false/0/no."""
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() not in ("0", "false", "no")
 
 
 def _get_or_create_experiment(client, name: str, uri: str) -> str:
@@ -706,6 +874,7 @@ def start_run(
             r.unsent_file = Path(unsent_file) if unsent_file else None
             r._submit(("update", "RUNNING"), "the status RUNNING")
             r.set_tags({"resumed": "true"})
+            r.start_system_metrics(resume=True)
             return r
         tags = {"smallbig.kind": kind, "mlflow.runName": run_name or f"{params['id']}-{kind}"}
         tags.update(environment_tags())
@@ -723,6 +892,7 @@ def start_run(
     r.unsent_file = Path(unsent_file) if unsent_file else None
     r.set_tags(tags)
     r.log_params(flatten(params))
+    r.start_system_metrics()
     return r
 
 

@@ -8,7 +8,9 @@ Outputs in the run directory (docs/architecture.md):
   train_metrics.json   summary: final loss/LR/val top-1, batch plan, AMP, device, MLflow run id
 
   mlflow-run.json      the MLflow run of this directory (id, store), so that a resume which
-                       fails before it can read a checkpoint still ends that run FAILED
+                       fails before it can read a checkpoint still ends that run FAILED; the run
+                       holds the final weights as the MLflow model runs:/<run_id>/model
+                       (smallbig/engine/mlflow_models.py) and the train/val datasets as inputs
   mlflow-unsent.json   only when the MLflow store was unreachable until the end: what it misses
 
 Exit code 3 (EXIT_REQUEUE): stopped by SIGTERM/SIGUSR1 after writing last.pt; rerun the same
@@ -39,7 +41,7 @@ from smallbig import __version__
 from smallbig.config import dump_params, params_hash
 from smallbig.data import build_dataset, collate, normalize
 from smallbig.engine import distributed as D
-from smallbig.engine import metrics, tracking
+from smallbig.engine import metrics, mlflow_models, tracking
 from smallbig.engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -426,6 +428,12 @@ def _start_tracking(r: TrainRun, state: dict, track: bool) -> None:
             }
         )
         run.log_artifact(r.out_dir / "params.yaml")
+        run.log_inputs(
+            [
+                tracking.dataset_input(r.params, "train", r.dataset, "training"),
+                tracking.dataset_input(r.params, "val", r.val_ds, "validation"),
+            ]
+        )
     if run.run_id:
         atomic_write_json(
             r.out_dir / RUN_FILE,
@@ -649,6 +657,9 @@ def write_final(r: TrainRun) -> None:
         )
         r.run.log_artifact(r.out_dir / "history.json")
         r.run.log_artifact(r.out_dir / "train_metrics.json")
+        # the final weights as an MLflow PyTorch model (runs:/<run_id>/model), linked to the
+        # metrics of the last epoch; kept for later like any record if the store is away
+        mlflow_models.log_final_model(r.run, unwrap(r.model), r.params, r.out_dir / "checkpoint.pt", r.epochs)
 
 
 def run_summary(r: TrainRun) -> dict:
