@@ -130,7 +130,10 @@ def test_training_logs_its_model_with_signature_params_and_datasets(world):
     ref, _ = load_model_from_checkpoint(root / "run" / "checkpoint.pt")
     x = torch.randn(3, 3, 2, 52, 52, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.equal(net(x), ref(x))
+        got, want = net(x), ref(x)
+    # (the exported graph was traced from the training's channels-last frames, the checkpoint model
+    # runs NCHW frames: the same maths, float32 sums in another order)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     weights = load_checkpoint(root / "run" / "checkpoint.pt")["model"]
     assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())
     # datasets as inputs: train and val, digest + counts
