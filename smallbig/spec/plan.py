@@ -61,6 +61,19 @@ def seed_subdir(k: int) -> str:
     return "" if k == 0 else f"{SEED_PREFIX}{k}"
 
 
+def replicate_run(name: str, k: int) -> str:
+    """The workflow's name of replicate `k` of an experiment or ensemble (its {exp} / {name}
+    wildcard): the name itself for replicate 0, else "<name>/seed-<k>" (a path under results/<run>/)."""
+    sub = seed_subdir(k)
+    return f"{name}/{sub}" if sub else name
+
+
+def split_replicate(run: str) -> tuple[str, int]:
+    """Inverse of `replicate_run`: "<name>" -> (name, 0), "<name>/seed-<k>" -> (name, k)."""
+    head, sep, k = run.partition("/" + SEED_PREFIX)
+    return (head, int(k)) if sep and k.isdigit() else (run, 0)
+
+
 def replicate_seed(params: dict, k: int) -> int:
     """The `train.seed` replicate `k` of an experiment trains with: its params' seed + k."""
     return int(params["train"]["seed"]) + k
