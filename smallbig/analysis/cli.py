@@ -251,7 +251,13 @@ def cmd_build(args) -> int:
 def cmd_check(args) -> int:
     from smallbig.analysis.browser import check_report  # aiohttp
 
-    r = check_report(args.index, args.screenshot, serve=not args.no_serve)
+    sections = {}
+    for item in args.section:
+        element_id, sep, path = item.partition("=")
+        if not sep or not element_id or not path:
+            raise TablesError(f"--section {item!r}: expected ID=PNG (e.g. figures=reports/figures.png)")
+        sections[element_id] = path
+    r = check_report(args.index, args.screenshot, serve=not args.no_serve, sections=sections)
     print(json.dumps({k: v for k, v in r.items() if k != "text"}, indent=1))
     return 0 if r["ok"] else 1
 
@@ -341,4 +347,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", nargs="?", default="reports/index.html")
     p.add_argument("--screenshot", default=None)
     p.add_argument("--no-serve", action="store_true", help="file:// only (no local HTTP server)")
+    p.add_argument(
+        "--section",
+        action="append",
+        default=[],
+        metavar="ID=PNG",
+        help="also screenshot the element with this id at the size the page shows it "
+        "(repeatable; e.g. figures=reports/figures.png)",
+    )
     p.set_defaults(func=cmd_check)

@@ -34,7 +34,7 @@ nav a{margin-right:.8em}
 .v-inconclusive{background:#fff3cd}.v-not-comparable{background:#eee;color:#555}
 p.verdicts{font-size:.9em;margin:.4em 0}ul.claims{font-size:.85em;margin:.2em 0 1em}
 ul.claims li{margin:.15em 0}.claim-detail{color:#555}
-.figs figure.wide{max-width:100%;flex:1 1 100%}.figs figure.wide img{max-width:min(100%,1000px)}
+.figs figure.wide{max-width:100%;flex:1 1 100%}.figs figure.wide img{max-width:min(100%,1150px)}
 """
 
 _TEX = {
@@ -248,6 +248,7 @@ of {{ statuses | length }} evaluations/ensembles the tables need.</p>
 {% endfor %}
 <p class="links">All tables: <a href="{{ tables_rel }}/all.md">all.md</a> · \
 <a href="{{ tables_rel }}/summary.json">summary.json</a></p>
+<section id="figures-section">
 <h2 id="figures">Figures</h2>
 {% for cat, items in figure_groups %}
 <h3>{{ cat }}</h3><div class="figs">
@@ -256,6 +257,8 @@ of {{ statuses | length }} evaluations/ensembles the tables need.</p>
 {% else %}
 <p>No figures were generated.</p>
 {% endfor %}
+</section>
+<section id="featmaps-section">
 <h2 id="featmaps">Feature maps (paper Fig. 3)</h2>
 {% if featmaps.figures %}
 <div class="figs">
@@ -267,6 +270,7 @@ of {{ statuses | length }} evaluations/ensembles the tables need.</p>
 {% if featmaps.missing %}
 <ul>{% for m in featmaps.missing %}<li>{{ m }}</li>{% endfor %}</ul>
 {% endif %}
+</section>
 </body></html>
 """
 
