@@ -9,7 +9,8 @@
 #
 # `smallbig report tables` renders every table from whatever results exist (rows without results
 # say so). The per-table rule runs it once table N's evaluations exist, into its own directory
-# results/<run>/tables/table<N>/ (table<N>.* there is complete); `all` renders into reports/.
+# results/<run>/tables/table<N>/ (table<N>.* and that table's verdicts.json there are complete);
+# `all` renders into reports/.
 # Every report command gets the run's seeds (`--seeds`: mean ± std over seeds, or one seed's
 # bootstrap interval) and, for a scaled-down run (config paper_comparable: false),
 # `--not-comparable`; `tables` also writes reports/verdicts.json (a verdict per row and claim).
@@ -38,7 +39,8 @@ rule table:
         "../envs/smallbig.yaml"
     shell:
         "smallbig report tables --results results --run {params.run} {params.args}"
-        " --tables-file {input.tables} --compute-model-info --out {output} > {log} 2>&1"
+        " --tables-file {input.tables} --compute-model-info --out {output}"
+        " --verdicts {output}/verdicts.json > {log} 2>&1"
 
 
 rule tables:
