@@ -178,6 +178,13 @@ def test_seeds_multiply_the_runs_and_keep_replicate_zero_where_it_was(repo_copy,
     assert {**p2, "train": {**p2["train"], "seed": 0}} == p0
 
 
+def test_embedded_seeds_config_is_the_embedded_one_with_three_seeds():
+    # a --configfile replaces the profile's configfile list: the variant must repeat embedded.yaml
+    cfg = REPO / "workflow/config"
+    embedded = yaml.safe_load((cfg / "embedded.yaml").read_text())
+    assert yaml.safe_load((cfg / "embedded-seeds.yaml").read_text()) == {**embedded, "seeds": 3}
+
+
 def test_lint_is_clean(repo_copy):
     r = snakemake(repo_copy, "--lint", timeout=300, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
