@@ -215,8 +215,9 @@ def write_featmaps(
                 f"{clip['video_id']} (label {clip['label']}): "
                 "channel-averaged res3 maps; small vs big view of the first SmallBig unit",
             )
-            font_px = min_font_px(fig)
-            save_figure(fig, stem)
+            save_figure(fig, stem, close=False)
+            font_px = min_font_px(fig, draw=False)
+            plt.close(fig)
             rel = stem.relative_to(out).as_posix()
             manifest["figures"].append(
                 {

@@ -43,10 +43,11 @@ DPI = 110
 MIN_FONT_PT = 9.0
 
 
-def min_font_px(fig, dpi: int = DPI) -> float:
+def min_font_px(fig, dpi: int = DPI, draw: bool = True) -> float:
     """Pixel height (at `dpi`) of the smallest visible, non-empty text of a figure (drawn first,
-    so tick labels exist)."""
-    fig.canvas.draw()
+    so tick labels exist; `draw=False` when it has just been saved)."""
+    if draw:
+        fig.canvas.draw()
     sizes = [
         t.get_fontsize()
         for t in fig.findobj(matplotlib.text.Text)
@@ -55,8 +56,9 @@ def min_font_px(fig, dpi: int = DPI) -> float:
     return round(min(sizes) * dpi / 72.0, 2) if sizes else 0.0
 
 
-def save_figure(fig, stem: str | Path, dpi: int = DPI) -> list[Path]:
-    """Save a matplotlib figure as <stem>.png and <stem>.svg (atomically); closes it."""
+def save_figure(fig, stem: str | Path, dpi: int = DPI, close: bool = True) -> list[Path]:
+    """Save a matplotlib figure as <stem>.png and <stem>.svg (atomically); closes it unless
+    `close` is false."""
     stem = Path(stem)
     out = []
     for ext in ("png", "svg"):
@@ -73,7 +75,8 @@ def save_figure(fig, stem: str | Path, dpi: int = DPI) -> list[Path]:
                 what=f"the {ext.upper()} figure",
             )
         )
-    plt.close(fig)
+    if close:
+        plt.close(fig)
     return out
 
 
@@ -84,21 +87,20 @@ def _short(banner: str | None) -> str:
     return "\nEMBEDDED DEFAULT: not comparable to the paper" if "mbedded" in banner else f"\n{banner[:80]}"
 
 
-def _entry(stem: Path, root: Path, caption: str, category: str, fig=None, wide: bool = False) -> dict:
-    """A figures.json entry; `fig` (before saving): record its smallest text (`min_font_px`);
-    `wide`: the page shows it across the whole width."""
+def _entry(stem: Path, root: Path, caption: str, category: str) -> dict:
     rel = stem.relative_to(root).as_posix()
-    e = {"png": f"{rel}.png", "svg": f"{rel}.svg", "caption": caption, "category": category}
-    if fig is not None:
-        e["min_font_px"] = min_font_px(fig)
-    if wide:
-        e["wide"] = True
-    return e
+    return {"png": f"{rel}.png", "svg": f"{rel}.svg", "caption": caption, "category": category}
 
 
 def _save(fig, stem: Path, root: Path, caption: str, category: str, wide: bool = False) -> dict:
-    entry = _entry(stem, root, caption, category, fig, wide)
-    save_figure(fig, stem)
+    """Save the figure and return its figures.json entry: with `min_font_px` (its smallest
+    text, measured on the saved drawing) and `wide` (the page shows it across the width)."""
+    save_figure(fig, stem, close=False)
+    entry = _entry(stem, root, caption, category)
+    entry["min_font_px"] = min_font_px(fig, draw=False)
+    if wide:
+        entry["wide"] = True
+    plt.close(fig)
     return entry
 
 
