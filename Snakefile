@@ -22,9 +22,10 @@ include: "workflow/rules/common.smk"
 
 
 wildcard_constraints:
-    exp="|".join(re.escape(e) for e in EXPERIMENTS),
+    # an experiment id, or "<id>/seed-<k>" for its seed replicate k > 0 (common.smk, seeds)
+    exp=f"(?:{IDS_RE}){SEED_RE}",
     proto=r"[0-9]+x[13]",
-    name=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    name=f"[A-Za-z0-9][A-Za-z0-9._-]*{SEED_RE}",
 
 
 include: "workflow/rules/data.smk"

@@ -2,13 +2,14 @@
 `make system-deps`): it loads from file:// and from a web server with no console errors, every
 image decodes, every link resolves, and a screenshot is saved."""
 
+import re
 import shutil
 
 import numpy as np
 import pytest
 import synthetic_results as S
 
-from smallbig.analysis.browser import _check_links, check_report, find_chromium
+from smallbig.analysis.browser import MIN_FONT_PX, _check_links, check_report, find_chromium
 from smallbig.cli import main
 
 
@@ -39,8 +40,17 @@ def test_chromium_is_installed():
 
 def test_report_loads_cleanly_in_chromium(report, tmp_path):
     shot = tmp_path / "screenshot.png"
-    r = check_report(report / "index.html", shot, serve=True)
+    figs = tmp_path / "figures.png"
+    r = check_report(report / "index.html", shot, serve=True, sections={"figures-section": figs})
+    # no problem includes: every figure's smallest text is at least MIN_FONT_PX at the size
+    # the page shows it
     assert r["problems"] == [], "\n".join(r["problems"])
+    assert len(r["fonts_px"]) == r["images"] and min(r["fonts_px"].values()) >= MIN_FONT_PX
+    assert r["fonts_px"]["summary/accuracy-vs-gflops.png"] >= 12  # shown at its own size
+    assert figs.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(figs.read_bytes()) > 100_000
+    shutil.copy(figs, report / "screenshot-figures.png")
+    # verdicts and claims reach the page
+    assert "Verdicts and the paper's claims" in r["text"] and "not comparable" in r["text"]
     assert r["ok"]
     assert r["title"] == "SmallBigNet reproduction report"
     assert r["images"] >= 1 + 5 + 3 + 3  # accuracy plot, 5 ablations, 3 curves, 3 view plots
@@ -65,6 +75,9 @@ def test_check_finds_broken_images_links_and_console_errors(report, tmp_path):
         '<a href="#nowhere">x</a><a href="https://example.org/">y</a>'
         "<script>console.error('boom')</script></body>",
     )
+    # a figure whose smallest text would show below 1 px
+    html = re.sub(r'(ablation-table3\.png" alt="[^"]*" data-min-font-px=")', r"\g<1>0.", html)
+    assert 'data-min-font-px="0.' in html
     (bad / "index.html").write_text(html)
     r = check_report(bad / "index.html", serve=False)
     assert not r["ok"]
@@ -74,6 +87,7 @@ def test_check_finds_broken_images_links_and_console_errors(report, tmp_path):
     assert "no element with id 'nowhere'" in text
     assert "https://example.org/: points outside the report" in text
     assert "console: boom" in text
+    assert "figure too small to read" in text
 
 
 def test_link_checker_on_plain_facts(tmp_path):

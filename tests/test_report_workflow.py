@@ -54,3 +54,29 @@ def test_embedded_index_html_in_chromium(embedded_run):
     figs = json.loads((root / "reports/figures/figures.json").read_text())
     feat = json.loads((root / "reports/figures/featmaps.json").read_text())
     assert r["images"] == len(figs) + len(feat["figures"])
+
+
+def test_embedded_verdicts_json_has_intervals_runs_and_claims(embedded_run):
+    """The embedded default (one seed): every row we reproduce has a bootstrap interval over its
+    validation videos, reads "not comparable", and names its MLflow training run; the paper's
+    claims are checked on the run's own numbers."""
+    root, _ = embedded_run
+    data = json.loads((root / "reports/verdicts.json").read_text())
+    assert data["comparable"] is False
+    expected_rows = sum(
+        1 for t in load_tables(root / "params/tables.yaml") for r in t["rows"] if r["kind"] != "external"
+    )
+    assert len(data["rows"]) == expected_rows
+    for r in data["rows"]:
+        assert r["verdict"] == "not comparable" and r["interval_kind"] == "bootstrap" and r["n"] == 1
+        lo, hi = r["interval"]
+        assert lo <= r["top1"] <= hi
+        if r["experiment"]:
+            (run,) = r["runs"]
+            assert run["seed"] == 0 and re.fullmatch(r"[0-9a-f]{32}", run["train_run_id"] or ""), r
+    results = {c["result"] for c in data["claims"]}
+    assert results <= {"held", "not held", "inconclusive", "not comparable"}
+    # claims against other papers' numbers are not comparable; those among our rows are checked
+    assert "not comparable" in results and results - {"not comparable"}
+    md = (root / "reports/tables/table2.md").read_text()
+    assert "(bootstrap) |" in md and "**Verdicts:** 3 of 3 rows not comparable" in md

@@ -16,6 +16,7 @@ from slurm.cluster import make_test_profile
 from slurm.workspace import REPO, VENV_BIN, copy_repo, env, job_counts, jobs_of, snakemake
 
 from smallbig import config
+from smallbig.spec.plan import make_plan
 from smallbig.spec.tables import load_tables, required_ensembles
 
 
@@ -115,6 +116,73 @@ def test_plan_agrees_with_the_dag(repo_copy, full_dry_run):
         check=True,
     ).stdout
     assert "table11" in text and "total" in text and "GPU-h" in text
+
+
+def test_seeds_multiply_the_runs_and_keep_replicate_zero_where_it_was(repo_copy, tmp_path):
+    """config `seeds: 3`: every training, evaluation and ensemble three times, replicate k > 0
+    in <id>/seed-<k>/ with train.seed + k; the plan counts the same jobs."""
+    ids = ["k400-r23-c2d", "k400-r23-i3d311", "k400-r23-sb311"]
+    out = snakemake(repo_copy, "-n", "-p", "table2", "--config", "seeds=3", timeout=300).stdout
+    counts = job_counts(out)
+    assert (counts["train"], counts["evaluate"], counts["resolve_seed_params"], counts["seed_overlay"]) == (
+        9,
+        9,
+        6,
+        2,
+    )
+    runs = sorted(w.removeprefix("exp=") for w in jobs_of(out, "train"))
+    assert runs == sorted([*ids, *(f"{i}/seed-{k}" for i in ids for k in (1, 2))])
+    assert (
+        "smallbig params resolve results/full/k400-r23-c2d/params.yaml --overlay "
+        "results/full/seeds/train-seed-2.yaml --out results/full/k400-r23-c2d/seed-2/params.yaml" in out
+    )
+    assert "echo 'all: {train: {seed: 2}}' > results/full/seeds/train-seed-2.yaml" in out
+    assert "--out results/full/k400-r23-sb311/seed-1/train --resume" in out  # its own run directory
+    assert "> logs/full/train/k400-r23-sb311/seed-1.log" in out
+    assert "smallbig report tables --results results --run full --seeds 3 " in out
+    assert counts["total"] - 1 == make_plan(None, None, memory=False, seeds=3)["tables"][2]["jobs"]
+    # ensembles: replicate k fuses replicate k of each member
+    out = snakemake(repo_copy, "-n", "-p", "table10", "--config", "seeds=2", timeout=300).stdout
+    assert job_counts(out)["ensemble"] == 2
+    assert (
+        "smallbig ensemble results/full/k400-r50-sb-full/seed-1/eval-4x3/scores.npz "
+        "results/full/k400-r101-sb-typical-32f/seed-1/eval-4x3/scores.npz --name k400-sb-en-r50-r101-4x3 "
+        "--out results/full/ensembles/k400-sb-en-r50-r101-4x3/seed-1" in out
+    )
+    # a seed overlay on top of replicate 0's resolved params gives its params with the new seed
+    resolved = tmp_path / "p.yaml"
+    subprocess.run(
+        [str(VENV_BIN / "smallbig"), "params", "resolve", "k400-r23-c2d", "--out", str(resolved)],
+        cwd=repo_copy,
+        env=env(),
+        check=True,
+    )
+    (tmp_path / "s.yaml").write_text("all: {train: {seed: 2}}\n")
+    r = subprocess.run(
+        [
+            str(VENV_BIN / "smallbig"),
+            "params",
+            "resolve",
+            str(resolved),
+            "--overlay",
+            str(tmp_path / "s.yaml"),
+        ],
+        cwd=repo_copy,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    p0, p2 = yaml.safe_load(resolved.read_text()), yaml.safe_load(r.stdout)
+    assert p2["train"]["seed"] == 2 and p0["train"]["seed"] == 0
+    assert {**p2, "train": {**p2["train"], "seed": 0}} == p0
+
+
+def test_embedded_seeds_config_is_the_embedded_one_with_three_seeds():
+    # a --configfile replaces the profile's configfile list: the variant must repeat embedded.yaml
+    cfg = REPO / "workflow/config"
+    embedded = yaml.safe_load((cfg / "embedded.yaml").read_text())
+    assert yaml.safe_load((cfg / "embedded-seeds.yaml").read_text()) == {**embedded, "seeds": 3}
 
 
 def test_lint_is_clean(repo_copy):
@@ -237,12 +305,12 @@ def test_slurm_launchers_follow_the_plugin_conventions(repo_copy):
 
 def test_a_plan_that_does_not_fit_the_gpus_is_refused_before_submission(repo_copy):
     """The slurm profile's GPU_MEM_GB (config gpu_mem_gb): 80 GiB fits every training as
-    configured; on 20 GiB GPUs SmallBig-R101 x 32 frames (4 clips per GPU) is refused at parse
-    time with the per_gpu_batch x accumulation to use instead."""
+    configured; on 12 GiB GPUs SmallBig-R101 x 32 frames (4 clips per GPU: 15 GiB) is refused at
+    parse time with the per_gpu_batch x accumulation to use instead."""
     out = snakemake(repo_copy, "--profile", "slurm", "-n", timeout=300).stdout
     assert job_counts(out)["train"] == 25
     r = snakemake(
-        repo_copy, "--profile", "slurm", "-n", "--config", "gpu_mem_gb=20", timeout=300, check=False
+        repo_copy, "--profile", "slurm", "-n", "--config", "gpu_mem_gb=12", timeout=300, check=False
     )
     text = r.stdout + r.stderr
     assert r.returncode != 0 and "nothing was run or submitted" in text

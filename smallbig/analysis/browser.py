@@ -114,7 +114,9 @@ _PAGE_FACTS_JS = r"""
   return {
   title: document.title,
   images: Array.from(document.images).map(i => ({src: i.currentSrc || i.src,
-           ok: i.complete && i.naturalWidth > 0})),
+           ok: i.complete && i.naturalWidth > 0, natural: i.naturalWidth,
+           shown: i.getBoundingClientRect().width,
+           minFont: parseFloat(i.dataset.minFontPx || "0")})),
   links: Array.from(document.querySelectorAll('a[href]')).map(a => a.href),
   ids: Array.from(document.querySelectorAll('[id]')).map(e => e.id),
   external: Array.from(document.querySelectorAll('link[href],script[src]'))
@@ -124,7 +126,16 @@ _PAGE_FACTS_JS = r"""
 """
 
 
-async def _inspect(ws_url: str, url: str, screenshot: Path | None, timeout: float) -> dict:
+_RECT_JS = """
+(() => { const e = document.getElementById(%s); if (!e) return null;
+  const r = e.getBoundingClientRect();
+  return {x: r.left + window.scrollX, y: r.top + window.scrollY, width: r.width, height: r.height}; })()
+"""
+
+
+async def _inspect(
+    ws_url: str, url: str, screenshot: Path | None, timeout: float, sections: dict[str, Path] | None = None
+) -> dict:
     errors: list[str] = []
     failed: list[str] = []
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
@@ -191,6 +202,22 @@ async def _inspect(ws_url: str, url: str, screenshot: Path | None, timeout: floa
                 shot = await send("Page.captureScreenshot", format="png", captureBeyondViewport=False)
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
                 screenshot.write_bytes(base64.b64decode(shot["data"]))
+            missing_sections = []
+            for element_id, path in (sections or {}).items():
+                res = await send(
+                    "Runtime.evaluate", expression=_RECT_JS % json.dumps(element_id), returnByValue=True
+                )
+                rect = res["result"].get("value")
+                if not rect or rect["width"] < 1 or rect["height"] < 1:
+                    missing_sections.append(element_id)
+                    continue
+                clip = {**rect, "height": min(rect["height"], 16000), "scale": 1}
+                shot = await send(
+                    "Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True
+                )
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(base64.b64decode(shot["data"]))
+            facts["missing_sections"] = missing_sections
         finally:
             task.cancel()
     facts["console_errors"] = errors
@@ -246,15 +273,38 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+# Figures: the smallest text of each figure (figures.json `min_font_px`, the page's
+# data-min-font-px) at the size the page shows the image must be at least this tall.
+MIN_FONT_PX = 9.0
+
+
+def small_text(images: list[dict], min_px: float = MIN_FONT_PX) -> list[str]:
+    """Figures whose smallest text the page shows below `min_px` pixels."""
+    bad = []
+    for im in images:
+        if im.get("minFont") and im.get("natural") and im.get("shown"):
+            px = im["minFont"] * im["shown"] / im["natural"]
+            if px < min_px:
+                bad.append(
+                    f"figure too small to read: {im['src']}: its smallest text shows at {px:.1f} px "
+                    f"(< {min_px:g} px; image {im['natural']} px wide, shown {im['shown']:.0f} px)"
+                )
+    return bad
+
+
 def check_report(
     index_html: str | Path,
     screenshot: str | Path | None = None,
     serve: bool = True,
     timeout: float = 60.0,
     binary: str | None = None,
+    sections: dict[str, str | Path] | None = None,
 ) -> dict:
     """Load the report in headless Chromium (file://, then http:// when `serve`); returns
-    {"ok", "problems": [...], "images", "links", "screenshot", "title", "text"}."""
+    {"ok", "problems": [...], "images", "links", "screenshot", "title", "text", "fonts_px"}.
+    Problems: console errors, failed requests, images that do not decode, broken links, figures
+    whose smallest text is shown below MIN_FONT_PX. `sections`: element id -> PNG path, a
+    screenshot of that element at the size the page shows it (e.g. {"figures": ...})."""
     index = Path(index_html).resolve()
     if not index.is_file():
         raise FileNotFoundError(f"{index}: report not found")
@@ -273,7 +323,12 @@ def check_report(
         try:
             for i, (mode, url) in enumerate(modes):
                 shot = Path(screenshot) if (screenshot and i == 0) else None
-                facts = asyncio.run(_inspect(browser.page_ws(), url, shot, timeout))
+                shots = {k: Path(v) for k, v in (sections or {}).items()} if i == 0 else None
+                facts = asyncio.run(_inspect(browser.page_ws(), url, shot, timeout, shots))
+                problems += [
+                    f"[{mode}] no element with id '{e}' to screenshot" for e in facts["missing_sections"]
+                ]
+                problems += [f"[{mode}] {b}" for b in small_text(facts["images"])]
                 problems += [f"[{mode}] {e}" for e in facts["console_errors"]]
                 problems += [f"[{mode}] failed request: {e}" for e in facts["failed_requests"]]
                 problems += [
@@ -286,6 +341,13 @@ def check_report(
                         images=len(facts["images"]),
                         links=len(facts["links"]),
                         text=facts["text"],
+                        fonts_px={
+                            im["src"].rsplit("/figures/", 1)[-1]: round(
+                                im["minFont"] * im["shown"] / im["natural"], 1
+                            )
+                            for im in facts["images"]
+                            if im.get("minFont") and im.get("natural")
+                        },
                     )
         finally:
             if server is not None:

@@ -3,6 +3,7 @@ entry point a Snakemake rule can call. The run's results directory is `--results
 or equivalently `--results results --run <run>` (`full` or `embedded`).
 
   smallbig report tables   --results results/embedded --out reports/tables      (all ten)
+                           [--seeds N] [--verdicts reports/verdicts.json] [--not-comparable]
   smallbig report table N  --results results/embedded --out reports/tables      (one table)
   smallbig report figures  --results results/embedded --out reports/figures
   smallbig report featmaps --results results/embedded --out reports/figures
@@ -42,6 +43,13 @@ def _results_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--logs", default=None, help="the workflow's logs/<run> (default: next to results/, if it exists)"
     )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seed replicates of every experiment (the workflow config's `seeds`): replicate 0 in "
+        "<results>/<id>/, replicate k in <results>/<id>/seed-<k>/ (default: those that exist)",
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -69,6 +77,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--embedded", action="store_true", help="force the 'embedded default, not comparable' banner"
+    )
+    p.add_argument(
+        "--not-comparable",
+        action="store_true",
+        help="the run is scaled down (the workflow config's paper_comparable: false): every verdict "
+        "reads 'not comparable' (implied by the embedded banner)",
     )
 
 
@@ -110,12 +124,15 @@ def _model_info(params: dict) -> dict:
 def _results(args):
     from smallbig.analysis.collect import Results
 
+    if args.seeds is not None and args.seeds < 1:
+        raise TablesError(f"--seeds: must be >= 1, got {args.seeds}")
     return Results(
         run_dir(args.results, args.run),
         args.run,
         args.logs,
         run_state=_mlflow_run_state,
         model_info=_model_info,
+        seeds=args.seeds,
     )
 
 
@@ -135,6 +152,7 @@ def _setup(args, numbers: list[int] | None = None, model_info_tables: list[int] 
             raise TablesError(f"{args.tables_file or 'params/tables.yaml'}: no table {bad} (tables: {known})")
         tables = [t for t in tables if t["number"] in numbers]
     dirs = [Path(d) for d in args.model_info_dir]
+    comparable = banner is None and not args.not_comparable
     built = [
         build_tables(
             [t],
@@ -142,6 +160,7 @@ def _setup(args, numbers: list[int] | None = None, model_info_tables: list[int] 
             dirs,
             args.compute_model_info and (model_info_tables is None or t["number"] in model_info_tables),
             size_notes=banner is None,
+            comparable=comparable,
         )[0]
         for t in tables
     ]
@@ -149,11 +168,13 @@ def _setup(args, numbers: list[int] | None = None, model_info_tables: list[int] 
 
 
 def cmd_tables(args) -> int:
-    from smallbig.analysis.report_tables import write_tables
+    from smallbig.analysis.report_tables import write_tables, write_verdicts
 
     numbers = [args.number] if getattr(args, "number", None) else None
-    _, banner, built = _setup(args, numbers)
+    results, banner, built = _setup(args, numbers)
     paths = write_tables(built, args.out, banner, index=numbers is None)
+    if getattr(args, "verdicts", None):
+        paths.append(write_verdicts(built, results, args.verdicts))
     _print_counts(built)
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
@@ -189,7 +210,7 @@ def cmd_featmaps(args) -> int:
 
 def cmd_html(args) -> int:
     from smallbig.analysis.html import write_index
-    from smallbig.analysis.report_tables import table_files, write_tables
+    from smallbig.analysis.report_tables import table_files, write_tables, write_verdicts
 
     results, banner, built = _setup(args)
     out = Path(args.out)
@@ -198,6 +219,8 @@ def cmd_html(args) -> int:
     names = [f for t in built for f in table_files(t["number"]).values()] + ["all.md", "summary.json"]
     if any(not (out / "tables" / f).is_file() for f in names):
         write_tables(built, out / "tables", banner)
+    if not (out / "verdicts.json").is_file():
+        write_verdicts(built, results, out / "verdicts.json")
     path = write_index(out, built, results, banner)
     print(f"wrote {path}")
     return 0
@@ -206,11 +229,12 @@ def cmd_html(args) -> int:
 def cmd_build(args) -> int:
     from smallbig.analysis.figures import write_figures  # matplotlib
     from smallbig.analysis.html import write_index
-    from smallbig.analysis.report_tables import write_tables
+    from smallbig.analysis.report_tables import write_tables, write_verdicts
 
     results, banner, built = _setup(args)
     out = Path(args.out)
     write_tables(built, out / "tables", banner)
+    write_verdicts(built, results, out / "verdicts.json")
     write_figures(built, results, out / "figures", banner)
     if args.featmaps:
         from smallbig.analysis.featmaps import write_featmaps  # torch
@@ -227,17 +251,27 @@ def cmd_build(args) -> int:
 def cmd_check(args) -> int:
     from smallbig.analysis.browser import check_report  # aiohttp
 
-    r = check_report(args.index, args.screenshot, serve=not args.no_serve)
+    sections = {}
+    for item in args.section:
+        element_id, sep, path = item.partition("=")
+        if not sep or not element_id or not path:
+            raise TablesError(f"--section {item!r}: expected ID=PNG (e.g. figures=reports/figures.png)")
+        sections[element_id] = path
+    r = check_report(args.index, args.screenshot, serve=not args.no_serve, sections=sections)
     print(json.dumps({k: v for k, v in r.items() if k != "text"}, indent=1))
     return 0 if r["ok"] else 1
 
 
 def _print_counts(built) -> None:
     total: dict[str, int] = {}
+    verdicts: dict[str, int] = {}
     for t in built:
         for k, v in t["counts"].items():
             total[k] = total.get(k, 0) + v
+        for k, v in t["verdict_counts"].items():
+            verdicts[k] = verdicts.get(k, 0) + v
     print("rows: " + ", ".join(f"{v} {k}" for k, v in total.items() if v))
+    print("verdicts: " + (", ".join(f"{v} {k}" for k, v in verdicts.items() if v) or "none yet"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -254,6 +288,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = rsub.add_parser("tables", help="Tables 2-11 as Markdown, CSV, LaTeX and HTML")
     _common(p)
     p.add_argument("--out", default="reports/tables")
+    p.add_argument(
+        "--verdicts",
+        default=None,
+        metavar="FILE",
+        help="also write the verdicts of every row and claim as JSON (the workflow: reports/verdicts.json)",
+    )
     p.set_defaults(func=cmd_tables)
 
     p = rsub.add_parser("table", help="one table (table<N>.{md,csv,tex,html})")
@@ -284,12 +324,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video-id", action="append", default=[], help="a validation video id (repeatable)")
     p.set_defaults(func=cmd_featmaps)
 
-    p = rsub.add_parser("html", help="<out>/index.html (links tables/ and the figures/ manifests)")
+    p = rsub.add_parser(
+        "html",
+        help="<out>/index.html (links tables/ and the figures/ manifests; writes missing tables/verdicts)",
+    )
     _common(p)
     p.add_argument("--out", "--reports", dest="out", default="reports")
     p.set_defaults(func=cmd_html)
 
-    p = rsub.add_parser("build", help="tables + figures (+ feature maps) + index.html in one go")
+    p = rsub.add_parser(
+        "build", help="tables + verdicts.json + figures (+ feature maps) + index.html in one go"
+    )
     _common(p)
     p.add_argument("--out", "--reports", dest="out", default="reports")
     p.add_argument("--featmaps", action="store_true", help="also draw the feature maps")
@@ -302,4 +347,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", nargs="?", default="reports/index.html")
     p.add_argument("--screenshot", default=None)
     p.add_argument("--no-serve", action="store_true", help="file:// only (no local HTTP server)")
+    p.add_argument(
+        "--section",
+        action="append",
+        default=[],
+        metavar="ID=PNG",
+        help="also screenshot the element with this id at the size the page shows it "
+        "(repeatable; e.g. figures=reports/figures.png)",
+    )
     p.set_defaults(func=cmd_check)

@@ -18,6 +18,12 @@ member's `eval-<protocol>/scores.npz` does (fused with the engine's `ensemble_sc
 "fused here"); otherwise failed if a member failed (or the rule's log
 `logs/<run>/ensemble/<name>.log` ends in a traceback), running if a member is running or done,
 else not run.
+
+Seeds: replicate k > 0 of an experiment lives in `<id>/seed-<k>/` (the same layout: params.yaml,
+train/, eval-<protocol>/; its rule logs `logs/<run>/train/<id>/seed-<k>.log`,
+`logs/<run>/evaluate/<id>/seed-<k>-<protocol>.log`), of an ensemble in
+`ensembles/<name>/seed-<k>/`; replicate 0 is `<id>/` itself (smallbig.spec.plan.seed_subdir).
+`Results(seeds=N)` reads replicates 0..N-1; without `seeds`, whatever replicates exist.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from smallbig.config import ParamsError, experiment_path, load_params, load_reso
 from smallbig.engine import metrics as M
 from smallbig.errors import InputError
 from smallbig.spec.params import DataSpec, TrainSpec
+from smallbig.spec.plan import SEED_PREFIX, seed_subdir
 from smallbig.spec.protocol import Protocol
 
 NOT_RUN, RUNNING, DONE, FAILED = "not run", "running", "done", "failed"
@@ -128,34 +135,93 @@ class Results:
         logs_dir: str | Path | None = None,
         run_state: RunStateLookup | None = None,
         model_info: ModelInfo | None = None,
+        seeds: int | None = None,
     ):
         """`run_dir` = results/<run>; `logs_dir` = the workflow's logs/<run> (default:
         <run_dir>/../../logs/<run>); `run_state`: MLflow status of a training's
         `mlflow-run.json` record; `model_info`: computes model info no file gives (the CLI
-        passes both; None: MLflow is not asked, model info only read from files)."""
+        passes both; None: MLflow is not asked, model info only read from files); `seeds`:
+        the replicates of every experiment (None: those that exist)."""
         self.dir = Path(run_dir)
         self.run = run or self.dir.name
         self.logs = Path(logs_dir) if logs_dir else self.dir.parent.parent / "logs" / self.dir.name
         self.run_state = run_state
         self.compute_info = model_info
-        self._exp: dict[str, dict] = {}
-        self._eval: dict[tuple[str, str], dict] = {}
-        self._scores: dict[tuple[str, str], dict] = {}
+        self.seeds = seeds
+        self._exp: dict[tuple[str, int], dict] = {}
+        self._eval: dict[tuple[str, str, int], dict] = {}
+        self._scores: dict[tuple[str, str, int], dict] = {}
         self._info: dict[str, dict | None] = {}
 
     def _rule_log_error(self, *parts: str) -> str | None:
         return _log_error(self.logs.joinpath(*parts))
 
+    # ------------------------------------------------------------------ seeds
+    def replicate_dir(self, exp_id: str, seed: int = 0) -> Path:
+        """results/<run>/<id>/ (replicate 0) or results/<run>/<id>/seed-<k>/."""
+        sub = seed_subdir(seed)
+        return self.dir / exp_id / sub if sub else self.dir / exp_id
+
+    def seeds_of(self, *dirs: Path) -> list[int]:
+        """Replicates to read: 0..seeds-1, or (seeds unset) 0 and every seed-<k> directory that
+        exists under any of `dirs`."""
+        if self.seeds is not None:
+            return list(range(self.seeds))
+        found = {0}
+        for d in dirs:
+            if d.is_dir():
+                for sub in d.glob(f"{SEED_PREFIX}*"):
+                    k = sub.name[len(SEED_PREFIX) :]
+                    if sub.is_dir() and k.isdigit() and int(k) > 0:
+                        found.add(int(k))
+        return sorted(found)
+
+    def experiment_seeds(self, exp_ids: list[str]) -> list[int]:
+        return self.seeds_of(*(self.dir / i for i in exp_ids))
+
+    def _log(self, kind: str, name: str, seed: int, suffix: str = "") -> str | None:
+        """The rule log of replicate `seed`: logs/<run>/<kind>/<name><suffix>.log or
+        logs/<run>/<kind>/<name>/seed-<k><suffix>.log."""
+        sub = seed_subdir(seed)
+        if sub:
+            return self._rule_log_error(kind, name, f"{sub}{suffix}.log")
+        return self._rule_log_error(kind, f"{name}{suffix}.log")
+
+    def run_ids(self, exp_id: str, protocol: str, seed: int = 0) -> dict:
+        """{"seed", "train_run_id", "eval_run_id"}: the MLflow runs of one replicate, from
+        train/mlflow-run.json and eval-<protocol>/mlflow-run.json (or metrics.json's
+        `mlflow_run_id`); None where unknown. `seed` is the training seed its params.yaml
+        records (else the replicate index)."""
+        d = self.replicate_dir(exp_id, seed)
+        e = self.experiment(exp_id, seed)
+        train_seed = e["train"].seed if e["train"] is not None and "train" in (e["params"] or {}) else seed
+
+        def run_id(path: Path, key: str = "run_id") -> str | None:
+            try:
+                rec = read_json(path)
+            except (FileNotFoundError, ReportInputError):
+                return None
+            v = rec.get(key) if isinstance(rec, dict) else None
+            return str(v) if v else None
+
+        ev = d / f"eval-{protocol}"
+        return {
+            "seed": int(train_seed),
+            "train_run_id": run_id(d / "train" / MLFLOW_RUN_FILE),
+            "eval_run_id": run_id(ev / MLFLOW_RUN_FILE) or run_id(ev / "metrics.json", "mlflow_run_id"),
+        }
+
     # ------------------------------------------------------------------ experiments
-    def experiment(self, exp_id: str) -> dict:
-        """Training-side facts: params (raw + typed `train`/`data`), history, checkpoint, train
-        metrics, problems, `failed` (why the training failed, or None)."""
-        if exp_id in self._exp:
-            return self._exp[exp_id]
-        d = self.dir / exp_id
+    def experiment(self, exp_id: str, seed: int = 0) -> dict:
+        """Training-side facts of one replicate: params (raw + typed `train`/`data`), history,
+        checkpoint, train metrics, problems, `failed` (why the training failed, or None)."""
+        if (exp_id, seed) in self._exp:
+            return self._exp[(exp_id, seed)]
+        d = self.replicate_dir(exp_id, seed)
         train = d / "train"
         info: dict[str, Any] = {
             "id": exp_id,
+            "seed": seed,
             "dir": d,
             "exists": d.is_dir(),
             "params": None,
@@ -183,11 +249,9 @@ class Results:
         info["checkpoint"] = ck if ck.is_file() else None
         info["train_started"] = train.is_dir()
         info["failed"] = _marker(d, train) or (
-            None
-            if info["checkpoint"]
-            else (self._mlflow_failed(train) or self._rule_log_error("train", f"{exp_id}.log"))
+            None if info["checkpoint"] else (self._mlflow_failed(train) or self._log("train", exp_id, seed))
         )
-        self._exp[exp_id] = info
+        self._exp[(exp_id, seed)] = info
         return info
 
     def _mlflow_failed(self, train: Path) -> str | None:
@@ -202,8 +266,8 @@ class Results:
         state = self.run_state(record) if isinstance(record, dict) else None
         return f"{f}: MLflow run {record.get('run_id')} is {state}" if state == "FAILED" else None
 
-    def progress(self, exp_id: str) -> str:
-        e = self.experiment(exp_id)
+    def progress(self, exp_id: str, seed: int = 0) -> str:
+        e = self.experiment(exp_id, seed)
         total = e["train"].epochs if e["train"] is not None and "train" in e["params"] else None
         if e["history"]:
             last = e["history"][-1].get("epoch", len(e["history"]))
@@ -211,13 +275,13 @@ class Results:
         return "started"
 
     # ------------------------------------------------------------------ evaluations
-    def evaluation(self, exp_id: str, protocol: str) -> dict:
+    def evaluation(self, exp_id: str, protocol: str, seed: int = 0) -> dict:
         """{"status", "detail", "top1", "top5", "views", "num_videos", "skipped", "metrics",
-        "scores_path"} of one experiment at one protocol."""
-        key = (exp_id, protocol)
+        "scores_path"} of one experiment (replicate `seed`) at one protocol."""
+        key = (exp_id, protocol, seed)
         if key in self._eval:
             return self._eval[key]
-        e = self.experiment(exp_id)
+        e = self.experiment(exp_id, seed)
         ev = e["dir"] / f"eval-{protocol}"
         out: dict[str, Any] = {
             "status": NOT_RUN,
@@ -243,7 +307,7 @@ class Results:
             if mfile.is_file():
                 m = _checked_metrics(mfile)
             elif sfile.is_file():
-                m = self._metrics_from_scores(exp_id, protocol)
+                m = self._metrics_from_scores(exp_id, protocol, seed)
             else:
                 m = None
         except ReportInputError as err:
@@ -262,7 +326,7 @@ class Results:
                 detail="" if mfile.is_file() else f"metrics computed from {sfile}",
             )
             return out
-        failed = self._rule_log_error("evaluate", f"{exp_id}-{protocol}.log") or e["failed"]
+        failed = self._log("evaluate", exp_id, seed, f"-{protocol}") or e["failed"]
         if failed:
             out.update(status=FAILED, detail=failed)
         elif e["train_started"] or ev.is_dir():
@@ -271,25 +335,25 @@ class Results:
             elif e["checkpoint"]:
                 detail = f"trained, not evaluated at {protocol}"
             else:
-                detail = f"training ({self.progress(exp_id)})"
+                detail = f"training ({self.progress(exp_id, seed)})"
             out.update(status=RUNNING, detail=detail)
         elif e["problems"]:
             out.update(status=FAILED, detail="; ".join(e["problems"]))
         return out
 
-    def scores(self, exp_id: str, protocol: str) -> dict:
+    def scores(self, exp_id: str, protocol: str, seed: int = 0) -> dict:
         """The saved per-view logits of an evaluation (raises ReportInputError/FileNotFoundError)."""
-        key = (exp_id, protocol)
+        key = (exp_id, protocol, seed)
         if key not in self._scores:
-            path = self.dir / exp_id / f"eval-{protocol}" / "scores.npz"
+            path = self.replicate_dir(exp_id, seed) / f"eval-{protocol}" / "scores.npz"
             try:
                 self._scores[key] = M.load_scores(path)
             except ValueError as e:
                 raise ReportInputError(str(e)) from None
         return self._scores[key]
 
-    def _metrics_from_scores(self, exp_id: str, protocol: str) -> dict:
-        s = self.scores(exp_id, protocol)
+    def _metrics_from_scores(self, exp_id: str, protocol: str, seed: int = 0) -> dict:
+        s = self.scores(exp_id, protocol, seed)
         m = M.compute_metrics(s["logits"], s["labels"])
         m.update(
             num_clips=int(s.get("num_clips", s["clip_idx"].max() + 1)),
@@ -299,7 +363,9 @@ class Results:
         return m
 
     # ------------------------------------------------------------------ ensembles
-    def ensemble(self, name: str, members: list[str], protocol: str) -> dict:
+    def ensemble(self, name: str, members: list[str], protocol: str, seed: int = 0) -> dict:
+        """An ensemble of the members' replicate `seed` (results/<run>/ensembles/<name>/, or
+        its seed-<k>/)."""
         out: dict[str, Any] = {
             "status": NOT_RUN,
             "detail": "",
@@ -310,7 +376,9 @@ class Results:
             "skipped": None,
             "metrics": None,
         }
-        mfile = self.dir / "ensembles" / name / "metrics.json"
+        sub = seed_subdir(seed)
+        edir = self.dir / "ensembles" / name
+        mfile = (edir / sub if sub else edir) / "metrics.json"
         marker = _marker(mfile.parent)
         if marker:
             out.update(status=FAILED, detail=marker)
@@ -329,10 +397,10 @@ class Results:
                 num_videos=m.get("num_videos"),
             )
             return out
-        evals = {i: self.evaluation(i, protocol) for i in members}
+        evals = {i: self.evaluation(i, protocol, seed) for i in members}
         if all(ev["status"] == DONE and ev["scores_path"] for ev in evals.values()):
             try:
-                fused = M.ensemble_scores([self.scores(i, protocol) for i in members])
+                fused = M.ensemble_scores([self.scores(i, protocol, seed) for i in members])
             except (ReportInputError, ValueError, KeyError) as err:
                 out.update(status=FAILED, detail=f"fusing {', '.join(members)}: {err}")
                 return out
@@ -346,7 +414,7 @@ class Results:
             )
             return out
         bad = [f"{i}: {ev['detail']}" for i, ev in evals.items() if ev["status"] == FAILED]
-        log_err = self._rule_log_error("ensemble", f"{name}.log")
+        log_err = self._log("ensemble", name, seed)
         if log_err and all(ev["status"] == DONE for ev in evals.values()):
             out.update(status=FAILED, detail=log_err)
         elif bad:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from smallbig.analysis.figures import save_figure  # noqa: E402
+from smallbig.analysis.figures import MIN_FONT_PT, min_font_px, save_figure  # noqa: E402
 from smallbig.data import build_dataset, normalize  # noqa: E402
 from smallbig.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
 from smallbig.fsutil import atomic_write_json  # noqa: E402
@@ -105,19 +105,23 @@ def featmap_figure(
     T = video_u8.shape[1]
     ti = np.unique(np.linspace(0, T - 1, min(T, max_frames)).round().astype(int))
     n_rows = 1 + len(rows)
-    fig, axes = plt.subplots(n_rows, len(ti), figsize=(1.35 * len(ti) + 1.2, 1.4 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(
+        n_rows, len(ti), figsize=(1.2 * len(ti) + 1.6, 1.25 * n_rows + 0.5), squeeze=False
+    )
     frames = video_u8.transpose(1, 2, 3, 0)  # [T,H,W,3]
     H, W = frames.shape[1:3]
     for j, t in enumerate(ti):
         axes[0][j].imshow(frames[t])
-        axes[0][j].set_title(f"t={t}", fontsize=6)
-    axes[0][0].set_ylabel("input", fontsize=7)
+        axes[0][j].set_title(f"t={t}", fontsize=MIN_FONT_PT)
+    axes[0][0].set_ylabel("input", fontsize=MIN_FONT_PT)
     for i, (name, m) in enumerate(rows, start=1):
-        axes[i][0].set_ylabel(name, fontsize=7)
+        axes[i][0].set_ylabel(name.replace(" ", "\n", 1), fontsize=MIN_FONT_PT)
         if isinstance(m, str):
             for j in range(len(ti)):
                 axes[i][j].imshow(np.full((H, W, 3), 235, np.uint8))
-            axes[i][0].text(0.02, 0.5, m, transform=axes[i][0].transAxes, fontsize=6, va="center", wrap=True)
+            axes[i][0].text(
+                0.02, 0.5, m, transform=axes[i][0].transAxes, fontsize=MIN_FONT_PT, va="center", wrap=True
+            )
             continue
         m01 = _norm01(np.asarray(m, dtype=np.float64))
         Tm = m01.shape[0]
@@ -129,7 +133,7 @@ def featmap_figure(
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -211,7 +215,9 @@ def write_featmaps(
                 f"{clip['video_id']} (label {clip['label']}): "
                 "channel-averaged res3 maps; small vs big view of the first SmallBig unit",
             )
-            save_figure(fig, stem)
+            save_figure(fig, stem, close=False)
+            font_px = min_font_px(fig, draw=False)
+            plt.close(fig)
             rel = stem.relative_to(out).as_posix()
             manifest["figures"].append(
                 {
@@ -219,6 +225,8 @@ def write_featmaps(
                     "svg": f"{rel}.svg",
                     "category": "Feature maps",
                     "video_id": clip["video_id"],
+                    "min_font_px": font_px,
+                    "wide": True,
                     "caption": f"Feature maps (paper Fig. 3) for {clip['video_id']}: input frames, "
                     "channel-averaged res3 of SmallBig and NonLocal, small vs big view of the "
                     "first SmallBig unit.",

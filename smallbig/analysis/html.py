@@ -15,6 +15,7 @@ from typing import Any
 from smallbig.analysis.collect import DONE, FAILED, NOT_RUN, RUNNING, ReportInputError, Results, read_json
 from smallbig.analysis.report_tables import experiment_ids_in, render_html_fragment, table_files
 from smallbig.analysis.templates import render
+from smallbig.analysis.verdicts import CLAIM_VERDICTS
 from smallbig.fsutil import atomic_write_text
 from smallbig.gitinfo import git_info
 
@@ -84,8 +85,9 @@ def run_metadata(results: Results, exp_ids: list[str]) -> dict:
     gpu_hours_known = 0
     starts, ends = [], []
     trained = 0
-    for exp_id in exp_ids:
-        e = results.experiment(exp_id)
+    replicates = [(i, k) for i in exp_ids for k in results.experiment_seeds([i])]
+    for exp_id, seed in replicates:
+        e = results.experiment(exp_id, seed)
         data = e["data"] if isinstance(e["params"], dict) and "data" in e["params"] else None
         if data is not None and data.root not in datasets:
             # data roots are relative to the working directory (the workflow runs from the
@@ -204,6 +206,32 @@ def _status_summary(built: list[dict]) -> dict[str, dict]:
     return seen
 
 
+def _verdict_summary(built: list[dict]) -> tuple[str, list[dict]]:
+    """(a sentence over all tables, one entry per table) for the index's summary."""
+    total: dict[str, int] = {}
+    for t in built:
+        for k, v in t["verdict_counts"].items():
+            total[k] = total.get(k, 0) + v
+    claims = {k: sum(t["claim_counts"].get(k, 0) for t in built) for k in CLAIM_VERDICTS}
+    rows = [
+        {
+            "number": t["number"],
+            "line": t["verdict_line"],
+            "claims": " / ".join(str(t["claim_counts"].get(k, 0)) for k in CLAIM_VERDICTS)
+            if t["claims"]
+            else "none stated",
+        }
+        for t in built
+    ]
+    head = "All tables: " + (", ".join(f"{v} {k}" for k, v in total.items() if v) or "no verdict yet")
+    head += " (table rows; a row repeated in several tables counts in each). Claims: " + ", ".join(
+        f"{v} {k}" for k, v in claims.items() if v
+    )
+    if not any(claims.values()):
+        head += "none checked"
+    return head + ".", rows
+
+
 def render_index(
     built: list[dict],
     figures: list[dict],
@@ -213,6 +241,7 @@ def render_index(
     tables_rel: str = "tables",
 ) -> str:
     statuses = _status_summary(built)
+    verdict_total, verdict_rows = _verdict_summary(built)
     groups: dict[str, list[dict]] = {}
     for f in figures:
         groups.setdefault(f["category"], []).append(f)
@@ -220,6 +249,8 @@ def render_index(
         "index.html",
         banner=banner,
         statuses=statuses,
+        verdict_total=verdict_total,
+        verdict_rows=verdict_rows,
         meta_rows=_meta_rows(meta),
         counts={
             s: sum(v["status"] == s for v in statuses.values()) for s in (DONE, RUNNING, NOT_RUN, FAILED)

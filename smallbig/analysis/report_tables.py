@@ -1,10 +1,14 @@
 """Tables 2-11, paper vs ours: cells from params/tables.yaml + results/<run>/, rendered as
 Markdown, CSV, LaTeX (booktabs) and HTML under reports/tables/.
 
-Each row: the paper's Top-1/Top-5 (and Params/GFLOPs where it gives them), ours, Δ = ours − paper,
-the views used, GFLOPs × views, a status (not run / running / done / failed; "reported" for
-other papers' rows) and notes (footnotes: the experiment's `notes:`, the row's own note, and
-a note wherever our Params/GFLOPs differ from the paper's).
+Each row: the paper's Top-1/Top-5 (and Params/GFLOPs where it gives them), ours (the mean over
+seeds), its interval (± std over seeds, or with one seed a bootstrap interval over validation
+videos), Δ = ours − paper, a verdict (reproduced / not reproduced / inconclusive / not
+comparable, smallbig/analysis/verdicts.py), the views used, GFLOPs × views, a status (not run /
+running / done / failed; "reported" for other papers' rows) and notes (footnotes: the
+experiment's `notes:`, the row's own note, and a note wherever our Params/GFLOPs differ from the
+paper's). Under each table: a summary of its verdicts and the paper's ordering claims checked on
+our numbers (held / not held / inconclusive). `write_verdicts` writes reports/verdicts.json.
 
 Our Params/GFLOPs are `smallbig model-info` of the configuration the run used (the workflow's
 results/<run>/model-info/<id>.json from results/<run>/<id>/params.yaml; for the full run that is
@@ -23,12 +27,14 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from smallbig.analysis.collect import DONE, Results
+from smallbig.analysis import verdicts as V
+from smallbig.analysis.collect import DONE, FAILED, NOT_RUN, RUNNING, Results
 from smallbig.analysis.templates import markup, render, tex_escape  # noqa: F401 (tex_escape: API)
 from smallbig.config import ParamsError, experiment_path
 from smallbig.fsutil import atomic_write_text
 from smallbig.spec import params as spec_params
 from smallbig.spec.protocol import Protocol
+from smallbig.spec.tables import DEFAULT_BOOTSTRAP, DEFAULT_TOLERANCE
 
 EXTERNAL_MARK = "†"
 REPORTED = "reported"
@@ -43,7 +49,9 @@ COLUMNS = [
     ("source", "Our run"),
     ("paper_top1", "Top-1 paper"),
     ("ours_top1", "Top-1 ours"),
+    ("ours_top1_ci", "Top-1 ours interval"),
     ("delta_top1", "Δ Top-1"),
+    ("verdict", "Verdict"),
     ("paper_top5", "Top-5 paper"),
     ("ours_top5", "Top-5 ours"),
     ("delta_top5", "Δ Top-5"),
@@ -61,7 +69,9 @@ ALWAYS = {
     "label",
     "paper_top1",
     "ours_top1",
+    "ours_top1_ci",
     "delta_top1",
+    "verdict",
     "paper_top5",
     "ours_top5",
     "delta_top5",
@@ -127,10 +137,44 @@ def _differs(ours: float, paper: float) -> bool:
 
 
 # ---------------------------------------------------------------------------- building
+def _replicates(row: dict, results: Results) -> list[tuple[int, dict]]:
+    """(seed replicate, evaluation or ensemble result) of every replicate of a row."""
+    proto = row["protocol"]
+    seeds = results.experiment_seeds(row["members"])
+    if row["kind"] == "experiment":
+        return [(k, results.evaluation(row["experiment"], proto, k)) for k in seeds]
+    return [(k, results.ensemble(row["name"], row["ensemble"], proto, k)) for k in seeds]
+
+
+def _combined_status(reps: list[tuple[int, dict]]) -> tuple[str, str]:
+    """A row's status over its seeds: done when every seed is, failed when any failed, running
+    while some are done or running, else not run (one seed: that seed's)."""
+    if len(reps) == 1:
+        return reps[0][1]["status"], reps[0][1].get("detail", "")
+    statuses = [ev["status"] for _, ev in reps]
+    done = statuses.count(DONE)
+    if done == len(reps):
+        return DONE, "; ".join(f"seed {k}: {ev['detail']}" for k, ev in reps if ev.get("detail"))
+    failed = [f"seed {k}: {ev['detail']}" for k, ev in reps if ev["status"] == FAILED]
+    if failed:
+        return FAILED, "; ".join(failed)
+    if any(st in (RUNNING, DONE) for st in statuses):
+        waiting = [f"seed {k}: {ev.get('detail') or ev['status']}" for k, ev in reps if ev["status"] != DONE]
+        return RUNNING, f"{done} of {len(reps)} seeds done; " + "; ".join(waiting)
+    return NOT_RUN, ""
+
+
 def build_row(
-    row: dict, results: Results, model_info_dirs=None, compute_model_info=False, size_notes: bool = True
+    row: dict,
+    results: Results,
+    model_info_dirs=None,
+    compute_model_info=False,
+    size_notes: bool = True,
+    bootstrap: dict | None = None,
 ) -> dict:
-    """Cells of one row (raw numbers under `raw`, display strings under the column keys)."""
+    """Cells of one row (raw numbers under `raw`, display strings under the column keys);
+    `estimate`: our Top-1 with its interval (verdicts.Estimate; another paper's number for an
+    external row), `replicates`: the seeds behind it."""
     paper = row["paper"]
     raw: dict[str, Any] = {
         k: paper.get(k) for k in ("top1", "top5", "params_m", "gflops", "views", "gflops_x_views")
@@ -149,25 +193,35 @@ def build_row(
         "gflops_x_views": None,
     }
     detail = ""
+    est: V.Estimate | None = None
+    reps: list[tuple[int, dict]] = []
+    done: list[tuple[int, dict]] = []
     if kind == "external":
         status = REPORTED
         source = "reported"
+        if paper.get("top1") is not None:
+            est = V.reported(float(paper["top1"]))
     else:
         proto = row["protocol"]
         ours["views"] = Protocol.parse(proto).views
-        if kind == "experiment":
-            ev = results.evaluation(row["experiment"], proto)
-            source = row["experiment"]
-        else:
-            ev = results.ensemble(row["name"], row["ensemble"], proto)
-            source = "ensemble: " + " + ".join(row["ensemble"])
-        status, detail = ev["status"], ev.get("detail", "")
-        if status == DONE:
-            ours["top1"], ours["top5"] = ev["top1"], ev["top5"]
-            if ev.get("views"):
-                ours["views"] = ev["views"]
-            if ev.get("skipped"):
-                notes.append(f"{ev['skipped']} validation video(s) could not be decoded and are not counted.")
+        source = row["experiment"] if kind == "experiment" else "ensemble: " + " + ".join(row["ensemble"])
+        reps = _replicates(row, results)
+        status, detail = _combined_status(reps)
+        done = [(k, ev) for k, ev in reps if ev["status"] == DONE and ev.get("top1") is not None]
+        if done:
+            top1s = [ev["top1"] for _, ev in done]
+            top5s = [ev["top5"] for _, ev in done if ev.get("top5") is not None]
+            ours["top1"] = sum(top1s) / len(top1s)
+            ours["top5"] = sum(top5s) / len(top5s) if top5s else None
+            est = V.estimate(top1s, done[0][1].get("num_videos"), bootstrap or DEFAULT_BOOTSTRAP)
+            if done[0][1].get("views"):
+                ours["views"] = done[0][1]["views"]
+            for k, ev in done:
+                if ev.get("skipped"):
+                    who = f" (seed {k})" if len(reps) > 1 else ""
+                    notes.append(
+                        f"{ev['skipped']} validation video(s) could not be decoded and are not counted{who}."
+                    )
         for exp_id in row["members"]:
             notes.extend(_experiment_notes(exp_id))
         # the embedded run (size_notes off) computes model info only for what it ran
@@ -195,6 +249,18 @@ def build_row(
         if detail:
             notes.append(f"{status}: {detail}")
     raw.update({f"ours_{k}": v for k, v in ours.items()})
+    mine = est if kind != "external" else None
+    raw.update(
+        {
+            "ours_top1_std": mine.std if mine is not None else None,
+            "ours_top1_lo": mine.lo if mine is not None else None,
+            "ours_top1_hi": mine.hi if mine is not None else None,
+            "ours_n": len(done) if kind != "external" else None,
+            "ours_top1_seeds": [ev["top1"] for _, ev in done],
+            "interval": mine.kind if mine is not None else None,
+            "seeds": [k for k, _ in reps],
+        }
+    )
     raw["delta_top1"] = (
         round(ours["top1"] - paper["top1"], 4)
         if ours["top1"] is not None and paper.get("top1") is not None
@@ -223,7 +289,9 @@ def build_row(
         "source": source,
         "paper_top1": fmt_num(paper.get("top1")),
         "ours_top1": fmt_num(ours["top1"], 1),
+        "ours_top1_ci": V.fmt_interval(mine),
         "delta_top1": fmt_delta(ours["top1"], paper.get("top1")),
+        "verdict": "",
         "paper_top5": fmt_num(paper.get("top5")),
         "ours_top5": fmt_num(ours["top5"], 1),
         "delta_top5": fmt_delta(ours["top5"], paper.get("top5")),
@@ -250,15 +318,105 @@ def build_row(
         "kind": kind,
         "detail": detail,
         "row": row,
+        "estimate": est,
+        "replicates": [k for k, _ in reps],
+        "verdict": None,
     }
 
 
+def _claims(table: dict, rows: list[dict], comparable: bool) -> list[dict]:
+    """Each claim of the table checked on our numbers (verdicts.compare per pair)."""
+    out = []
+    for c in table.get("claims") or []:
+        pairs = []
+        for i, j in c["pairs"]:
+            a, b = rows[i], rows[j]
+            external = "external" in (a["kind"], b["kind"])
+            ea = a["estimate"] if a["status"] in (DONE, REPORTED) else None
+            eb = b["estimate"] if b["status"] in (DONE, REPORTED) else None
+            result = V.NOT_COMPARABLE if external and not comparable else V.compare(ea, eb)
+            pairs.append(
+                {
+                    "better": a["row"]["label"],
+                    "worse": b["row"]["label"],
+                    "result": result,
+                    "numbers": V.fmt_claim_pair(ea, eb),
+                    "missing": [r["row"]["label"] for r, e in ((a, ea), (b, eb)) if e is None],
+                }
+            )
+        out.append(
+            {
+                "text": c["text"],
+                "source": c.get("source", ""),
+                "result": V.combine([p["result"] for p in pairs]),
+                "pairs": pairs,
+                "detail": "; ".join(
+                    f"{p['better']} vs {p['worse']}: {p['numbers']}"
+                    + (f" ({p['result']})" if len(pairs) > 1 else "")
+                    for p in pairs
+                ),
+            }
+        )
+    return out
+
+
+def _verdict_note(rows: list[dict], tolerance: float, bootstrap: dict, comparable: bool) -> str:
+    kinds = {r["raw"].get("interval") for r in rows}
+    seeds = sorted({r["raw"]["ours_n"] for r in rows if r["raw"].get("interval") == V.SEEDS})
+    parts = []
+    if V.SEEDS in kinds:
+        parts.append(
+            f"Top-1 ours = the mean over {'/'.join(map(str, seeds))} seeds; interval ± = their sample "
+            "standard deviation."
+        )
+    if V.BOOTSTRAP in kinds:
+        parts.append(
+            f"[lo, hi] (bootstrap) = one seed: the {bootstrap['confidence'] * 100:g} % percentile "
+            f"bootstrap interval over the validation videos ({bootstrap['resamples']} resamples, "
+            f"seed {bootstrap['seed']})."
+        )
+    if comparable:
+        parts.append(
+            f"Verdict (tolerance ±{tolerance:g} Top-1): reproduced = the whole interval lies within "
+            f"paper ± {tolerance:g}; not reproduced = it lies wholly outside; inconclusive = otherwise."
+        )
+    else:
+        parts.append(
+            "Verdict: not comparable — this run is scaled down (the embedded default or a "
+            "rehearsal), its numbers are not the paper's; the claims below are still checked on "
+            "its own numbers."
+        )
+    return " ".join(parts)
+
+
 def build_table(
-    table: dict, results: Results, model_info_dirs=None, compute_model_info=False, size_notes: bool = True
+    table: dict,
+    results: Results,
+    model_info_dirs=None,
+    compute_model_info=False,
+    size_notes: bool = True,
+    comparable: bool = True,
 ) -> dict:
-    """One table's cells; `size_notes`: note where our Params/GFLOPs differ from the paper's
-    (off for the embedded run, whose scaled-down models differ by design)."""
-    rows = [build_row(r, results, model_info_dirs, compute_model_info, size_notes) for r in table["rows"]]
+    """One table's cells, verdicts and claims; `size_notes`: note where our Params/GFLOPs
+    differ from the paper's (off for the embedded run, whose scaled-down models differ by
+    design); `comparable`: False for a scaled-down run (every verdict "not comparable")."""
+    tolerance = float(table.get("tolerance", DEFAULT_TOLERANCE))
+    bootstrap = {**DEFAULT_BOOTSTRAP, **(table.get("bootstrap") or {})}
+    rows = [
+        build_row(r, results, model_info_dirs, compute_model_info, size_notes, bootstrap)
+        for r in table["rows"]
+    ]
+    pending = 0
+    for r in rows:
+        if r["kind"] == "external" or r["row"]["paper"].get("top1") is None:
+            continue
+        if r["status"] == DONE:
+            r["verdict"] = V.verdict(r["estimate"], r["row"]["paper"]["top1"], tolerance, comparable)
+            r["cells"]["verdict"] = r["verdict"] or ""
+        else:
+            pending += 1
+    verdict_counts = V.summary_counts([r["verdict"] for r in rows])
+    claims = _claims(table, rows, comparable)
     footnotes: list[str] = []
     for r in rows:
         marks = []
@@ -286,6 +444,13 @@ def build_table(
         "footnotes": footnotes,
         "columns": present,
         "counts": counts,
+        "tolerance": tolerance,
+        "comparable": comparable,
+        "verdict_counts": verdict_counts,
+        "verdict_line": V.summary_line(verdict_counts, pending),
+        "verdict_note": _verdict_note(rows, tolerance, bootstrap, comparable),
+        "claims": claims,
+        "claim_counts": {c: sum(x["result"] == c for x in claims) for c in V.CLAIM_VERDICTS},
     }
 
 
@@ -295,9 +460,10 @@ def build_tables(
     model_info_dirs=None,
     compute_model_info=False,
     size_notes: bool = True,
+    comparable: bool = True,
 ) -> list[dict]:
     return [
-        build_table(t, results, model_info_dirs, compute_model_info, size_notes)
+        build_table(t, results, model_info_dirs, compute_model_info, size_notes, comparable)
         for t in tqdm(tables, desc="tables", unit="table", leave=False, disable=len(tables) < 2)
     ]
 
@@ -324,6 +490,9 @@ def render_markdown(t: dict, banner: str | None = None) -> str:
         caption=_caption(t),
         banner=banner,
         colnote=COLUMN_FOOTNOTE,
+        verdict_note=t["verdict_note"],
+        verdict_line=t["verdict_line"],
+        claims=t["claims"],
         headers=[h for _, h in t["columns"]],
         footnotes=t["footnotes"],
         rows=[[r["cells"].get(k, "") for k, _ in t["columns"]] for r in t["rows"]],
@@ -344,7 +513,14 @@ CSV_FIELDS = [
     "input",
     "paper_top1",
     "ours_top1",
+    "ours_top1_std",
+    "ours_top1_lo",
+    "ours_top1_hi",
+    "ours_n",
+    "interval",
     "delta_top1",
+    "verdict",
+    "tolerance",
     "paper_top5",
     "ours_top5",
     "delta_top5",
@@ -382,6 +558,8 @@ def render_csv(t: dict) -> str:
             "status": r["status"],
             "detail": r["detail"],
             "notes": " | ".join(r["notes"]),
+            "verdict": r["verdict"] or "",
+            "tolerance": t["tolerance"] if r["kind"] != "external" else "",
         }
         rec.update({k: ("" if v is None else v) for k, v in r["raw"].items() if k in CSV_FIELDS})
         records.append(rec)
@@ -413,6 +591,9 @@ def render_latex(t: dict, banner: str | None = None) -> str:
         headers=[h for _, h in cols],
         rows=rows,
         colnote=COLUMN_FOOTNOTE,
+        verdict_note=t["verdict_note"],
+        verdict_line=t["verdict_line"],
+        claims=t["claims"],
         footnotes=t["footnotes"],
     )
 
@@ -469,12 +650,18 @@ def write_tables(
                 "title": t["title"],
                 "counts": t["counts"],
                 "files": table_files(t["number"]),
+                "tolerance": t["tolerance"],
+                "comparable": t["comparable"],
+                "verdict_counts": t["verdict_counts"],
+                "verdict_line": t["verdict_line"],
+                "claims": t["claims"],
                 "rows": [
                     {
                         "label": r["row"]["label"],
                         "kind": r["kind"],
                         "status": r["status"],
                         "detail": r["detail"],
+                        "verdict": r["verdict"],
                         **r["raw"],
                         "cells": r["cells"],
                     }
@@ -491,3 +678,57 @@ def write_tables(
             )
         )
     return written
+
+
+# ---------------------------------------------------------------------------- verdicts.json
+def verdict_records(built: list[dict], results: Results) -> dict:
+    """reports/verdicts.json: one record per row with a verdict (our rows that have a complete
+    result and a paper number), and every claim. `runs`: per seed replicate the training seed
+    and the MLflow run ids of its training and evaluation (None where unknown; an ensemble row
+    lists them per member under `members`)."""
+    rows = []
+    for t in built:
+        for r in t["rows"]:
+            if r["verdict"] is None:
+                continue
+            row = r["row"]
+            proto = row["protocol"]
+            rec: dict[str, Any] = {
+                "table": f"table{t['number']}",
+                "row": row["label"],
+                "experiment": row.get("experiment"),
+                "protocol": proto,
+                "verdict": r["verdict"],
+                "top1": r["raw"]["ours_top1"],
+                "paper_top1": row["paper"].get("top1"),
+                "interval": [r["raw"]["ours_top1_lo"], r["raw"]["ours_top1_hi"]],
+                "interval_kind": r["raw"]["interval"],
+                "std": r["raw"]["ours_top1_std"],
+                "n": r["raw"]["ours_n"],
+                "tolerance": t["tolerance"],
+            }
+            if r["kind"] == "experiment":
+                rec["runs"] = [results.run_ids(row["experiment"], proto, k) for k in r["replicates"]]
+            else:
+                rec.update(ensemble=row["ensemble"], name=row["name"])
+                rec["runs"] = [
+                    {
+                        "seed": k,
+                        "train_run_id": None,
+                        "eval_run_id": None,
+                        "members": [
+                            {"experiment": m, **results.run_ids(m, proto, k)} for m in row["ensemble"]
+                        ],
+                    }
+                    for k in r["replicates"]
+                ]
+            rows.append(rec)
+    claims = [{"table": f"table{t['number']}", **c, "pairs": c["pairs"]} for t in built for c in t["claims"]]
+    comparable = all(t["comparable"] for t in built)
+    return {"comparable": comparable, "rows": rows, "claims": claims}
+
+
+def write_verdicts(built: list[dict], results: Results, path: str | Path) -> Path:
+    return atomic_write_text(
+        Path(path), json.dumps(verdict_records(built, results), indent=1, ensure_ascii=False, default=str)
+    )

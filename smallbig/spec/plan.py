@@ -26,6 +26,11 @@ configured per_gpu_batch does not fit.
 
 The workflow (Snakefile) uses `evaluations()` and `datasets()` from here, so the plan and the
 DAG always agree on which jobs exist.
+
+Seeds (config `seeds: N`, `smallbig plan --seeds N`): every training, evaluation and ensemble
+runs N times; replicate k trains with `train.seed` + k and lives in
+`results/<run>/<id>/seed-<k>/` (`seed_subdir`), replicate 0 in `results/<run>/<id>/` itself, so
+a one-seed run keeps the paths it always had.
 """
 
 from __future__ import annotations
@@ -49,6 +54,35 @@ NOMINAL = {
     "sthv1": {"train": 86017, "val": 11522},
     "sthv2": {"train": 168913, "val": 24777},
 }
+
+
+SEED_PREFIX = "seed-"
+
+
+def seed_subdir(k: int) -> str:
+    """Directory of replicate `k` under results/<run>/<id>/ (and ensembles/<name>/): "" for
+    replicate 0, else "seed-<k>"."""
+    if k < 0:
+        raise ValueError(f"seed replicate {k} < 0")
+    return "" if k == 0 else f"{SEED_PREFIX}{k}"
+
+
+def replicate_run(name: str, k: int) -> str:
+    """The workflow's name of replicate `k` of an experiment or ensemble (its {exp} / {name}
+    wildcard): the name itself for replicate 0, else "<name>/seed-<k>" (a path under results/<run>/)."""
+    sub = seed_subdir(k)
+    return f"{name}/{sub}" if sub else name
+
+
+def split_replicate(run: str) -> tuple[str, int]:
+    """Inverse of `replicate_run`: "<name>" -> (name, 0), "<name>/seed-<k>" -> (name, k)."""
+    head, sep, k = run.partition("/" + SEED_PREFIX)
+    return (head, int(k)) if sep and k.isdigit() else (run, 0)
+
+
+def replicate_seed(params: dict, k: int) -> int:
+    """The `train.seed` replicate `k` of an experiment trains with: its params' seed + k."""
+    return int(params["train"]["seed"]) + k
 
 
 def evaluations(params: dict[str, dict], tables: list[dict] | None) -> list[tuple[str, str]]:
@@ -391,9 +425,12 @@ def make_plan(
     throughput: str | None = None,
     gpu: str | None = None,
     results_dir: Path | None = None,
+    seeds: int = 1,
 ) -> dict:
     """`throughput` / `gpu` / `results_dir`: which GPU suite measurement gives the rates
-    (`load_throughput`)."""
+    (`load_throughput`); `seeds`: trainings (and their evaluations) per experiment."""
+    if seeds < 1:
+        raise config.ParamsError(f"--seeds: must be >= 1, got {seeds}")
     params = load_all(overlay)
     measurement = load_throughput(throughput, gpu, results_dir)
     rates = gpu_rates(params, measurement)
@@ -403,24 +440,31 @@ def make_plan(
     dsets = datasets(params)
 
     def summarise(exps: set[str], ev: set[tuple[str, str]], ens: set[str], n_tables: int) -> dict:
-        gh_train = sum(train_gpu_hours(params[e], rates[e]) for e in exps)
-        gh_eval = sum(eval_gpu_hours(params[e], pr, rates[e]) for e, pr in ev)
+        gh_train = seeds * sum(train_gpu_hours(params[e], rates[e]) for e in exps)
+        gh_eval = seeds * sum(eval_gpu_hours(params[e], pr, rates[e]) for e, pr in ev)
         used = {params[e]["data"]["dataset"] for e in exps}
         data_jobs = len(used)  # one `data prepare` per dataset
         # its params come from the dataset's first experiment, resolved even if not in `exps`
         data_jobs += sum(1 for ds in used if dsets[ds]["rep"] not in exps)
         # one `pretrained` download per declared ImageNet file the trainings load
         pretrained_jobs = len(pretrained_files({e: params[e] for e in exps}))
+        runs = seeds * len(exps)
         return {
             "experiments": len(exps),
-            "train_jobs": len(exps),
-            "eval_jobs": len(ev),
-            "ensemble_jobs": len(ens),
+            "train_jobs": runs,
+            "eval_jobs": seeds * len(ev),
+            "ensemble_jobs": seeds * len(ens),
             "data_jobs": data_jobs,
             "table_jobs": n_tables,
             "pretrained_jobs": pretrained_jobs,
-            # + one local `params resolve` job per experiment
-            "jobs": 2 * len(exps) + len(ev) + len(ens) + data_jobs + pretrained_jobs + n_tables,
+            # + one local `params resolve` job per experiment and seed, one seed overlay per
+            # extra seed (workflow/rules/train.smk)
+            "jobs": 2 * runs
+            + (seeds - 1)
+            + seeds * (len(ev) + len(ens))
+            + data_jobs
+            + pretrained_jobs
+            + n_tables,
             "gpu_hours_train": gh_train,
             "gpu_hours_eval": gh_eval,
             "gpu_hours": gh_train + gh_eval,
@@ -446,6 +490,7 @@ def make_plan(
     }
     out = {
         "overlay": overlay,
+        "seeds": seeds,
         "tables": per_table,
         "total": total,
         "datasets": {
@@ -473,7 +518,10 @@ def format_plan(plan: dict) -> str:
         f"{'':8}{'exps':>5}{'train':>7}{'eval':>6}{'ens':>5}{'jobs':>6}"
         f"{'GPU-h train':>13}{'GPU-h eval':>12}{'GPU-h':>10}"
     )
-    lines = [f"smallbig plan (overlay: {plan['overlay'] or 'none, full scale'})", head]
+    lines = [
+        f"smallbig plan (overlay: {plan['overlay'] or 'none, full scale'}; seeds: {plan.get('seeds', 1)})",
+        head,
+    ]
 
     def row(name, s):
         return (
@@ -632,6 +680,7 @@ def _run(args) -> int:
         memory=not args.no_memory,
         throughput=args.throughput,
         gpu=args.gpu,
+        seeds=args.seeds,
     )
     if args.json:
         print(json.dumps(plan, indent=2))
@@ -649,6 +698,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay", help="params overlay (e.g. params/embedded.yaml)")
     p.add_argument("--tables", help="tables file (default params/tables.yaml)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="trainings per experiment (the workflow config's `seeds`; default 1)",
+    )
     p.add_argument(
         "--gpu-mem",
         type=float,

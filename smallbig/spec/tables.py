@@ -8,6 +8,13 @@ Row kinds:
                                    results/<run>/ensembles/<name>/metrics.json (or fused here from
                                    the members' eval-<protocol>/scores.npz)
   external: true                   another paper's number, shown as reported
+
+Verdicts (docs/reports.md): `verdicts: {tolerance, bootstrap: {resamples, confidence, seed}}` at
+the top (defaults below), `tolerance:` per table overrides it. A table's `claims:` are the
+orderings the paper states within it (`order: [best, ..., worst]` or `better: A` + `than: [B, ...]`),
+naming rows of the same table by `key:` or by label (each reference must name exactly one row).
+`load_tables()` fills in every table's `tolerance` and `bootstrap` and each claim's `pairs`
+(row index, row index): the first row is claimed to beat the second.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from smallbig.yamlsafe import YamlInputError, load_yaml_file
 TABLES_PATH = REPO_ROOT / "params" / "tables.yaml"
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "tables.schema.yaml"
 _KINDS = ("experiment", "ensemble", "external")
+DEFAULT_TOLERANCE = 0.5  # Top-1 points either side of the paper's number (the zoo's practice)
+DEFAULT_BOOTSTRAP = {"resamples": 2000, "confidence": 0.95, "seed": 0}
 DATASETS = {"kinetics400", "sthv1", "sthv2"}
 _SCHEMA: dict | None = None
 
@@ -56,6 +65,8 @@ def _message(e: jsonschema.ValidationError) -> tuple[str, str]:
     if e.validator == "additionalProperties" and isinstance(inst, dict):
         allowed = set(e.schema.get("properties", {}))
         return key, f"unknown key(s) {sorted(set(inst) - allowed)}; allowed {sorted(allowed)}"
+    if e.validator == "oneOf" and isinstance(inst, dict) and "text" in e.schema.get("properties", {}):
+        return key, "a claim needs either `order: [row, row, ...]` or `better: row` + `than: [row, ...]`"
     if e.validator == "oneOf" and isinstance(inst, dict) and "paper" in e.schema.get("properties", {}):
         kinds = [k for k in _KINDS if k in inst]
         return key, f"needs exactly one of experiment / ensemble / external, has {kinds or 'none'}"
@@ -125,7 +136,40 @@ def validate_tables(
                 names[r["name"]] = (tuple(r["ensemble"]), r["protocol"])
             if r.get("dataset", t.get("dataset")) not in DATASETS:
                 fail(f"{rk}.dataset", f"row needs a dataset (table says {t.get('dataset')!r})")
+        keys = [r["key"] for r in t["rows"] if "key" in r]
+        for ri, r in enumerate(t["rows"]):
+            if "key" in r and keys.count(r["key"]) > 1:
+                fail(f"{tk}.rows[{ri}].key", f"`{r['key']}` names more than one row of the table")
+        for ci, c in enumerate(t.get("claims") or []):
+            claim_pairs(t, c, lambda key, problem, ci=ci, tk=tk: fail(f"{tk}.claims[{ci}].{key}", problem))
     return data["tables"]
+
+
+def _row_index(table: dict, ref: str, fail) -> int:
+    """The one row of `table` whose key, else label, is `ref`."""
+    keyed = [i for i, r in enumerate(table["rows"]) if r.get("key") == ref]
+    labelled = [i for i, r in enumerate(table["rows"]) if r["label"] == ref]
+    hits = keyed or labelled
+    if len(hits) != 1:
+        what = (
+            "no row has this key or label"
+            if not hits
+            else f"{len(hits)} rows are labelled so; give them a `key:`"
+        )
+        fail(f"{ref!r}: {what}")
+    return hits[0]
+
+
+def claim_pairs(table: dict, claim: dict, fail) -> list[tuple[int, int]]:
+    """(better row, worse row) index pairs a claim makes; `fail(key, problem)` raises."""
+    field = "order" if "order" in claim else "than"
+    refs = claim["order"] if field == "order" else [claim["better"], *claim["than"]]
+    idx = [_row_index(table, ref, lambda problem: fail(field, problem)) for ref in refs]
+    if len(set(idx)) != len(idx):
+        fail(field, "names the same row twice")
+    if field == "order":
+        return list(zip(idx, idx[1:]))
+    return [(idx[0], j) for j in idx[1:]]
 
 
 def load_tables(path: str | Path | None = None) -> list[dict]:
@@ -136,6 +180,15 @@ def load_tables(path: str | Path | None = None) -> list[dict]:
     except YamlInputError as e:
         raise TablesError(str(e)) from None
     tables = validate_tables(data, path)
+    settings = data.get("verdicts") or {}
+    default_tol = settings.get("tolerance", DEFAULT_TOLERANCE)
+    bootstrap = {**DEFAULT_BOOTSTRAP, **(settings.get("bootstrap") or {})}
+    for t in tables:
+        t.setdefault("tolerance", default_tol)
+        t["bootstrap"] = dict(bootstrap)
+        t.setdefault("claims", [])
+        for c in t["claims"]:
+            c["pairs"] = claim_pairs(t, c, lambda key, problem: None)
     for t in tables:
         for r in t["rows"]:
             r["kind"] = next(k for k in ("experiment", "ensemble", "external") if k in r)

@@ -73,6 +73,46 @@ EXPERIMENTS = sorted(PARAMS)
 # trigger re-runs exactly that experiment and what depends on it.
 PHASH = {exp: sbconfig.params_hash(p) for exp, p in PARAMS.items()}
 
+
+# ---- seeds: every training, evaluation and ensemble runs config `seeds` times ----------------
+# Replicate k trains with train.seed + k (smallbig.spec.plan.replicate_seed) and lives in
+# results/<run>/<id>/seed-<k>/ (an ensemble's in results/<run>/ensembles/<name>/seed-<k>/, fusing
+# replicate k of each member); replicate 0 is results/<run>/<id>/ itself, so a one-seed run keeps
+# its paths, jobs and wildcards. In the rules, the {exp} wildcard of replicate k > 0 is
+# "<id>/seed-<k>" ({name} "<name>/seed-<k>"), so its logs are logs/<run>/train/<id>/seed-<k>.log,
+# logs/<run>/evaluate/<id>/seed-<k>-<protocol>.log, ...
+SEEDS = int(config.get("seeds") or 1)
+REPLICATES = list(range(SEEDS))
+# config `paper_comparable: false` (embedded, rehearsal): every verdict reads "not comparable"
+NOT_COMPARABLE_ARG = "" if config.get("paper_comparable", True) else "--not-comparable"
+SEED_RE = r"(?:/seed-[1-9][0-9]*)?"
+IDS_RE = "|".join(re.escape(e) for e in EXPERIMENTS)
+
+
+rep = sbplan.replicate_run  # (id or ensemble name, k) -> "<id>" or "<id>/seed-<k>"
+split_rep = sbplan.split_replicate  # and back
+
+
+def base(run):
+    return split_rep(run)[0]
+
+
+def train_seed(exp, k):
+    return sbplan.replicate_seed(PARAMS[exp], k)
+
+
+def phash(run):
+    """Identity of a replicate: its experiment's params with the replicate's train.seed."""
+    exp, k = split_rep(run)
+    if k == 0:
+        return PHASH[exp]
+    return sbconfig.params_hash(dict(PARAMS[exp], train={**PARAMS[exp]["train"], "seed": train_seed(exp, k)}))
+
+
+def seed_overlay(exp, k):
+    """The params overlay that sets replicate k's train.seed (rule seed_overlay)."""
+    return f"{RES}/seeds/train-seed-{train_seed(exp, k)}.yaml"
+
 try:
     TABLES = load_tables(config["tables"])
 except TablesError as e:
@@ -93,7 +133,7 @@ ROOT_TO_DATASET = {v["root"]: ds for ds, v in DATASETS.items()}
 
 
 def dataset_of(exp):
-    return PARAMS[exp]["data"]["dataset"]
+    return PARAMS[base(exp)]["data"]["dataset"]
 
 
 def data_ready(exp):
@@ -110,23 +150,25 @@ def eval_dir(exp, proto):
 
 
 def table_inputs(number):
-    """The evaluation / ensemble metrics one table needs (external rows need nothing)."""
+    """The evaluation / ensemble metrics one table needs, every seed (external rows need
+    nothing)."""
     table = next(t for t in TABLES if t["number"] == number)
     files = []
     for row in table["rows"]:
-        if row["kind"] == "experiment":
-            files.append(f"{eval_dir(row['experiment'], row['protocol'])}/metrics.json")
-        elif row["kind"] == "ensemble":
-            files.append(f"{RES}/ensembles/{row['name']}/metrics.json")
+        for k in REPLICATES:
+            if row["kind"] == "experiment":
+                files.append(f"{eval_dir(rep(row['experiment'], k), row['protocol'])}/metrics.json")
+            elif row["kind"] == "ensemble":
+                files.append(f"{RES}/ensembles/{rep(row['name'], k)}/metrics.json")
     return sorted(set(files))
 
 
 def experiment_outputs(exp):
-    return [f"{eval_dir(exp, p)}/metrics.json" for p in PROTOCOLS[exp]]
+    return [f"{eval_dir(rep(exp, k), p)}/metrics.json" for k in REPLICATES for p in PROTOCOLS[exp]]
 
 
 def resources_of(exp):
-    return PARAMS[exp]["resources"]
+    return PARAMS[base(exp)]["resources"]
 
 
 def table_experiments(number):
@@ -141,7 +183,7 @@ def report_table_files():
 
 
 def all_outputs():
-    out = [f"{REPORTS}/index.html"]
+    out = [f"{REPORTS}/index.html", f"{REPORTS}/verdicts.json"]
     for exp in EXPERIMENTS:
         out += experiment_outputs(exp)
     return out
@@ -195,7 +237,7 @@ def launch_of(exp):
                 "mpi": "torchrun", "tasks": n, "nodes": 1}
     if n % GPUS_PER_NODE:
         raise WorkflowError(
-            f"{exp_file(exp)}: resources.gpus: {n} GPUs span several nodes of {GPUS_PER_NODE} "
+            f"{exp_file(base(exp))}: resources.gpus: {n} GPUs span several nodes of {GPUS_PER_NODE} "
             f"GPUs (config gpus_per_node); use a multiple of {GPUS_PER_NODE}")
     return {"prefix": f"srun -n {n} --kill-on-bad-exit=1 --cpus-per-task={cpus} ",
             "mpi": "srun", "tasks": n, "nodes": n // GPUS_PER_NODE}

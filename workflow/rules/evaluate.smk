@@ -1,5 +1,6 @@
-# Multi-view evaluation of each trained checkpoint (one job per experiment and protocol) and
-# score-fusion ensembles from the members' saved per-view scores.
+# Multi-view evaluation of each trained checkpoint (one job per experiment, seed and protocol)
+# and score-fusion ensembles from the members' saved per-view scores (one per seed: replicate k
+# of an ensemble, {name} = "<name>/seed-<k>", fuses replicate k of each member).
 
 
 rule evaluate:
@@ -11,7 +12,7 @@ rule evaluate:
         scores=f"{RES}/{{exp}}/eval-{{proto}}/scores.npz",
         metrics=f"{RES}/{{exp}}/eval-{{proto}}/metrics.json",
     params:
-        phash=lambda w: PHASH[w.exp],
+        phash=lambda w: phash(w.exp),
         outdir=lambda w: eval_dir(w.exp, w.proto),
     log:
         f"{LOGS}/evaluate/{{exp}}-{{proto}}.log",
@@ -34,13 +35,14 @@ rule evaluate:
 rule ensemble:
     input:
         lambda w: [
-            f"{eval_dir(m, ENSEMBLES[w.name]['protocol'])}/scores.npz"
-            for m in ENSEMBLES[w.name]["members"]
+            f"{eval_dir(rep(m, split_rep(w.name)[1]), ENSEMBLES[base(w.name)]['protocol'])}/scores.npz"
+            for m in ENSEMBLES[base(w.name)]["members"]
         ],
     output:
         f"{RES}/ensembles/{{name}}/metrics.json",
     params:
         outdir=lambda w: f"{RES}/ensembles/{w.name}",
+        name=lambda w: base(w.name),
     log:
         f"{LOGS}/ensemble/{{name}}.log",
     threads: 1
@@ -50,4 +52,4 @@ rule ensemble:
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig ensemble {input} --name {wildcards.name} --out {params.outdir} > {log} 2>&1"
+        "smallbig ensemble {input} --name {params.name} --out {params.outdir} > {log} 2>&1"

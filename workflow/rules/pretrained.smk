@@ -10,7 +10,7 @@ from smallbig.models import weights as sbweights
 
 # The files the training of an experiment needs before it starts ([] for `none`): the input
 # `pretrained=` of rule train.
-pretrained_input = lambda exp: sbweights.required_files(PARAMS[exp])
+pretrained_input = lambda exp: sbweights.required_files(PARAMS[base(exp)])
 
 # file -> (name, declaration, an experiment loading it) for each declared file this run's
 # experiments load: the full run downloads the two torchvision files, the embedded run nothing.

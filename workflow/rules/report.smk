@@ -9,7 +9,12 @@
 #
 # `smallbig report tables` renders every table from whatever results exist (rows without results
 # say so). The per-table rule runs it once table N's evaluations exist, into its own directory
-# results/<run>/tables/table<N>/ (table<N>.* there is complete); `all` renders into reports/.
+# results/<run>/tables/table<N>/ (table<N>.* and that table's verdicts.json there are complete);
+# `all` renders into reports/.
+# Every report command gets the run's seeds (`--seeds`: mean ± std over seeds, or one seed's
+# bootstrap interval) and, for a scaled-down run (config paper_comparable: false),
+# `--not-comparable`; `tables` also writes reports/verdicts.json (a verdict per row and claim).
+REPORT_ARGS = f"--seeds {SEEDS} {NOT_COMPARABLE_ARG}".strip()
 
 
 rule table:
@@ -21,6 +26,7 @@ rule table:
         directory(f"{RES}/tables/table{{n}}"),
     params:
         run=RUN,
+        args=REPORT_ARGS,
     log:
         f"{LOGS}/report/table{{n}}.log",
     wildcard_constraints:
@@ -32,8 +38,9 @@ rule table:
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig report tables --results results --run {params.run}"
-        " --tables-file {input.tables} --compute-model-info --out {output} > {log} 2>&1"
+        "smallbig report tables --results results --run {params.run} {params.args}"
+        " --tables-file {input.tables} --compute-model-info --out {output}"
+        " --verdicts {output}/verdicts.json > {log} 2>&1"
 
 
 rule tables:
@@ -49,8 +56,10 @@ rule tables:
             else f"{REPORTS}/tables/{f}"
             for f in report_table_files()
         ],
+        verdicts=f"{REPORTS}/verdicts.json",
     params:
         run=RUN,
+        args=REPORT_ARGS,
         outdir=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{LOGS}/report/tables.log",
@@ -61,8 +70,9 @@ rule tables:
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig report tables --results results --run {params.run}"
-        " --tables-file {input.tables} --compute-model-info --out {params.outdir} > {log} 2>&1"
+        "smallbig report tables --results results --run {params.run} {params.args}"
+        " --tables-file {input.tables} --compute-model-info --out {params.outdir}"
+        " --verdicts {output.verdicts} > {log} 2>&1"
 
 
 rule figures:
@@ -85,6 +95,7 @@ rule figures:
                subcategory="Views vs accuracy", labels={"evaluation": "{name}"}),
     params:
         run=RUN,
+        args=REPORT_ARGS,
         outdir=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{LOGS}/report/figures.log",
@@ -95,7 +106,7 @@ rule figures:
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig report figures --results results --run {params.run}"
+        "smallbig report figures --results results --run {params.run} {params.args}"
         " --tables-file {input.tables} --compute-model-info --out {params.outdir} > {log} 2>&1"
 
 
@@ -133,6 +144,7 @@ rule report:
     input:
         tables=config["tables"],
         rendered=[f"{REPORTS}/tables/{f}" for f in report_table_files()],
+        verdicts=f"{REPORTS}/verdicts.json",
         figures=f"{REPORTS}/figures/figures.json",
         featmaps=f"{REPORTS}/figures/featmaps.json",
         params=[f"{RES}/{e}/params.yaml" for e in EXPERIMENTS],
@@ -140,6 +152,7 @@ rule report:
         f"{REPORTS}/index.html",
     params:
         run=RUN,
+        args=REPORT_ARGS,
         outdir=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{LOGS}/report/index.log",
@@ -150,7 +163,7 @@ rule report:
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig report html --results results --run {params.run}"
+        "smallbig report html --results results --run {params.run} {params.args}"
         " --tables-file {input.tables} --compute-model-info --reports {params.outdir}"
         " > {log} 2>&1"
 

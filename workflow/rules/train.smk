@@ -1,5 +1,7 @@
 # Resolve each experiment's params (the merged, validated file the run uses) and train it.
 # GPU count, CPUs per GPU, memory and runtime come from the experiment's `resources:` params.
+# Seeds (config `seeds`, common.smk): replicate k > 0 ({exp} = "<id>/seed-<k>") resolves its
+# params from replicate 0's with an overlay that sets train.seed and trains into <id>/seed-<k>/.
 
 
 rule resolve_params:
@@ -14,11 +16,50 @@ rule resolve_params:
         overlay=OVERLAY_ARG,
     log:
         f"{LOGS}/params/{{exp}}.log",
+    wildcard_constraints:
+        exp=IDS_RE,
     localrule: True
     conda:
         "../envs/smallbig.yaml"
     shell:
         "smallbig params resolve {input.exp} {params.overlay} --out {output} > {log} 2>&1"
+
+
+# The params overlay of one training seed, `all: {train: {seed: N}}`: the one rule that is not a
+# `smallbig` command (`smallbig params resolve` takes one overlay, so replicate k > 0 is resolved
+# from replicate 0's resolved params with this overlay on top).
+rule seed_overlay:
+    output:
+        f"{RES}/seeds/train-seed-{{seed}}.yaml",
+    wildcard_constraints:
+        seed=r"[0-9]+",
+    log:
+        f"{LOGS}/params/train-seed-{{seed}}.log",
+    localrule: True
+    conda:
+        "../envs/smallbig.yaml"
+    shell:
+        "echo 'all: {{train: {{seed: {wildcards.seed}}}}}' > {output} 2> {log}"
+
+
+rule resolve_seed_params:
+    input:
+        params=f"{RES}/{{exp}}/params.yaml",
+        overlay=lambda w: seed_overlay(w.exp, int(w.k)),
+    output:
+        f"{RES}/{{exp}}/seed-{{k}}/params.yaml",
+    params:
+        phash=lambda w: phash(rep(w.exp, int(w.k))),
+    log:
+        f"{LOGS}/params/{{exp}}/seed-{{k}}.log",
+    wildcard_constraints:
+        exp=IDS_RE,
+        k=r"[1-9][0-9]*",
+    localrule: True
+    conda:
+        "../envs/smallbig.yaml"
+    shell:
+        "smallbig params resolve {input.params} --overlay {input.overlay} --out {output} > {log} 2>&1"
 
 
 rule train:
@@ -31,7 +72,7 @@ rule train:
         history=f"{RES}/{{exp}}/train/history.json",
         metrics=f"{RES}/{{exp}}/train/train_metrics.json",
     params:
-        phash=lambda w: PHASH[w.exp],
+        phash=lambda w: phash(w.exp),
         outdir=lambda w: res(w.exp, "train"),
         launch=lambda w: launch_of(w.exp)["prefix"],
         margin=STOP_BEFORE_LIMIT_S,
