@@ -11,6 +11,10 @@ directory's `quarantine.json` (the report of `smallbig data check`) are left out
 (counted in `dataset.quarantined`) and returned as BadSample in val/test, so evaluation counts
 them as skipped.
 
+`data.decode_cache_mb` > 0 keeps every video's decoded frames in memory in modes train and val
+(smallbig/data/cache.py: decoded once per process instead of once per epoch; the same clips,
+bitwise): for small datasets such as the embedded default's.
+
 Lists are validated before anything else (smallbig/data/lists.py): a label that is not an
 integer in [0, num_classes) (the dataset's `classes.json` and the params' `model.num_classes`),
 a duplicate entry, a line with missing fields or bytes that are not UTF-8 raise DataError with
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from smallbig.data import sampling
+from smallbig.data.cache import DecodeCache, video_key
 from smallbig.data.lists import (DataError, Entry, label_bounds, load_manifest,  # noqa: F401 (re-exported)
                                  load_quarantine, read_list, write_list)
 from smallbig.data.readers import VideoError, open_frames, open_video
@@ -115,6 +120,9 @@ class VideoDataset(torch.utils.data.Dataset):
         self.num_clips, self.num_crops = views.clips, views.crops
         self.short_side = self.test.short_side
         self.crop_size = views.crop_size(self.test)
+        # train and val read every video again each epoch; a test pass reads each once (no cache)
+        mb = self.data.decode_cache_mb if mode != "test" else 0
+        self.cache = DecodeCache(mb * 2**20) if mb > 0 else None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -133,6 +141,30 @@ class VideoDataset(torch.utils.data.Dataset):
             return open_frames(p, e.num_frames, self.frame_template)
         return open_video(p)
 
+    def reader(self, e: Entry):
+        """The entry's reader: through the decode cache when there is one."""
+        if self.cache is None:
+            return self.open(e)
+        p = self.root / e.path
+        key = video_key(p, e.num_frames, self.frame_template) if self.fmt == "frames" else video_key(p)
+        return self.cache.reader(key, lambda: self.open(e), p)
+
+    def preload(self) -> dict:
+        """Decode every (non-quarantined) video into the cache now, in this process; DataLoader
+        workers forked afterwards share the frames. Returns the cache's stats."""
+        if self.cache is None:
+            raise ValueError("preload needs a decode cache (data.decode_cache_mb > 0)")
+        for e in self.entries:
+            if self.cache.full:
+                break
+            if e.path not in self.quarantine:
+                try:
+                    self.reader(e)
+                except (VideoError, ValueError, OSError):
+                    pass  # reported when the sample is read
+        log.info("%s: decode cache %s", self.root, self.cache.stats())
+        return self.cache.stats()
+
     def __getitem__(self, i: int):
         e = self.entries[i]
         if e.path in self.quarantine:
@@ -144,7 +176,7 @@ class VideoDataset(torch.utils.data.Dataset):
             return BadSample(e.video_id, str(err))
 
     def _load(self, e: Entry) -> dict:
-        reader = self.open(e)
+        reader = self.reader(e)
         n = len(reader)
         d = self.data
         if self.mode == "train":
@@ -186,7 +218,10 @@ def build_dataset(params: "Params | Mapping[str, Any]", split: str, mode: str,
     limit = data.limit_train if split == "train" else data.limit_val
     entries = balanced_subset(entries, limit)
     template = manifest.get("frame_template", "img_{:05d}.jpg")
-    return VideoDataset(root, entries, fmt, mode, data, test, protocol, template, load_quarantine(root))
+    ds = VideoDataset(root, entries, fmt, mode, data, test, protocol, template, load_quarantine(root))
+    if ds.cache is not None and data.num_workers > 0:
+        ds.preload()  # decoded once here; workers (forked each epoch) share the frames
+    return ds
 
 
 # --------------------------------------------------------------------------- batching

@@ -144,6 +144,7 @@ class DataSpec:
     num_workers: int
     limit_train: int | None
     limit_val: int | None
+    decode_cache_mb: int  # 0: off (smallbig/data/cache.py)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
@@ -168,6 +169,7 @@ class DataSpec:
             num_workers=int(m["num_workers"]),
             limit_train=m.get("limit_train"),
             limit_val=m.get("limit_val"),
+            decode_cache_mb=int(m.get("decode_cache_mb") or 0),
         )
 
 
