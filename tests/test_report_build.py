@@ -228,6 +228,19 @@ def test_model_info_cells_and_notes(tmp_path, tables):
     assert ext["cells"]["paper_gflops_x_views"] == "5875 = 23.5×250"
 
 
+def test_model_info_missed_without_computing_is_computed_when_asked(tmp_path):
+    # the figures build Tables 2-9 without computing model info and Table 10 with: an
+    # experiment of both (SmallBig-R50: Tables 8, 9, 10) must still get its numbers in Table 10
+    calls = []
+    results = Results(
+        tmp_path / "full", model_info=lambda p: calls.append(p["id"]) or {"params": 1, "gmacs_224": 2.0}
+    )
+    assert results.model_info("k400-r50-sb-full", compute=False) is None
+    assert results.model_info("k400-r50-sb-full", compute=True) == {"params": 1, "gmacs_224": 2.0}
+    assert results.model_info("k400-r50-sb-full", compute=True) is results.model_info("k400-r50-sb-full")
+    assert calls == ["k400-r50-sb-full"]
+
+
 def test_views_curve_from_saved_logits():
     # 4 videos, 10 clips x 3 crops; videos 0-1: only the centre crop is right (the side crops
     # confidently wrong), videos 2-3: every view right

@@ -434,8 +434,8 @@ class Results:
         computed with `self.compute_info` when `compute` is set (from the run's resolved
         `<id>/params.yaml`, else, when `paper_size`, the paper-size params/experiments/<id>.yaml);
         else None."""
-        if exp_id in self._info:
-            return self._info[exp_id]
+        if exp_id in self._info and (self._info[exp_id] is not None or not compute):
+            return self._info[exp_id]  # a miss without computing is retried when asked to compute
         dirs = list(info_dirs or []) + [self.dir / "model-info"]
         found = None
         for path in [Path(d) / f"{exp_id}.json" for d in dirs] + [self.dir / "model-info.json"]:
