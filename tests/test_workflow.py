@@ -124,19 +124,14 @@ def test_seeds_multiply_the_runs_and_keep_replicate_zero_where_it_was(repo_copy,
     ids = ["k400-r23-c2d", "k400-r23-i3d311", "k400-r23-sb311"]
     out = snakemake(repo_copy, "-n", "-p", "table2", "--config", "seeds=3", timeout=300).stdout
     counts = job_counts(out)
-    assert (counts["train"], counts["evaluate"], counts["resolve_seed_params"], counts["seed_overlay"]) == (
-        9,
-        9,
-        6,
-        2,
-    )
+    assert (counts["train"], counts["evaluate"], counts["resolve_seed_params"]) == (9, 9, 6)
+    assert "seed_overlay" not in counts  # every rule is one smallbig command
     runs = sorted(w.removeprefix("exp=") for w in jobs_of(out, "train"))
     assert runs == sorted([*ids, *(f"{i}/seed-{k}" for i in ids for k in (1, 2))])
     assert (
-        "smallbig params resolve results/full/k400-r23-c2d/params.yaml --overlay "
-        "results/full/seeds/train-seed-2.yaml --out results/full/k400-r23-c2d/seed-2/params.yaml" in out
+        "smallbig params resolve results/full/k400-r23-c2d/params.yaml --set train.seed=2 "
+        "--out results/full/k400-r23-c2d/seed-2/params.yaml" in out
     )
-    assert "echo 'all: {train: {seed: 2}}' > results/full/seeds/train-seed-2.yaml" in out
     assert "--out results/full/k400-r23-sb311/seed-1/train --resume" in out  # its own run directory
     assert "> logs/full/train/k400-r23-sb311/seed-1.log" in out
     assert "smallbig report tables --results results --run full --seeds 3 " in out
@@ -149,7 +144,7 @@ def test_seeds_multiply_the_runs_and_keep_replicate_zero_where_it_was(repo_copy,
         "results/full/k400-r101-sb-typical-32f/seed-1/eval-4x3/scores.npz --name k400-sb-en-r50-r101-4x3 "
         "--out results/full/ensembles/k400-sb-en-r50-r101-4x3/seed-1" in out
     )
-    # a seed overlay on top of replicate 0's resolved params gives its params with the new seed
+    # --set train.seed on replicate 0's resolved params gives its params with the new seed
     resolved = tmp_path / "p.yaml"
     subprocess.run(
         [str(VENV_BIN / "smallbig"), "params", "resolve", "k400-r23-c2d", "--out", str(resolved)],
@@ -157,15 +152,14 @@ def test_seeds_multiply_the_runs_and_keep_replicate_zero_where_it_was(repo_copy,
         env=env(),
         check=True,
     )
-    (tmp_path / "s.yaml").write_text("all: {train: {seed: 2}}\n")
     r = subprocess.run(
         [
             str(VENV_BIN / "smallbig"),
             "params",
             "resolve",
             str(resolved),
-            "--overlay",
-            str(tmp_path / "s.yaml"),
+            "--set",
+            "train.seed=2",
         ],
         cwd=repo_copy,
         env=env(),

@@ -457,14 +457,8 @@ def make_plan(
             "data_jobs": data_jobs,
             "table_jobs": n_tables,
             "pretrained_jobs": pretrained_jobs,
-            # + one local `params resolve` job per experiment and seed, one seed overlay per
-            # extra seed (workflow/rules/train.smk)
-            "jobs": 2 * runs
-            + (seeds - 1)
-            + seeds * (len(ev) + len(ens))
-            + data_jobs
-            + pretrained_jobs
-            + n_tables,
+            # + one local `params resolve` job per experiment and seed (workflow/rules/train.smk)
+            "jobs": 2 * runs + seeds * (len(ev) + len(ens)) + data_jobs + pretrained_jobs + n_tables,
             "gpu_hours_train": gh_train,
             "gpu_hours_eval": gh_eval,
             "gpu_hours": gh_train + gh_eval,

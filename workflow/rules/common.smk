@@ -109,9 +109,6 @@ def phash(run):
     return sbconfig.params_hash(dict(PARAMS[exp], train={**PARAMS[exp]["train"], "seed": train_seed(exp, k)}))
 
 
-def seed_overlay(exp, k):
-    """The params overlay that sets replicate k's train.seed (rule seed_overlay)."""
-    return f"{RES}/seeds/train-seed-{train_seed(exp, k)}.yaml"
 
 try:
     TABLES = load_tables(config["tables"])

@@ -25,31 +25,16 @@ rule resolve_params:
         "smallbig params resolve {input.exp} {params.overlay} --out {output} > {log} 2>&1"
 
 
-# The params overlay of one training seed, `all: {train: {seed: N}}`: the one rule that is not a
-# `smallbig` command (`smallbig params resolve` takes one overlay, so replicate k > 0 is resolved
-# from replicate 0's resolved params with this overlay on top).
-rule seed_overlay:
-    output:
-        f"{RES}/seeds/train-seed-{{seed}}.yaml",
-    wildcard_constraints:
-        seed=r"[0-9]+",
-    log:
-        f"{LOGS}/params/train-seed-{{seed}}.log",
-    localrule: True
-    conda:
-        "../envs/smallbig.yaml"
-    shell:
-        "echo 'all: {{train: {{seed: {wildcards.seed}}}}}' > {output} 2> {log}"
-
-
+# Replicate k > 0: replicate 0's resolved params with train.seed + k (`--set`, validated by the
+# params schema like any overlay).
 rule resolve_seed_params:
     input:
         params=f"{RES}/{{exp}}/params.yaml",
-        overlay=lambda w: seed_overlay(w.exp, int(w.k)),
     output:
         f"{RES}/{{exp}}/seed-{{k}}/params.yaml",
     params:
         phash=lambda w: phash(rep(w.exp, int(w.k))),
+        seed=lambda w: train_seed(w.exp, int(w.k)),
     log:
         f"{LOGS}/params/{{exp}}/seed-{{k}}.log",
     wildcard_constraints:
@@ -59,7 +44,7 @@ rule resolve_seed_params:
     conda:
         "../envs/smallbig.yaml"
     shell:
-        "smallbig params resolve {input.params} --overlay {input.overlay} --out {output} > {log} 2>&1"
+        "smallbig params resolve {input.params} --set train.seed={params.seed} --out {output} > {log} 2>&1"
 
 
 rule train:
