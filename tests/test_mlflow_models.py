@@ -180,6 +180,8 @@ def test_evaluate_from_runs_uri_equals_evaluate_from_checkpoint(world, capsys):
     for out in (ck, lm):
         ev = _eval_run(client, out)
         assert ev.data.tags["smallbig.train_run_id"] == run_id
+        # metrics.json names its evaluation run (the report's verdicts.json eval_run_id)
+        assert json.loads((out / "metrics.json").read_text())["mlflow_run_id"] == ev.info.run_id
         assert ev.data.tags["mlflow.parentRunId"] == run_id
         (ds,) = ev.inputs.dataset_inputs
         assert ds.dataset.name == "kinetics400-val"

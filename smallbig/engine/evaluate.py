@@ -462,6 +462,8 @@ def _write_outputs(
 
 
 def _finish(out_dir: Path, result: dict, run) -> None:
+    if run is not None and run.enabled and run.run_id:
+        result["mlflow_run_id"] = run.run_id  # the report's lineage (verdicts.json eval_run_id)
     _write_json(out_dir / "metrics.json", result)
     if run is not None:
         flat = {
