@@ -1,4 +1,5 @@
 """Safe, resumable extraction of tar archives (also a stream of joined archive parts)."""
+
 from __future__ import annotations
 
 import io
@@ -19,7 +20,7 @@ class JoinedParts(io.RawIOBase):
     def __init__(self, paths: list[Path]):
         self.paths = list(paths)
         self._i = 0
-        self._f = open(self.paths[0], "rb") if self.paths else None
+        self._f = open(self.paths[0], "rb") if self.paths else None  # noqa: SIM115 (a stream that outlives this call; closed in readinto)
 
     def readable(self) -> bool:
         return True
@@ -31,7 +32,7 @@ class JoinedParts(io.RawIOBase):
                 return n
             self._f.close()
             self._i += 1
-            self._f = open(self.paths[self._i], "rb") if self._i < len(self.paths) else None
+            self._f = open(self.paths[self._i], "rb") if self._i < len(self.paths) else None  # noqa: SIM115
         return 0
 
     def close(self) -> None:
@@ -45,8 +46,9 @@ def is_extracted(dest: Path, name: str) -> bool:
     return (dest / f".extracted-{name}").exists() and (dest / f"tree-{name}").exists()
 
 
-def extract(archive: Path | list[Path], dest: Path, marker_name: str | None = None,
-            progress: bool = True) -> Path:
+def extract(
+    archive: Path | list[Path], dest: Path, marker_name: str | None = None, progress: bool = True
+) -> Path:
     """Extract a tar(.gz) (or the joined parts of one) into `dest`, idempotently.
 
     Extraction goes to `dest/.tmp-<name>` first, then moves into place; a marker file
@@ -71,21 +73,24 @@ def extract(archive: Path | list[Path], dest: Path, marker_name: str | None = No
     try:
         stream = JoinedParts(parts)
         buffered = io.BufferedReader(stream, buffer_size=1 << 20)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"extract {label}", disable=not progress,
-                  leave=False) as bar:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"extract {label}", disable=not progress, leave=False
+        ) as bar:
             last = 0
             with tarfile.open(fileobj=buffered, mode="r|*") as tar:
                 for member in tar:
                     tar.extract(member, tmp, filter="data")
-                    pos = sum(Path(p).stat().st_size for p in parts[:stream._i]) + (
-                        stream._f.tell() if stream._f else 0)
+                    pos = sum(Path(p).stat().st_size for p in parts[: stream._i]) + (
+                        stream._f.tell() if stream._f else 0
+                    )
                     bar.update(max(0, pos - last))
                     last = max(last, pos)
         buffered.close()
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ArchiveError(f"{label}: cannot extract ({type(e).__name__}: {e}); the archive is "
-                           f"corrupt or incomplete") from None
+        raise ArchiveError(
+            f"{label}: cannot extract ({type(e).__name__}: {e}); the archive is corrupt or incomplete"
+        ) from None
     tmp.replace(out)
     marker.write_text("ok\n")
     return out

@@ -17,6 +17,7 @@ crashes or misses the deadline is killed, that file reported, and a fresh worker
 rest. The caller never crashes or hangs on a bad file. Frame folders (JPEG) are read in this
 process with PIL after the same stat check (a JPEG decode is bounded by its size).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,11 @@ import threading
 from pathlib import Path
 
 from smallbig.data.lists import Entry, label_bounds, scan_list
+from smallbig.data.readers import DecordVideo, VideoError, file_problem, magic, short_error, stream_info
 from smallbig.errors import InputError, RunError
 from smallbig.fsutil import atomic_write_json
-from smallbig.data.readers import (DecordVideo, VideoError, file_problem, magic, short_error,
-                                   stream_info)
 
-FILE_TIMEOUT_S = 300.0     # per file, default
+FILE_TIMEOUT_S = 300.0  # per file, default
 STARTUP_TIMEOUT_S = 300.0  # a worker's start (imports av and decord) on a loaded machine
 TIMEOUT_ENV = "SMALLBIG_CHECK_FILE_TIMEOUT"
 
@@ -94,8 +94,10 @@ def probe(path: str, decode_all: bool = False, min_frames: int | None = None) ->
         if e.reason.startswith("cannot be opened by decord"):
             declared, k, err = _count_decodable(path)
             if err is not None or (declared and k < declared):
-                return {"reason": f"truncated: {k} of {declared} frames decodable ({err or 'stream ends early'})",
-                        "frames": k}
+                return {
+                    "reason": f"truncated: {k} of {declared} frames decodable ({err or 'stream ends early'})",
+                    "frames": k,
+                }
         return {"reason": e.reason, "frames": 0}
     n = len(reader)
     if min_frames and n < min_frames:
@@ -106,18 +108,26 @@ def probe(path: str, decode_all: bool = False, min_frames: int | None = None) ->
             try:
                 reader.get(idx)
             except VideoError as e:
-                return {"reason": f"truncated: decoding failed in frames {idx[0]}..{idx[-1]} of {n} "
-                                  f"({e.reason.removeprefix('truncated: ')})", "frames": n}
+                return {
+                    "reason": f"truncated: decoding failed in frames {idx[0]}..{idx[-1]} of {n} "
+                    f"({e.reason.removeprefix('truncated: ')})",
+                    "frames": n,
+                }
         declared, k, err = _count_decodable(path)
         if err is not None or k < n:
-            return {"reason": f"truncated: {k} of {n} frames decodable ({err or 'stream ends early'})",
-                    "frames": k}
+            return {
+                "reason": f"truncated: {k} of {n} frames decodable ({err or 'stream ends early'})",
+                "frames": k,
+            }
     else:
         try:
             reader.get([0, n - 1])
         except VideoError as e:
-            return {"reason": f"truncated: cannot decode the last frame {n - 1} "
-                              f"({e.reason.removeprefix('truncated: ')})", "frames": n}
+            return {
+                "reason": f"truncated: cannot decode the last frame {n - 1} "
+                f"({e.reason.removeprefix('truncated: ')})",
+                "frames": n,
+            }
     return {"reason": None, "frames": n}
 
 
@@ -175,9 +185,14 @@ class _Worker:
 
     def start(self):
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(list(WORKER_CMD),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, env=env)
+        self.proc = subprocess.Popen(
+            list(WORKER_CMD),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
         line = _readline_timeout(self.proc, STARTUP_TIMEOUT_S)
         try:
             ready = json.loads(line).get("ready") if line else False
@@ -185,8 +200,10 @@ class _Worker:
             ready = False
         if not ready:
             self._kill()
-            raise CheckError(f"the decoder worker ({' '.join(WORKER_CMD)}) did not start within "
-                             f"{STARTUP_TIMEOUT_S:g} s (got {(line or '').strip()[:200]!r}); is PyAV/decord installed?")
+            raise CheckError(
+                f"the decoder worker ({' '.join(WORKER_CMD)}) did not start within "
+                f"{STARTUP_TIMEOUT_S:g} s (got {(line or '').strip()[:200]!r}); is PyAV/decord installed?"
+            )
 
     def _kill(self) -> int | None:
         if self.proc.poll() is None:
@@ -214,13 +231,18 @@ class _Worker:
                 return json.loads(line)
             except ValueError:
                 self._kill()
-                return {"reason": f"cannot be checked: the decoder worker wrote {line.strip()[:200]!r}",
-                        "frames": 0}
+                return {
+                    "reason": f"cannot be checked: the decoder worker wrote {line.strip()[:200]!r}",
+                    "frames": 0,
+                }
         # the worker died (or hung) on this file: kill it; the next file gets a fresh one
         code = self._kill()
         if timed_out:
-            return {"reason": f"decoder hung: no result within {self.timeout:g} s (the file timeout); "
-                              "worker killed", "frames": 0}
+            return {
+                "reason": f"decoder hung: no result within {self.timeout:g} s (the file timeout); "
+                "worker killed",
+                "frames": 0,
+            }
         if code is not None and code < 0:
             return {"reason": f"decoder crashed (signal {-code}) on this file", "frames": 0}
         return {"reason": f"decoder crashed (exit code {code}) on this file", "frames": 0}
@@ -244,7 +266,9 @@ def _readline_timeout(proc, timeout: float) -> str | None:
     return result[0] if result else None
 
 
-def check_frames_entry(root: Path, e: Entry, template: str, decode_all: bool, min_frames: int | None) -> str | None:
+def check_frames_entry(
+    root: Path, e: Entry, template: str, decode_all: bool, min_frames: int | None
+) -> str | None:
     from PIL import Image
 
     folder = root / e.path
@@ -273,9 +297,16 @@ def check_frames_entry(root: Path, e: Entry, template: str, decode_all: bool, mi
     return None
 
 
-def check_entries(root: Path, entries: list[Entry], decode_all: bool = False, min_frames: int | None = None,
-                  workers: int | None = None, frame_template: str = "img_{:05d}.jpg",
-                  progress: bool = True, file_timeout: float | None = None) -> dict:
+def check_entries(
+    root: Path,
+    entries: list[Entry],
+    decode_all: bool = False,
+    min_frames: int | None = None,
+    workers: int | None = None,
+    frame_template: str = "img_{:05d}.jpg",
+    progress: bool = True,
+    file_timeout: float | None = None,
+) -> dict:
     """Check entries (videos or frame folders); return the report dict. Each video is decoded in a
     worker process under the per-file deadline `file_timeout` (seconds; see `resolve_file_timeout`)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -304,15 +335,21 @@ def check_entries(root: Path, entries: list[Entry], decode_all: bool = False, mi
         with lock:
             w = free.pop()
         try:
-            res = w.ask({"path": str(root / entries[i].path), "decode_all": decode_all, "min_frames": min_frames})
+            res = w.ask(
+                {"path": str(root / entries[i].path), "decode_all": decode_all, "min_frames": min_frames}
+            )
         finally:
             with lock:
                 free.append(w)
         return i, res["reason"]
 
     try:
-        with ThreadPoolExecutor(workers) as ex, tqdm(total=len(entries), initial=len(results),
-                                                        desc="check", unit="video", disable=not progress) as bar:
+        with (
+            ThreadPoolExecutor(workers) as ex,
+            tqdm(
+                total=len(entries), initial=len(results), desc="check", unit="video", disable=not progress
+            ) as bar,
+        ):
             for i, reason in ex.map(run, video_jobs):
                 results[i] = reason
                 bar.update(1)
@@ -323,16 +360,25 @@ def check_entries(root: Path, entries: list[Entry], decode_all: bool = False, mi
     return {"ok": len(entries) - len(bad), "bad": bad}
 
 
-def check_list(list_path: Path, root: Path, out: Path | None = None, decode_all: bool = False,
-               min_frames: int | None = None, workers: int | None = None,
-               frame_template: str = "img_{:05d}.jpg", progress: bool = True,
-               num_classes=None, file_timeout: float | None = None) -> dict:
+def check_list(
+    list_path: Path,
+    root: Path,
+    out: Path | None = None,
+    decode_all: bool = False,
+    min_frames: int | None = None,
+    workers: int | None = None,
+    frame_template: str = "img_{:05d}.jpg",
+    progress: bool = True,
+    num_classes=None,
+    file_timeout: float | None = None,
+) -> dict:
     """Check a list and its videos. Labels are checked against ROOT/classes.json (if present) and
     `num_classes`; invalid lines go to report["list_problems"] (as `FILE:LINE: problem`)."""
     bounds = label_bounds(root) + ([] if num_classes is None else [num_classes])
     entries, problems = scan_list(list_path, None, bounds)
-    report = check_entries(root, entries, decode_all, min_frames, workers, frame_template, progress,
-                           file_timeout)
+    report = check_entries(
+        root, entries, decode_all, min_frames, workers, frame_template, progress, file_timeout
+    )
     if problems:
         report["list_problems"] = problems
     if out is not None:

@@ -13,6 +13,7 @@ dataset directory, source or archive exits 2, a check whose decoder workers do n
 Only torch-free modules are imported at the top (the CLI's start-up stays light); the commands
 import what they run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,15 @@ import sys
 from pathlib import Path
 
 from smallbig.config import load_params
-from smallbig.data.lists import (DataError, LabelBound, label_bounds, load_manifest, read_list, scan_list,
-                                 write_list)
+from smallbig.data.lists import (
+    DataError,
+    LabelBound,
+    label_bounds,
+    load_manifest,
+    read_list,
+    scan_list,
+    write_list,
+)
 from smallbig.errors import SmallbigError
 
 
@@ -36,11 +44,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = dsub.add_parser("toy", help="generate the embedded dataset (real encoded videos)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--datasets", nargs="+", default=["kinetics400", "sthv2", "sthv1"],
-                   choices=["kinetics400", "sthv2", "sthv1"], help="which trees to generate")
-    t.add_argument("--per-class", nargs="+", default=[], metavar="SPLIT=N",
-                   help="videos per class, e.g. train=24 val=16 (splits: train val test ss_train ss_val; "
-                        "default 12 6 1 12 6)")
+    t.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["kinetics400", "sthv2", "sthv1"],
+        choices=["kinetics400", "sthv2", "sthv1"],
+        help="which trees to generate",
+    )
+    t.add_argument(
+        "--per-class",
+        nargs="+",
+        default=[],
+        metavar="SPLIT=N",
+        help="videos per class, e.g. train=24 val=16 (splits: train val test ss_train ss_val; "
+        "default 12 6 1 12 6)",
+    )
     t.set_defaults(func=_toy)
 
     pr = dsub.add_parser("prepare", help="acquire -> lists -> frames -> check -> manifest (idempotent)")
@@ -52,8 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=_prepare)
 
     c = dsub.add_parser("check", help="open every video of a list; report bad files with reasons")
-    c.add_argument("params", nargs="?", default=None,
-                   help="params file: check train.txt and val.txt of its data.root (instead of --list/--root)")
+    c.add_argument(
+        "params",
+        nargs="?",
+        default=None,
+        help="params file: check train.txt and val.txt of its data.root (instead of --list/--root)",
+    )
     c.add_argument("--overlay", default=None)
     c.add_argument("--list", help="list file (`path label` or `frame_dir n label`)")
     c.add_argument("--root", help="directory the list's paths are relative to")
@@ -62,12 +84,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--min-frames", type=_positive_int, default=None, help="flag videos with fewer frames")
     c.add_argument("--workers", type=_positive_int, default=None)
     c.add_argument("--frame-template", default="img_{:05d}.jpg", help="for frame lists")
-    c.add_argument("--num-classes", type=_positive_int, default=None,
-                   help="labels must be below N (also checked: ROOT/classes.json, and model.num_classes "
-                        "with PARAMS)")
-    c.add_argument("--file-timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="deadline for decoding one file; a decoder past it is killed and the file "
-                        "reported (default $SMALLBIG_CHECK_FILE_TIMEOUT, else 300)")
+    c.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        default=None,
+        help="labels must be below N (also checked: ROOT/classes.json, and model.num_classes with PARAMS)",
+    )
+    c.add_argument(
+        "--file-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="deadline for decoding one file; a decoder past it is killed and the file "
+        "reported (default $SMALLBIG_CHECK_FILE_TIMEOUT, else 300)",
+    )
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_check)
 
@@ -122,8 +152,10 @@ def _toy(args) -> int:
     for item in args.per_class:
         key, _, val = item.partition("=")
         if key not in ("train", "val", "test", "ss_train", "ss_val") or not val.isdigit() or int(val) < 1:
-            raise SystemExit(f"smallbig data toy: --per-class {item!r}: expected SPLIT=N with SPLIT one of "
-                             "train, val, test, ss_train, ss_val and N >= 1")
+            raise SystemExit(
+                f"smallbig data toy: --per-class {item!r}: expected SPLIT=N with SPLIT one of "
+                "train, val, test, ss_train, ss_val and N >= 1"
+            )
         per_class[key] = int(val)
     try:
         summary = make_toy(args.out, args.seed, datasets=tuple(args.datasets), per_class=per_class or None)
@@ -146,9 +178,22 @@ def _prepare(args) -> int:
     _logging()
     params = _load(args.params, args.overlay)
     m = prepare(params, progress=not args.quiet, workers=args.workers, force_check=args.recheck)
-    counts = {s: {k: v[k] for k in ("count", "usable", "quarantined", "num_missing")} for s, v in m["splits"].items()}
-    print(json.dumps({"root": params["data"]["root"], "dataset": m["dataset"], "format": m["format"],
-                      "num_classes": m["num_classes"], "splits": counts}, indent=1))
+    counts = {
+        s: {k: v[k] for k in ("count", "usable", "quarantined", "num_missing")}
+        for s, v in m["splits"].items()
+    }
+    print(
+        json.dumps(
+            {
+                "root": params["data"]["root"],
+                "dataset": m["dataset"],
+                "format": m["format"],
+                "num_classes": m["num_classes"],
+                "splits": counts,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -188,8 +233,16 @@ def _check(args) -> int:
             e, p = scan_list(lp, None, bounds)
             entries += e
             problems += p
-        report = check_entries(root, entries, args.decode_all, min_frames, args.workers, template,
-                               progress=not args.quiet, file_timeout=timeout)
+        report = check_entries(
+            root,
+            entries,
+            args.decode_all,
+            min_frames,
+            args.workers,
+            template,
+            progress=not args.quiet,
+            file_timeout=timeout,
+        )
         if problems:
             report["list_problems"] = problems
         write_json(Path(args.out), report)
@@ -207,8 +260,11 @@ def _check(args) -> int:
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
-        print(f"smallbig data check: invalid list: {len(problems)} bad line(s) (listed above and under "
-              f"\"list_problems\" in {args.out}); fix them, the other lines were checked", file=sys.stderr)
+        print(
+            f"smallbig data check: invalid list: {len(problems)} bad line(s) (listed above and under "
+            f'"list_problems" in {args.out}); fix them, the other lines were checked',
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -218,8 +274,9 @@ def _frames(args) -> int:
 
     _logging()
     entries = read_list(args.list, "video")
-    out, failed = extract_frames(Path(args.root), entries, args.subdir, args.short_side or None,
-                                 args.workers, not args.quiet)
+    out, failed = extract_frames(
+        Path(args.root), entries, args.subdir, args.short_side or None, args.workers, not args.quiet
+    )
     write_list(args.out_list, out, "frames")
     print(f"{len(out) - len(failed)} videos extracted, {len(failed)} failed -> {args.out_list}")
     for f in failed:

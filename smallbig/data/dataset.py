@@ -28,20 +28,29 @@ file is not interrupted here: `smallbig data prepare` (the workflow's first step
 runs `smallbig data check`, which decodes every file under a deadline and writes the staller to
 `quarantine.json`, which this module honours.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from smallbig.data import sampling
 from smallbig.data.cache import DecodeCache, video_key
-from smallbig.data.lists import (DataError, Entry, label_bounds, load_manifest,  # noqa: F401 (re-exported)
-                                 load_quarantine, read_list, write_list)
+from smallbig.data.lists import (  # noqa: F401 (re-exported)
+    DataError,
+    Entry,
+    label_bounds,
+    load_manifest,
+    load_quarantine,
+    read_list,
+    write_list,
+)
 from smallbig.data.readers import VideoError, open_frames, open_video
 from smallbig.spec.params import DataSpec, Params, TestSpec
 from smallbig.spec.protocol import Protocol
@@ -55,6 +64,7 @@ MODES = ("train", "val", "test")
 @dataclass(frozen=True)
 class BadSample:
     """A sample that could not be decoded. Falsy, so `if not item` treats it like None."""
+
     video_id: str
     reason: str
 
@@ -79,11 +89,11 @@ def balanced_subset(entries: list[Entry], limit: int | None) -> list[Entry]:
 
 
 # --------------------------------------------------------------------------- dataset
-def _data_spec(data: "DataSpec | Mapping[str, Any]") -> DataSpec:
+def _data_spec(data: DataSpec | Mapping[str, Any]) -> DataSpec:
     return data if isinstance(data, DataSpec) else DataSpec.from_dict(data)
 
 
-def _test_spec(test: "TestSpec | Mapping[str, Any]") -> TestSpec:
+def _test_spec(test: TestSpec | Mapping[str, Any]) -> TestSpec:
     return test if isinstance(test, TestSpec) else TestSpec.from_dict(test)
 
 
@@ -91,10 +101,18 @@ class VideoDataset(torch.utils.data.Dataset):
     """`data`, `test`: the params' sections, typed (a mapping, even a partial one, is completed
     from params/base.yaml)."""
 
-    def __init__(self, root, entries: list[Entry], fmt: str, mode: str,
-                 data: "DataSpec | Mapping[str, Any]", test: "TestSpec | Mapping[str, Any]",
-                 protocol: "str | Protocol | None" = None, frame_template: str = "img_{:05d}.jpg",
-                 quarantine: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root,
+        entries: list[Entry],
+        fmt: str,
+        mode: str,
+        data: DataSpec | Mapping[str, Any],
+        test: TestSpec | Mapping[str, Any],
+        protocol: str | Protocol | None = None,
+        frame_template: str = "img_{:05d}.jpg",
+        quarantine: dict[str, str] | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.root = Path(root)
@@ -108,7 +126,9 @@ class VideoDataset(torch.utils.data.Dataset):
         if mode == "train":
             entries = [e for e in entries if e.path not in quarantine]
             if self.quarantined:
-                log.warning("%s: %d quarantined videos left out of training", self.root, len(self.quarantined))
+                log.warning(
+                    "%s: %d quarantined videos left out of training", self.root, len(self.quarantined)
+                )
         self.quarantine = quarantine
         self.entries = entries
         views = Protocol(1, 1)  # train and val: one clip, one (centre) crop
@@ -191,14 +211,21 @@ class VideoDataset(torch.utils.data.Dataset):
         uniq, inverse = np.unique(np.concatenate(clips), return_inverse=True)
         positions = np.split(inverse, len(clips))  # positions of each clip's frames in `uniq`
         frames = reader.get(uniq)  # decoded once for all views
-        video, clip_idx, crop_idx = sampling.test_views(frames, positions, self.short_side,
-                                                        self.crop_size, self.num_crops)
-        return {"video": video, "label": e.label, "video_id": e.video_id,
-                "clip_idx": clip_idx, "crop_idx": crop_idx}
+        video, clip_idx, crop_idx = sampling.test_views(
+            frames, positions, self.short_side, self.crop_size, self.num_crops
+        )
+        return {
+            "video": video,
+            "label": e.label,
+            "video_id": e.video_id,
+            "clip_idx": clip_idx,
+            "crop_idx": crop_idx,
+        }
 
 
-def build_dataset(params: "Params | Mapping[str, Any]", split: str, mode: str,
-                  protocol: "str | Protocol | None" = None) -> VideoDataset:
+def build_dataset(
+    params: Params | Mapping[str, Any], split: str, mode: str, protocol: str | Protocol | None = None
+) -> VideoDataset:
     """The dataset of `split` (train/val) of the prepared directory `params.data.root`. `params`:
     `Params` or a params mapping (sections or keys it leaves out come from params/base.yaml)."""
     if split not in SPLITS:
@@ -206,13 +233,19 @@ def build_dataset(params: "Params | Mapping[str, Any]", split: str, mode: str,
     if isinstance(params, Params):
         data, test, raw = params.data, params.test, params.raw
     else:  # a mapping, perhaps partial (no model section): only its data and test sections
-        data, test, raw = DataSpec.from_dict(params["data"]), TestSpec.from_dict(params.get("test") or {}), params
+        data, test, raw = (
+            DataSpec.from_dict(params["data"]),
+            TestSpec.from_dict(params.get("test") or {}),
+            params,
+        )
     root = Path(data.root)
     manifest = load_manifest(root)
     fmt = data.format
     if manifest and manifest.get("format") and manifest["format"] != fmt:
-        raise DataError(f"{root / 'manifest.json'}: prepared as format {manifest['format']!r} but "
-                        f"params data.format is {fmt!r}; run `smallbig data prepare` with these params")
+        raise DataError(
+            f"{root / 'manifest.json'}: prepared as format {manifest['format']!r} but "
+            f"params data.format is {fmt!r}; run `smallbig data prepare` with these params"
+        )
     # the labels are bounded by model.num_classes only where the params give one
     entries = read_list(root / f"{split}.txt", fmt, label_bounds(root, raw))
     limit = data.limit_train if split == "train" else data.limit_val

@@ -5,6 +5,7 @@ continues from its size (HTTP `Range: bytes=N-`; a server that ignores Range res
 The finished file is checked against the expected size (Content-Length / Content-Range, or the
 source file's size) and, where known, its SHA-256, before it is renamed to `<dest>`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,14 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def fetch(url: str, dest: str | Path, sha256: str | None = None, retries: int = 3,
-          timeout: float = 60.0, progress: bool = True) -> Path:
+def fetch(
+    url: str,
+    dest: str | Path,
+    sha256: str | None = None,
+    retries: int = 3,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
     """Download `url` to `dest` (resumable, verified). Returns dest. Idempotent: an existing
     dest that matches `sha256` (when given) is kept; without a checksum, an existing dest is
     trusted (it was renamed into place only after its size was verified)."""
@@ -78,13 +85,17 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, retries: int = 
                 expected = _http(url, part, timeout, progress)
             size = part.stat().st_size
             if expected is not None and size != expected:
-                raise DownloadError(f"{url}: incomplete: got {size} of {expected} bytes (kept {part}; run again to resume)")
+                raise DownloadError(
+                    f"{url}: incomplete: got {size} of {expected} bytes (kept {part}; run again to resume)"
+                )
             if sha256 is not None:
                 got = sha256_file(part)
                 if got != sha256:
                     bad = part.with_name(dest.name + ".bad-checksum")
                     part.replace(bad)
-                    raise DownloadError(f"{url}: SHA-256 mismatch: expected {sha256}, got {got} (moved to {bad})")
+                    raise DownloadError(
+                        f"{url}: SHA-256 mismatch: expected {sha256}, got {got} (moved to {bad})"
+                    )
             part.replace(dest)
             return dest
         except DownloadError as e:
@@ -94,7 +105,7 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, retries: int = 
         except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
             last = e
         if attempt + 1 < retries:
-            time.sleep(min(2 ** attempt, 10) * 0.5)
+            time.sleep(min(2**attempt, 10) * 0.5)
     raise DownloadError(f"{url}: download failed after {retries} attempt(s): {last}") from None
 
 
@@ -135,7 +146,9 @@ def _http(url: str, part: Path, timeout: float, progress: bool) -> int | None:
             if total == have:
                 return total
             part.unlink()
-            raise DownloadError(f"{url}: server refused to resume; partial file discarded, run again") from None
+            raise DownloadError(
+                f"{url}: server refused to resume; partial file discarded, run again"
+            ) from None
         if e.code == 404:
             raise DownloadError(f"{url}: not found (HTTP 404)") from None
         raise
@@ -168,8 +181,9 @@ def _http(url: str, part: Path, timeout: float, progress: bool) -> int | None:
 def _bar(total, initial, name, enabled):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name,
-                disable=not enabled, leave=False)
+    return tqdm(
+        total=total, initial=initial, unit="B", unit_scale=True, desc=name, disable=not enabled, leave=False
+    )
 
 
 def read_text(url: str, dest: str | Path | None = None, retries: int = 3) -> str:

@@ -10,6 +10,7 @@ redoes it (tests/test_killed_jobs.py).
 
 Also `resize_videos`: re-encode videos to a short side instead (ffmpeg from imageio-ffmpeg).
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,9 @@ def _resize_size(h: int, w: int, short: int | None) -> tuple[int, int]:
     return max(1, int(round(h * short / w))), short
 
 
-def extract_one(video: str, out_dir: str, short_side: int | None, quality: int = 90,
-                template: str = TEMPLATE) -> tuple[str, int, str | None]:
+def extract_one(
+    video: str, out_dir: str, short_side: int | None, quality: int = 90, template: str = TEMPLATE
+) -> tuple[str, int, str | None]:
     """Extract one video. Returns (out_dir, num_frames, error or None). Never raises."""
     import decord
     from PIL import Image
@@ -101,6 +103,7 @@ def _die_with_parent(parent: int) -> None:
     if os.getppid() != parent:
         os._exit(1)
     if not armed:
+
         def watch():
             while os.getppid() == parent:
                 time.sleep(0.05)
@@ -109,8 +112,14 @@ def _die_with_parent(parent: int) -> None:
         threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
-def extract_frames(root: Path, entries: list[Entry], out_rel: str, short_side: int | None,
-                   workers: int | None = None, progress: bool = True) -> tuple[list[Entry], list[dict]]:
+def extract_frames(
+    root: Path,
+    entries: list[Entry],
+    out_rel: str,
+    short_side: int | None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> tuple[list[Entry], list[dict]]:
     """Extract every video of `entries` (paths relative to `root`) into `root/out_rel/<id>/`.
 
     Returns (frame entries `frame_dir num_frames label`, one per video, 0 frames where the
@@ -124,16 +133,26 @@ def extract_frames(root: Path, entries: list[Entry], out_rel: str, short_side: i
     results = []
     if workers <= 1 or len(jobs) < 4:
         it = map(_star, jobs)
-        results = list(tqdm(it, total=len(jobs), desc=f"frames {out_rel}", unit="video", disable=not progress))
+        results = list(
+            tqdm(it, total=len(jobs), desc=f"frames {out_rel}", unit="video", disable=not progress)
+        )
     else:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(workers, initializer=_die_with_parent,
-                                          initargs=(os.getpid(),)) as pool:
-            results = list(tqdm(pool.imap(_star, jobs, chunksize=4), total=len(jobs),
-                                desc=f"frames {out_rel}", unit="video", disable=not progress))
+        with mp.get_context("spawn").Pool(
+            workers, initializer=_die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
+            results = list(
+                tqdm(
+                    pool.imap(_star, jobs, chunksize=4),
+                    total=len(jobs),
+                    desc=f"frames {out_rel}",
+                    unit="video",
+                    disable=not progress,
+                )
+            )
     out, failed = [], []
-    for e, (folder, n, err) in zip(entries, results):
+    for e, (_folder, n, err) in zip(entries, results):
         rel = f"{out_rel}/{e.video_id}"
         if err or n == 0:
             # kept in the list with 0 frames (never a silent drop); the reason goes to the report
@@ -144,8 +163,9 @@ def extract_frames(root: Path, entries: list[Entry], out_rel: str, short_side: i
     return out, failed
 
 
-def resize_videos(root: Path, entries: list[Entry], out_rel: str, short_side: int,
-                  progress: bool = True) -> tuple[list[Entry], list[dict]]:
+def resize_videos(
+    root: Path, entries: list[Entry], out_rel: str, short_side: int, progress: bool = True
+) -> tuple[list[Entry], list[dict]]:
     """Re-encode videos to `short_side` (h264, ffmpeg) into `root/out_rel/` (idempotent)."""
     import imageio_ffmpeg
     from tqdm import tqdm
@@ -159,8 +179,25 @@ def resize_videos(root: Path, entries: list[Entry], out_rel: str, short_side: in
         if not target.exists():
             tmp = target.with_name(target.stem + ".tmp.mp4")
             scale = f"scale='if(lt(iw,ih),{short_side},-2)':'if(lt(iw,ih),-2,{short_side})'"
-            cmd = [ffmpeg, "-nostdin", "-loglevel", "error", "-y", "-i", str(root / e.path), "-vf", scale,
-                   "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-an", str(tmp)]
+            cmd = [
+                ffmpeg,
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-y",
+                "-i",
+                str(root / e.path),
+                "-vf",
+                scale,
+                "-c:v",
+                "libx264",
+                "-preset",
+                "veryfast",
+                "-crf",
+                "20",
+                "-an",
+                str(tmp),
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 tmp.unlink(missing_ok=True)

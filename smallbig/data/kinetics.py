@@ -11,6 +11,7 @@ Layout under `data.source.base_url` (https://s3.amazonaws.com/kinetics/400, a mi
 Tarballs are fetched from `<base_url>/<split>/<file name of each listed URL>`, so a mirror
 (or the embedded toy mirror) serves them whatever host its path lists name.
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,9 +46,16 @@ def parse_annotations(path: str | Path) -> list[dict]:
                 name = video_name(row["youtube_id"], row["time_start"], row["time_end"])
             except (TypeError, ValueError):
                 raise DataError(f"{path}:{lineno}: bad time_start/time_end in {row}") from None
-            rows.append({"label": (row.get("label") or "").strip(), "youtube_id": row["youtube_id"],
-                         "time_start": row["time_start"], "time_end": row["time_end"],
-                         "split": row.get("split", ""), "name": name})
+            rows.append(
+                {
+                    "label": (row.get("label") or "").strip(),
+                    "youtube_id": row["youtube_id"],
+                    "time_start": row["time_start"],
+                    "time_end": row["time_end"],
+                    "split": row.get("split", ""),
+                    "name": name,
+                }
+            )
     return rows
 
 
@@ -80,8 +88,10 @@ def acquire(data: DataSpec, root: Path, progress: bool = True) -> dict:
     Returns the per-split summary (counts, missing) for the manifest."""
     src = data.source
     if "base_url" not in src:
-        raise DataError("data.source.base_url: required for kinetics400 (the CVD mirror URL, a "
-                        "file:// URL or a local path)")
+        raise DataError(
+            "data.source.base_url: required for kinetics400 (the CVD mirror URL, a "
+            "file:// URL or a local path)"
+        )
     base = str(src["base_url"])
     raw = Path(src.get("download_dir") or root / "raw")
     splits = list(src.get("splits") or ["train", "val"])
@@ -92,12 +102,17 @@ def acquire(data: DataSpec, root: Path, progress: bool = True) -> dict:
     if isinstance(checks, dict):
         sums = {k: str(v).lower() for k, v in checks.items()}
     elif checks:
-        url = checks if ("://" in str(checks) or Path(str(checks)).is_absolute()) else download.join_url(base, checks)
+        url = (
+            checks
+            if ("://" in str(checks) or Path(str(checks)).is_absolute())
+            else download.join_url(base, checks)
+        )
         sums = parse_checksums(download.read_text(url, raw / "SHA256SUMS", retries))
 
     def get(rel: str, dest: Path) -> Path:
-        return download.fetch(download.join_url(base, rel), dest, sha256=sums.get(rel), retries=retries,
-                              progress=progress)
+        return download.fetch(
+            download.join_url(base, rel), dest, sha256=sums.get(rel), retries=retries, progress=progress
+        )
 
     ann = {}
     for split in sorted(set(splits) | {"train"}):  # train labels define the class indices

@@ -14,6 +14,7 @@ given), a frame count that is not a positive integer, and the same path listed t
     label_bounds(root, params=None)               limits on labels: classes.json, model.num_classes
     load_manifest(root), load_quarantine(root)    manifest.json / quarantine.json of a prepared root
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,9 @@ class DataError(InputError):
 
 @dataclass(frozen=True)
 class Entry:
-    path: str                # relative to the dataset root (video file or frame folder)
+    path: str  # relative to the dataset root (video file or frame folder)
     label: int
-    num_frames: int | None   # frame folders: number of frames; videos: None
+    num_frames: int | None  # frame folders: number of frames; videos: None
 
     @property
     def is_frames(self) -> bool:
@@ -48,6 +49,7 @@ class Entry:
 @dataclass(frozen=True)
 class LabelBound:
     """Labels must lie in [0, n); `source` says where n comes from (for messages)."""
+
     n: int
     source: str
 
@@ -95,7 +97,8 @@ def scan_list(path: str | Path, fmt: str | None = None, num_classes=None) -> tup
         raise DataError(f"{path}: list file unreadable: {e.strerror or e}") from None
     bounds = _bounds(num_classes)
     want = {"video": "`path label`", "frames": "`frame_dir num_frames label`"}.get(
-        fmt, "`path label` or `frame_dir num_frames label`")
+        fmt, "`path label` or `frame_dir num_frames label`"
+    )
     entries: list[Entry] = []
     problems: list[str] = []
     seen: dict[str, int] = {}
@@ -104,8 +107,10 @@ def scan_list(path: str | Path, fmt: str | None = None, num_classes=None) -> tup
         try:
             line = bline.decode("utf-8")
         except UnicodeDecodeError as e:
-            problems.append(f"{path}:{lineno}: not valid UTF-8 (byte 0x{bline[e.start]:02x} at column "
-                            f"{e.start + 1}); lists are UTF-8 text")
+            problems.append(
+                f"{path}:{lineno}: not valid UTF-8 (byte 0x{bline[e.start]:02x} at column "
+                f"{e.start + 1}); lists are UTF-8 text"
+            )
             continue
         if lineno == 1:
             line = line.removeprefix("\ufeff")  # a byte-order mark (Windows editors)
@@ -124,8 +129,10 @@ def scan_list(path: str | Path, fmt: str | None = None, num_classes=None) -> tup
         if frames_cols:
             p, n_text, label_text = line.rsplit(None, 2)
             if not _INT.fullmatch(n_text) or int(n_text) < 1:
-                problems.append(f"{path}:{lineno}: number of frames {n_text!r} is not a positive integer "
-                                f"(expected {want})")
+                problems.append(
+                    f"{path}:{lineno}: number of frames {n_text!r} is not a positive integer "
+                    f"(expected {want})"
+                )
                 continue
             num_frames = int(n_text)
         else:

@@ -6,6 +6,7 @@ acquisition (download / verify / extract / replacements, or archive parts) -> ca
 Every step is idempotent: finished downloads, extractions and frame folders are kept, and the
 check is skipped when the lists and check settings are unchanged since the last run.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -36,7 +37,9 @@ def _write_json(path: Path, obj) -> None:
 DEFAULT_MIN_FRAMES = 8  # the paper's shortest clip; dataset-level, not per experiment
 
 
-def prepare(params: dict, progress: bool = True, workers: int | None = None, force_check: bool = False) -> dict:
+def prepare(
+    params: dict, progress: bool = True, workers: int | None = None, force_check: bool = False
+) -> dict:
     """Prepare `params.data.root` (one process at a time per root: a lock file guards it)."""
     root = Path(params["data"]["root"])
     root.mkdir(parents=True, exist_ok=True)
@@ -72,8 +75,9 @@ def _prepare(params: dict, progress: bool, workers: int | None, force_check: boo
     for split, info in summary["splits"].items():
         entries = info["entries"]
         if fmt == "frames" and ds != "sthv1":
-            entries, failed = framesmod.extract_frames(root, entries, f"frames/{split}",
-                                                       data.frame_short_side, workers, progress)
+            entries, failed = framesmod.extract_frames(
+                root, entries, f"frames/{split}", data.frame_short_side, workers, progress
+            )
             write_list(root / f"{split}_frames.txt", entries, "frames")
             failures.update({f["path"]: f for f in failed})
         write_list(root / f"{split}.txt", entries, fmt)
@@ -91,7 +95,7 @@ def _prepare(params: dict, progress: bool, workers: int | None, force_check: boo
         log.info("%s: lists unchanged since the last check; kept %s", root, qpath)
     else:
         report = {"ok": 0, "bad": []}
-        for split, entries in lists.items():
+        for entries in lists.values():
             r = checkmod.check_entries(root, entries, decode_all, min_frames, workers, template, progress)
             report["ok"] += r["ok"]
             for b in r["bad"]:
@@ -111,8 +115,12 @@ def _prepare(params: dict, progress: bool, workers: int | None, force_check: boo
         "source": src,
         "splits": {},
         "replaced": summary.get("replaced", []),
-        "check": {"settings": settings, "ok": report["ok"], "bad": len(report["bad"]),
-                  "report": "quarantine.json"},
+        "check": {
+            "settings": settings,
+            "ok": report["ok"],
+            "bad": len(report["bad"]),
+            "report": "quarantine.json",
+        },
         "smallbig_version": __version__,
     }
     for split, entries in lists.items():

@@ -23,6 +23,7 @@ A decoder that stalls on a regular file is not interrupted here (a thread stuck 
 stopped); `smallbig data check` (run by `smallbig data prepare`) decodes every file in a worker
 process under a deadline and quarantines such files, and the datasets skip quarantined files.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,12 @@ def _fail(path, reason: str) -> VideoError:
 
 
 # --------------------------------------------------------------------------- files
-_KINDS = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
-          (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+_KINDS = (
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
 
 
 def file_problem(path: str | Path) -> str | None:
@@ -153,8 +158,11 @@ def stream_info(path: str) -> StreamInfo:
             raise _fail(path, f"truncated ({kind} container damaged: {short_error(e)})") from None
         raise _fail(path, f"not a video ({kind} content: {short_error(e)})") from None
     if info.width * info.height > MAX_FRAME_PIXELS:
-        raise _fail(path, f"frame size {info.width}x{info.height} declared by the {info.codec} stream "
-                          f"exceeds the limit of {MAX_FRAME_PIXELS} pixels (8K UHD); refused before decoding")
+        raise _fail(
+            path,
+            f"frame size {info.width}x{info.height} declared by the {info.codec} stream "
+            f"exceeds the limit of {MAX_FRAME_PIXELS} pixels (8K UHD); refused before decoding",
+        )
     return info
 
 
@@ -198,6 +206,7 @@ def _find_decord_avcodec(decord) -> str:
         av_dir = None
         try:
             import av
+
             av_dir = str(Path(av.__file__).resolve().parent.parent)
         except Exception:  # noqa: BLE001
             pass
@@ -228,9 +237,12 @@ class DecordVideo:
             self.vr = decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # decord raises DECORDError (a RuntimeError subclass)
             if decord_has_decoder(self.info.codec) is False:
-                raise _fail(self.path, f"codec {self.info.codec}: not supported by this decord build "
-                                       f"(its FFmpeg has no {self.info.codec} decoder); re-encode the "
-                                       "video (e.g. to h264)") from None
+                raise _fail(
+                    self.path,
+                    f"codec {self.info.codec}: not supported by this decord build "
+                    f"(its FFmpeg has no {self.info.codec} decoder); re-encode the "
+                    "video (e.g. to h264)",
+                ) from None
             raise _fail(self.path, f"cannot be opened by decord: {short_error(e)}") from None
         self.n = len(self.vr)
         if self.n < 1:

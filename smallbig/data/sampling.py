@@ -23,9 +23,11 @@ resizing is bilinear with antialiasing, on uint8):
   (crop index 0, 1, 2), centred on the short side; or 1 centre crop (crop index 0).
 Views are clip-major: view v = clip v // crops, crop v % crops.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,8 +160,9 @@ def resize_short(x: torch.Tensor, short: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     if min(h, w) == short:
         return x
-    return F.interpolate(x, size=short_side_size(h, w, short), mode="bilinear", align_corners=False,
-                         antialias=True)
+    return F.interpolate(
+        x, size=short_side_size(h, w, short), mode="bilinear", align_corners=False, antialias=True
+    )
 
 
 def _to_clip(x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +183,7 @@ def train_view(frames, short_range, size: int, flip: bool, rng: np.random.Genera
     _check_crop(h, w, size, "train view")
     y0 = int(rng.integers(0, h - size + 1))
     x0 = int(rng.integers(0, w - size + 1))
-    out = x[..., y0:y0 + size, x0:x0 + size]
+    out = x[..., y0 : y0 + size, x0 : x0 + size]
     if flip and rng.random() < 0.5:
         out = out.flip(-1)
     return _to_clip(out)
@@ -202,8 +205,8 @@ def crop_boxes(h: int, w: int, size: int, num_crops: int) -> list[tuple[int, int
 def center_view(frames, short: int, size: int) -> torch.Tensor:
     """Short side `short`, centre crop size x size -> uint8 [3, T, size, size]."""
     x = resize_short(frames_tensor(frames), short)
-    (y0, x0), = crop_boxes(*x.shape[-2:], size, 1)
-    return _to_clip(x[..., y0:y0 + size, x0:x0 + size])
+    ((y0, x0),) = crop_boxes(*x.shape[-2:], size, 1)
+    return _to_clip(x[..., y0 : y0 + size, x0 : x0 + size])
 
 
 def test_views(frames, clips: list, short: int, size: int, num_crops: int):
@@ -219,11 +222,14 @@ def test_views(frames, clips: list, short: int, size: int, num_crops: int):
     for c, pos in enumerate(clips):
         clip = allf[torch.as_tensor(np.asarray(pos), dtype=torch.long)]
         for k, (y0, x0) in enumerate(boxes):
-            views.append(_to_clip(clip[..., y0:y0 + size, x0:x0 + size]))
+            views.append(_to_clip(clip[..., y0 : y0 + size, x0 : x0 + size]))
             clip_idx.append(c)
             crop_idx.append(k)
-    return (torch.stack(views), torch.tensor(clip_idx, dtype=torch.long),
-            torch.tensor(crop_idx, dtype=torch.long))
+    return (
+        torch.stack(views),
+        torch.tensor(clip_idx, dtype=torch.long),
+        torch.tensor(crop_idx, dtype=torch.long),
+    )
 
 
 def parse_protocol(protocol: str | Protocol) -> tuple[int, int]:

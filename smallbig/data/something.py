@@ -16,6 +16,7 @@
 The parts are verified (contiguous numbering, non-empty, checksums when
 `data.source.checksums` gives them), joined as one stream and extracted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -111,8 +112,10 @@ def locate(archive_dir: Path, version: int) -> dict:
     v = version
     problems = []
     if not archive_dir.is_dir():
-        raise DataError(f"data.source.archive_dir: {archive_dir} is not a directory; place the "
-                        f"downloaded 20bn-something-something-v{v}-?? parts and label files there")
+        raise DataError(
+            f"data.source.archive_dir: {archive_dir} is not a directory; place the "
+            f"downloaded 20bn-something-something-v{v}-?? parts and label files there"
+        )
     parts = find_parts(archive_dir, v)
     if not parts:
         problems.append(f"archive parts 20bn-something-something-v{v}-00, -01, ... (none found)")
@@ -121,8 +124,11 @@ def locate(archive_dir: Path, version: int) -> dict:
         expected = list(range(nums[-1] + 1))
         gaps = sorted(set(expected) - set(nums))
         if gaps:
-            problems.append("archive part(s) " + ", ".join(f"20bn-something-something-v{v}-{g:02d}" for g in gaps)
-                            + f" (found {', '.join(p.name for p in parts)})")
+            problems.append(
+                "archive part(s) "
+                + ", ".join(f"20bn-something-something-v{v}-{g:02d}" for g in gaps)
+                + f" (found {', '.join(p.name for p in parts)})"
+            )
         empty = [p.name for p in parts if p.stat().st_size == 0]
         if empty:
             problems.append(f"non-empty archive part(s): {', '.join(empty)} are zero bytes")
@@ -144,8 +150,10 @@ def locate(archive_dir: Path, version: int) -> dict:
         if files[key] is None:
             problems.append(" or ".join(names))
     if problems:
-        raise DataError(f"{archive_dir}: Something-Something V{v} input incomplete; missing:\n  - "
-                        + "\n  - ".join(problems))
+        raise DataError(
+            f"{archive_dir}: Something-Something V{v} input incomplete; missing:\n  - "
+            + "\n  - ".join(problems)
+        )
     return files
 
 
@@ -163,8 +171,9 @@ def verify_parts(parts: list[Path], checksums: dict | None) -> None:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         if h.hexdigest() != want:
-            raise DataError(f"{p}: checksum mismatch: expected {want}, got {h.hexdigest()} "
-                            f"(re-download this part)")
+            raise DataError(
+                f"{p}: checksum mismatch: expected {want}, got {h.hexdigest()} (re-download this part)"
+            )
 
 
 # --------------------------------------------------------------------------- acquisition
@@ -172,14 +181,17 @@ def acquire(data: DataSpec, root: Path, version: int, progress: bool = True) -> 
     """`data.source` keys: archive_dir (required), checksums, extract_dir."""
     src = data.source
     if "archive_dir" not in src:
-        raise DataError(f"data.source.archive_dir: required for sthv{version} (the folder with the "
-                        f"downloaded 20bn-something-something-v{version}-?? parts and label files)")
+        raise DataError(
+            f"data.source.archive_dir: required for sthv{version} (the folder with the "
+            f"downloaded 20bn-something-something-v{version}-?? parts and label files)"
+        )
     archive_dir = Path(src["archive_dir"])
     files = locate(archive_dir, version)
     verify_parts(files["parts"], src.get("checksums"))
     work = Path(src.get("extract_dir") or root / "raw")
-    tree = archives.extract(files["parts"], work, marker_name=f"20bn-something-something-v{version}",
-                            progress=progress)
+    tree = archives.extract(
+        files["parts"], work, marker_name=f"20bn-something-something-v{version}", progress=progress
+    )
     summary = {"splits": {}, "archive_parts": [p.name for p in files["parts"]]}
     if version == 2:
         labels = parse_v2_labels(files["labels"])

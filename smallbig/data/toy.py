@@ -25,6 +25,7 @@ gliding vs swaying vs teleporting, pulsing vs flickering) is what a max over a 3
 neighbourhood (the SmallBig big view) sees. The SS-style classes keep direction (left/right,
 closer/away): the paper's SS models have 3x1x1 temporal convs.
 """
+
 from __future__ import annotations
 
 import csv
@@ -60,9 +61,14 @@ K400_CLASSES = [
     "handing over, far away",
 ]
 K400_KIND = {
-    "standing still": "still", "gliding": "glide", "swaying back and forth": "sway",
-    "teleporting": "teleport", "pulsing": "pulse", "flickering": "flicker",
-    "handing over, nearby": "handover_near", "handing over, far away": "handover_far",
+    "standing still": "still",
+    "gliding": "glide",
+    "swaying back and forth": "sway",
+    "teleporting": "teleport",
+    "pulsing": "pulse",
+    "flickering": "flicker",
+    "handing over, nearby": "handover_near",
+    "handing over, far away": "handover_far",
 }
 # Something-Something-style templates (left/right classes: never flipped).
 SS_TEMPLATES = [
@@ -76,9 +82,12 @@ SS_TEMPLATES = [
     "Putting [something] next to [something]",
 ]
 SS_KIND = {
-    "Moving [something] from left to right": "right", "Moving [something] from right to left": "left",
-    "Moving [something] up": "up", "Moving [something] down": "down",
-    "Holding [something]": "still", "Moving [something] closer to [something]": "approach",
+    "Moving [something] from left to right": "right",
+    "Moving [something] from right to left": "left",
+    "Moving [something] up": "up",
+    "Moving [something] down": "down",
+    "Holding [something]": "still",
+    "Moving [something] closer to [something]": "approach",
     "Moving [something] away from [something]": "separate",
     "Putting [something] next to [something]": "handover_near",
 }
@@ -103,8 +112,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     fy, fx = rng.uniform(0.02, 0.08, size=2)
     ph = rng.uniform(0, 2 * np.pi, size=2)
     tex = 12 * np.sin(fx * xx + ph[0]) * np.cos(fy * yy + ph[1])
-    bg = (base[None, None, :] + tint[0] * (xx / W)[..., None] + tint[1] * (yy / H)[..., None]
-          + tex[..., None])
+    bg = base[None, None, :] + tint[0] * (xx / W)[..., None] + tint[1] * (yy / H)[..., None] + tex[..., None]
     return bg.astype(np.float32)
 
 
@@ -197,7 +205,7 @@ def render(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
         t, c = 0, c0
         while t < n:
             length = int(rng.integers(5, 8))
-            cols[t:t + length] = c
+            cols[t : t + length] = c
             c, t = 1 - c, t + length
         x = x + rng.normal(0, 0.6, n)
         y = y + rng.normal(0, 0.6, n)
@@ -255,18 +263,67 @@ def encode_video(frames: np.ndarray, path: Path, fps: int, codec: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     t, h, w = frames.shape[:3]
     if codec == "libx264":
-        enc = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-threads", "1",
-               "-x264-params", "threads=1:lookahead-threads=1", "-movflags", "+faststart"]
+        enc = [
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-crf",
+            "23",
+            "-threads",
+            "1",
+            "-x264-params",
+            "threads=1:lookahead-threads=1",
+            "-movflags",
+            "+faststart",
+        ]
     else:
-        enc = ["-c:v", "libvpx", "-crf", "10", "-b:v", "400k", "-threads", "1",
-               "-deadline", "realtime", "-cpu-used", "8"]
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-nostdin", "-y", "-f", "rawvideo",
-           "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", *enc,
-           "-pix_fmt", "yuv420p", "-map_metadata", "-1", "-fflags", "+bitexact",
-           "-flags:v", "+bitexact", str(path)]
+        enc = [
+            "-c:v",
+            "libvpx",
+            "-crf",
+            "10",
+            "-b:v",
+            "400k",
+            "-threads",
+            "1",
+            "-deadline",
+            "realtime",
+            "-cpu-used",
+            "8",
+        ]
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-v",
+        "error",
+        "-nostdin",
+        "-y",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{w}x{h}",
+        "-r",
+        str(fps),
+        "-i",
+        "-",
+        *enc,
+        "-pix_fmt",
+        "yuv420p",
+        "-map_metadata",
+        "-1",
+        "-fflags",
+        "+bitexact",
+        "-flags:v",
+        "+bitexact",
+        str(path),
+    ]
     r = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{path}: ffmpeg failed ({r.returncode}): {r.stderr.decode(errors='replace')[-500:]}")
+        raise RuntimeError(
+            f"{path}: ffmpeg failed ({r.returncode}): {r.stderr.decode(errors='replace')[-500:]}"
+        )
 
 
 def _encode_jpegs(frames: np.ndarray, folder: Path, template: str) -> None:
@@ -315,8 +372,13 @@ def _ytid(rng: np.random.Generator) -> str:
 
 # --------------------------------------------------------------------------- Kinetics
 def _sizes(per_class: dict | None) -> dict:
-    sizes = {"train": K400_TRAIN_PER_CLASS, "val": K400_VAL_PER_CLASS, "test": K400_TEST_PER_CLASS,
-             "ss_train": SS_TRAIN_PER_CLASS, "ss_val": SS_VAL_PER_CLASS}
+    sizes = {
+        "train": K400_TRAIN_PER_CLASS,
+        "val": K400_VAL_PER_CLASS,
+        "test": K400_TEST_PER_CLASS,
+        "ss_train": SS_TRAIN_PER_CLASS,
+        "ss_val": SS_VAL_PER_CLASS,
+    }
     sizes.update(per_class or {})
     return sizes
 
@@ -400,8 +462,12 @@ def make_kinetics(out: Path, seed: int = 0, progress=None, per_class: dict | Non
             sums.append(f"{_sha256(p)}  {p.relative_to(mirror).as_posix()}")
     (mirror / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     _rmtree(staging)
-    return {"classes": len(K400_CLASSES), "videos": {k: len(v) for k, v in videos.items()},
-            "missing": missing, "replaced": corrupted}
+    return {
+        "classes": len(K400_CLASSES),
+        "videos": {k: len(v) for k, v in videos.items()},
+        "missing": missing,
+        "replaced": corrupted,
+    }
 
 
 # --------------------------------------------------------------------------- Something-Something
@@ -434,7 +500,7 @@ def _split_parts(blob_path: Path, prefix: Path, nparts: int) -> list[Path]:
     paths = []
     for i in range(nparts):
         p = prefix.parent / f"{prefix.name}-{i:02d}"
-        p.write_bytes(data[i * size:(i + 1) * size])
+        p.write_bytes(data[i * size : (i + 1) * size])
         paths.append(p)
     return paths
 
@@ -447,7 +513,7 @@ def make_sthv2(out: Path, seed: int = 0, progress=None, per_class: dict | None =
     samples = _ss_samples(rng, 2, per_class)
     files = []
     jobs = []
-    for vid, tmpl, objs, split, n in samples:
+    for vid, tmpl, _objs, _split, n in samples:
         p = staging / f"{vid}.webm"
         jobs.append((SS_KIND[tmpl], n, int(rng.integers(2**63)), str(p), "webm"))
         files.append((f"20bn-something-something-v2/{vid}.webm", p))
@@ -456,8 +522,11 @@ def make_sthv2(out: Path, seed: int = 0, progress=None, per_class: dict | None =
     labels = {t.replace("[", "").replace("]", ""): str(i) for i, t in enumerate(SS_TEMPLATES)}
     (d / "something-something-v2-labels.json").write_text(json.dumps(labels, indent=1))
     for split in ("train", "validation"):
-        entries = [{"id": vid, "label": _fill(t, o), "template": t,
-                    "placeholders": o} for vid, t, o, sp, _ in samples if sp == split]
+        entries = [
+            {"id": vid, "label": _fill(t, o), "template": t, "placeholders": o}
+            for vid, t, o, sp, _ in samples
+            if sp == split
+        ]
         (d / f"something-something-v2-{split}.json").write_text(json.dumps(entries, indent=1))
     (d / "something-something-v2-test.json").write_text(json.dumps([]))
     tar = staging / "all.tar.gz"
@@ -475,16 +544,18 @@ def make_sthv1(out: Path, seed: int = 0, progress=None, per_class: dict | None =
     samples = _ss_samples(rng, 1, per_class)
     files = []
     jobs = []
-    for vid, tmpl, objs, split, n in samples:
+    for vid, tmpl, _objs, _split, n in samples:
         jobs.append((SS_KIND[tmpl], n, int(rng.integers(2**63)), str(staging / vid), "jpg"))
     _run_jobs(jobs, progress)
-    for vid, tmpl, objs, split, n in samples:
+    for vid, *_ in samples:
         files += [(f"20bn-something-something-v1/{vid}/{p.name}", p) for p in (staging / vid).iterdir()]
     # V1: labels CSV (line number = index, templates with "something" unbracketed), `id;label`
     names = [t.replace("[", "").replace("]", "") for t in SS_TEMPLATES]
     (d / "something-something-v1-labels.csv").write_text("\n".join(names) + "\n")
     for split in ("train", "validation"):
-        lines = [f"{vid};{t.replace('[', '').replace(']', '')}" for vid, t, _, sp, _ in samples if sp == split]
+        lines = [
+            f"{vid};{t.replace('[', '').replace(']', '')}" for vid, t, _, sp, _ in samples if sp == split
+        ]
         (d / f"something-something-v1-{split}.csv").write_text("\n".join(lines) + "\n")
     tar = staging / "all.tar.gz"
     _tar_gz(tar, files)
@@ -531,8 +602,13 @@ def _rmtree(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
 
-def make_toy(out: str | Path, seed: int = 0, datasets=("kinetics400", "sthv2", "sthv1"),
-             per_class: dict | None = None, progress: bool = True) -> dict:
+def make_toy(
+    out: str | Path,
+    seed: int = 0,
+    datasets=("kinetics400", "sthv2", "sthv1"),
+    per_class: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Generate the embedded dataset under `out` (each dataset tree is regenerated whole).
 
     `per_class` overrides the videos per class ({"train", "val", "test", "ss_train", "ss_val"};
