@@ -1,6 +1,6 @@
 """Decoded-frame cache: each video (or frame folder) decoded once per process, not once per epoch.
 
-Opt-in (`data.decode_cache_mb`, 0 = off; the embedded default turns it on) and meant for small
+Opt-in (`data.decode_cache_mb`, 0 = off; the embedded default leaves it off: no gain at 2 epochs) for small
 datasets that fit in memory: the toy data of the embedded default, `benchmarks/toy_ablation.py`.
 The first access to a video decodes *all* its frames (the same reader and decoder as without
 the cache) and keeps them, uint8 [n, H, W, 3]; later accesses slice the frames they need out
