@@ -465,7 +465,8 @@ def test_dvc_push_interrupted_and_rerun(tmp_path):
     kills = []
     for sig in (signal.SIGKILL, signal.SIGINT):
         before = len(_objects(remote))
-        target = before + r.uniform(0.2, 0.6) * (total - before)
+        # early (10-30 % of what is left): on SIGINT DVC drains the transfers already queued
+        target = before + r.uniform(0.1, 0.3) * (total - before)
         proc = _start(push, log, cwd=repo, env=env)
         t = _kill_when(proc, lambda target=target: len(_objects(remote)) >= target, sig=sig)
         got = len(_objects(remote))

@@ -160,8 +160,9 @@ def ws(cluster, tmp_path_factory):
     )
     overlay.setdefault("experiments", {})[TWO] = {"resources": {"gpus": 2}}
     (root / "params/slurm-test.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
-    # the time-limit test: 24 epochs (120 iterations, ~60 s), longer than one 1-minute job allows
-    overlay["experiments"][ONE] = {"train": {"epochs": 24}}
+    # the time-limit test: 72 epochs (360 iterations, ~80 s since issue 12's faster pooling; 24
+    # epochs fitted in one job), longer than one 1-minute job allows (35 s of training)
+    overlay["experiments"][ONE] = {"train": {"epochs": 72}}
     (root / "params/slurm-test-long.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
     server = TrackingServer(base / "mlflow-server")
     server.start()
@@ -278,7 +279,7 @@ def test_time_limit_stops_before_it_resumes_in_the_next_job_bitwise(ws, tmp_path
     assert "runtime=1," in text
     assert len(re.findall(r"submitted with SLURM jobid \d+ \(log: \S*rule_train", text)) >= 2
     m = json.loads((ws.root / f"results/limit/{ONE}/train/train_metrics.json").read_text())
-    assert m["iterations"] == 120
+    assert m["iterations"] == 360
     ref = tmp_path / "uninterrupted"
     # with the job's thread count: Snakemake sets OMP_NUM_THREADS to the rule's threads (1 here),
     # and another intra-op thread count sums in another order (the weights drift apart)
