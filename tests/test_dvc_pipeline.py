@@ -19,30 +19,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from slurm.workspace import REPO, VENV_BIN, copy_repo, env
+from slurm.workspace import REPO, VENV_BIN, copy_repo
 
 from smallbig import cli
+from tests.test_workflow_e2e import run as e2e_run
 
 DVC = str(VENV_BIN / "dvc")
-GIT_ID = {
-    "GIT_AUTHOR_NAME": "smallbig test",
-    "GIT_AUTHOR_EMAIL": "test@example.org",
-    "GIT_COMMITTER_NAME": "smallbig test",
-    "GIT_COMMITTER_EMAIL": "test@example.org",
-    "DVC_NO_ANALYTICS": "1",
-}
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 600, check: bool = True, **extra):
-    r = subprocess.run(
-        cmd, cwd=cwd, env=env(**GIT_ID, **extra), capture_output=True, text=True, timeout=timeout
-    )
-    if check and r.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(map(str, cmd))} failed ({r.returncode}) in {cwd}:\n"
-            f"{r.stdout[-5000:]}\n{r.stderr[-5000:]}"
-        )
-    return r
+    """tests/test_workflow_e2e.py's `run` (git identity, failure with the output), DVC analytics off."""
+    return e2e_run(cmd, cwd, timeout, check, **{"DVC_NO_ANALYTICS": "1", **extra})
 
 
 def git_repo_copy(dest: Path) -> Path:
